@@ -1,0 +1,116 @@
+"""The typed config tree: recipes parse, overrides apply with YAML types, every bad input is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import (
+    DEFAULT_RECIPE,
+    REPO_ROOT,
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+
+RECIPES = sorted((REPO_ROOT / "launch" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_parses(recipe: Path) -> None:
+    cfg = load_config(recipe, check_files=False)
+    assert isinstance(cfg, ExperimentConfig)
+    raw = yaml.safe_load(recipe.read_text())
+    # What the recipe says is what the tree holds (nothing silently dropped).
+    assert cfg.network.name == raw["network"]["name"]
+    assert cfg.train.batch_size == raw["train"]["batch_size"]
+
+
+def test_default_recipe_is_the_embedded_dataset() -> None:
+    cfg = load_config()
+    assert cfg.data.source == "generated"
+    assert DEFAULT_RECIPE.is_file()
+
+
+def test_overrides_are_yaml_typed() -> None:
+    cfg = load_config(None, ["--optim.lr", "0.05", "--train.batch_size=32", "--data.random_flip", "false",
+                             "--eval.bins", "[]", "--network.name", "r18"])
+    assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.batch_size == 32
+    assert cfg.data.random_flip is False
+    assert cfg.network.name == "r18"
+
+
+def test_int_is_accepted_for_float() -> None:
+    cfg = load_config(None, ["--optim.lr", "1"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--optim.lrr", "0.1"], "unknown key 'optim.lrr'"),
+        (["--nosuchsection.x", "1"], "unknown key 'nosuchsection'"),
+        (["--optim.lr", "fast"], "optim.lr expects a number, got 'fast'"),
+        (["--train.batch_size", "1.5"], "train.batch_size expects an integer, got 1.5"),
+        (["--data.random_flip", "maybe"], "data.random_flip expects true/false"),
+        (["--optim.name", "lamb"], "optim.name must be one of 'sgd', 'adamw', got 'lamb'"),
+        (["--network.name", "r9000"], "network.name: unknown backbone 'r9000'"),
+        (["--head.sample_rate", "0"], "head.sample_rate must be in (0, 1]"),
+        (["--train.batch_size", "0"], "train.batch_size must be > 0"),
+        (["--optim.lr"], "override --optim.lr has no value"),
+        (["positional"], "unexpected argument 'positional'"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_data_path_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data.root: .*nowhere/train.rec does not exist"):
+        load_config(None, ["--data.source", "recordio", "--data.root", str(tmp_path / "nowhere")])
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        load_config(None, ["--data.source", "recordio"])
+
+
+def test_eval_bins_resolve_against_data_root(tmp_path: Path) -> None:
+    for name in ("train.rec", "train.idx", "lfw.bin"):
+        (tmp_path / name).write_bytes(b"")
+    cfg = load_config(None, ["--data.source", "recordio", "--data.root", str(tmp_path), "--eval.bins", "[lfw]"])
+    assert cfg.eval.bins == [str(tmp_path / "lfw.bin")]
+    with pytest.raises(ConfigError, match=r"eval.bins\[0\]: 'agedb_30' not found"):
+        load_config(None, ["--data.source", "recordio", "--data.root", str(tmp_path), "--eval.bins", "[agedb_30]"])
+
+
+def test_unknown_key_in_recipe_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  batch_size: 8\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.learning_rate'"):
+        load_config(recipe)
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["--optim.lr", "0.02", "--head.m2", "0.3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_parse_overrides_pairs() -> None:
+    assert parse_overrides(["--a.b", "3", "--c=x"]) == [("a.b", 3), ("c", "x")]
