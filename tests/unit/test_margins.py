@@ -1,0 +1,161 @@
+"""MarginSoftmax against closed forms (float64), its true gradient, the fallback, and argument errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from heads import MarginSoftmax
+
+DTYPE = torch.float64
+
+
+def _apply_to_targets(margin: MarginSoftmax, cos: list[float]) -> torch.Tensor:
+    """Margin applied to a (K, 2) matrix whose column 0 holds ``cos`` as the targets; returns column 0."""
+    logits = torch.tensor([[c, 0.25] for c in cos], dtype=DTYPE)
+    out = margin(logits, torch.zeros(len(cos), dtype=torch.long))
+    # The non-target column is only scaled.
+    torch.testing.assert_close(out[:, 1], torch.full((len(cos),), 0.25 * margin.s, dtype=DTYPE), rtol=0, atol=0)
+    return out[:, 0]
+
+
+def test_arcface_closed_form() -> None:
+    s, m = 64.0, 0.5
+    cos = [0.99, 0.7, 0.3, 0.0, -0.4, -0.85]  # all with theta + m < pi (threshold cos(pi - 0.5) = -0.8776)
+    # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m): independent of arccos.
+    expected = [s * (c * math.cos(m) - math.sqrt(1 - c * c) * math.sin(m)) for c in cos]
+    got = _apply_to_targets(MarginSoftmax.arcface(s=s, m=m), cos)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=DTYPE), rtol=1e-12, atol=1e-12)
+
+
+def test_arcface_fallback_is_insightface_rule() -> None:
+    s, m = 64.0, 0.5
+    cos = [-0.88, -0.95, -0.999]  # theta + m > pi
+    expected = [s * (c - math.sin(math.pi - m) * m) for c in cos]
+    got = _apply_to_targets(MarginSoftmax.arcface(s=s, m=m), cos)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=DTYPE), rtol=1e-12, atol=1e-12)
+
+
+def test_cosface_closed_form() -> None:
+    s, m = 30.0, 0.35
+    cos = [1.0, 0.6, 0.0, -0.7, -1.0]
+    got = _apply_to_targets(MarginSoftmax.cosface(s=s, m=m), cos)
+    torch.testing.assert_close(got, torch.tensor([s * (c - m) for c in cos], dtype=DTYPE), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("m1", "m2", "m3"), [(0.9, 0.4, 0.15), (1.0, 0.3, 0.2), (1.35, 0.0, 0.0), (1.2, 0.2, 0.1)])
+def test_combined_closed_form_and_general_fallback(m1: float, m2: float, m3: float) -> None:
+    s = 32.0
+    margin = MarginSoftmax(s=s, m1=m1, m2=m2, m3=m3)
+    theta_max = (math.pi - m2) / m1
+    cos = [0.95, 0.5, 0.1, -0.3, -0.6, -0.9, -0.99]
+
+    def closed_form(c: float) -> float:
+        theta = math.acos(c)
+        if theta <= theta_max:
+            return s * (math.cos(m1 * theta + m2) - m3)
+        # Documented rule: the plain cosine shifted to meet the margined curve (-1 - m3) at theta_max.
+        return s * (c - math.cos(theta_max) - 1.0 - m3)
+
+    got = _apply_to_targets(margin, cos)
+    torch.testing.assert_close(got, torch.tensor([closed_form(c) for c in cos], dtype=DTYPE), rtol=1e-12, atol=1e-12)
+    assert margin.has_fallback == (theta_max < math.pi)
+
+
+@pytest.mark.parametrize(
+    "margin",
+    [MarginSoftmax.arcface(1.0, 0.5), MarginSoftmax(1.0, 1.2, 0.2, 0.1), MarginSoftmax(1.0, 0.9, 0.4, 0.15)],
+    ids=["arcface", "m1>1", "m1<1"],
+)
+def test_target_is_monotonic_in_theta(margin: MarginSoftmax) -> None:
+    # A larger angle to the center must never give a larger target logit, fallback region included.
+    cos = torch.linspace(-1.0, 1.0, 20001, dtype=DTYPE)
+    target = margin.target_logit(cos)
+    assert torch.all(target[1:] >= target[:-1])
+    if not margin.is_arcface:  # the general fallback is also continuous at theta_max
+        c = math.cos(margin.theta_max)
+        below, above = margin.target_logit(torch.tensor([c - 1e-9, c + 1e-9], dtype=DTYPE)).tolist()
+        assert above - below == pytest.approx(0.0, abs=1e-6)
+        assert above == pytest.approx(-1.0 - margin.m3, abs=1e-6)
+
+
+def test_rows_without_label_and_other_columns_are_only_scaled() -> None:
+    torch.manual_seed(0)
+    cos = torch.rand(5, 7, dtype=DTYPE) * 2 - 1
+    labels = torch.tensor([3, -1, 0, -1, 6])
+    margin = MarginSoftmax.arcface(s=10.0, m=0.5)
+    out = margin(cos, labels)
+    expected = cos * 10.0
+    for row, label in enumerate(labels.tolist()):
+        if label >= 0:
+            expected[row, label] = 10.0 * margin.target_logit(cos[row, label]).item()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+    torch.testing.assert_close(out[labels == -1], cos[labels == -1] * 10.0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "margin",
+    [MarginSoftmax.arcface(8.0, 0.5), MarginSoftmax.cosface(8.0, 0.4), MarginSoftmax(8.0, 1.2, 0.2, 0.1)],
+    ids=["arcface", "cosface", "combined"],
+)
+def test_gradcheck_away_from_clamp_edges(margin: MarginSoftmax) -> None:
+    torch.manual_seed(1)
+    # Targets in (-0.7, 0.9): away from +-1 (clamp) and from the fallback thresholds; rows 1 and 4 have no label.
+    cos = (torch.rand(6, 5, dtype=DTYPE) * 1.6 - 0.7).requires_grad_()
+    labels = torch.tensor([0, -1, 4, 2, -1, 2])
+    assert torch.autograd.gradcheck(lambda c: margin(c, labels), (cos,), eps=1e-6, atol=1e-8)
+    # Also in the general fallback region (a different, linear branch).
+    if margin.has_fallback and not margin.is_arcface:
+        low = torch.full((2, 3), -0.98, dtype=DTYPE, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda c: margin(c, torch.tensor([1, 2])), (low,), eps=1e-6, atol=1e-8)
+
+
+def test_arcface_gradient_is_the_true_derivative_not_a_constant_offset() -> None:
+    s, m = 64.0, 0.5
+    cos = torch.tensor([[0.8, 0.1], [-0.2, 0.3]], dtype=DTYPE, requires_grad=True)
+    MarginSoftmax.arcface(s, m)(cos, torch.tensor([0, 0])).sum().backward()
+    assert cos.grad is not None
+    c = cos.detach()[:, 0]
+    # d/dc [c cos m - sqrt(1 - c^2) sin m] = cos m + c sin m / sqrt(1 - c^2); insightface's shortcut would give 1.
+    expected = s * (math.cos(m) + c * math.sin(m) / torch.sqrt(1 - c * c))
+    torch.testing.assert_close(cos.grad[:, 0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cos.grad[:, 1], torch.full((2,), s, dtype=DTYPE), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_at_the_clamp_edges(dtype: torch.dtype) -> None:
+    margin = MarginSoftmax(s=64.0, m1=1.2, m2=0.3, m3=0.1)
+    for arc in (MarginSoftmax.arcface(), margin):
+        cos = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0 - 1e-12, 0.0]], dtype=dtype, requires_grad=True)
+        out = arc(cos, torch.tensor([0, 0, 0]))
+        out.sum().backward()
+        assert cos.grad is not None
+        assert torch.isfinite(out).all() and torch.isfinite(cos.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"s": 0.0}, "s"),
+        ({"s": -1.0}, "s"),
+        ({"s": math.nan}, "s"),
+        ({"m1": 0.0}, "m1"),
+        ({"m2": -0.1}, "m2"),
+        ({"m2": math.pi}, "m2"),
+        ({"m3": -0.2}, "m3"),
+        ({"m3": math.inf}, "m3"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, float], name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        MarginSoftmax(**kwargs)
+
+
+def test_bad_shapes() -> None:
+    margin = MarginSoftmax.arcface()
+    with pytest.raises(ValueError, match="2-D"):
+        margin(torch.zeros(4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        margin(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long))
