@@ -1,0 +1,321 @@
+"""Checkpoints: safetensors and JSON only (no pickle), written atomically, verified on load.
+
+Layout of `<output>/checkpoints/step-00001234/`:
+
+    model.safetensors                      backbone, plain keys (loadable without this project), metadata
+    optimizer.safetensors                  backbone optimizer state, keyed "<param name>::<state key>"
+    head-rank00000-of-00002.safetensors    one per rank: its class-center rows ("weight") and their optimizer
+                                           state ("weight::momentum_buffer", ...); metadata: class_start, num_local
+    rng-rank00000.safetensors              one per rank: Python, NumPy and torch RNG states
+    trainer_state.json                     step, epoch, sampler position, scheduler, scaler, optimizer hyper-
+                                           parameters, world size, the structural config it was made with
+    manifest.json                          sha256 of every file above; written last
+
+Every rank writes its own head shard (Accelerate's `save_custom_state` writes on the main process only, which would
+lose the other ranks' shards). Head shards are keyed by class range, so a checkpoint made with W ranks loads on any
+number of ranks: each rank copies the rows of its own range out of the shards that overlap it.
+
+Atomicity: all files go to `.tmp-step-XXXXXXXX/`; the main process writes the manifest, then renames the folder.
+A crash while saving leaves the previous checkpoint untouched and only a `.tmp-*` folder, which the next save
+removes and which resume ignores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+MODEL_METADATA_INPUT = "RGB 112x112, (x/255 - 0.5) / 0.5"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the folder and file."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model file
+
+
+def model_metadata(network: str, embedding_size: int) -> dict[str, str]:
+    return {
+        "format": "pt",
+        "network": network,
+        "embedding_size": str(embedding_size),
+        "input": MODEL_METADATA_INPUT,
+        "producer": "arcface-accelerate",
+    }
+
+
+def save_model(path: Path, backbone: nn.Module, metadata: dict[str, str]) -> None:
+    """Write the backbone's state dict as `model.safetensors` atomically (temporary file, then rename)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str], group: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for param in optimizer.param_groups[group]["params"]:
+        for key, value in optimizer.state.get(param, {}).items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            out[f"{names[id(param)]}::{key}"] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    meta = {
+        "python": json.dumps([py_version, py_gauss]),
+        "numpy": json.dumps([np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]),
+    }
+    return tensors, meta
+
+
+def _set_rng(path: Path) -> None:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    py_version, py_gauss = json.loads(meta["python"])
+    random.setstate((py_version, tuple(int(x) for x in tensors["python"].tolist()), py_gauss))
+    np_name, np_pos, np_has_gauss, np_gauss = json.loads(meta["numpy"])
+    np.random.set_state((np_name, tensors["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    output: Path,
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+    barrier: Any,
+    backbone: nn.Module,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    metadata: dict[str, str],
+    keep: int,
+) -> Path:
+    """Write a checkpoint from every rank (collective: all ranks must call it at the same step).
+
+    `optimizer` holds group 0 = backbone, group 1 = head; `trainer_state` is JSON-able (main process's copy wins).
+    """
+    root = output / CHECKPOINTS
+    tmp = root / f".tmp-step-{step:08d}"
+    final = root / f"step-{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()  # the folder exists before any rank writes into it
+
+    head_names = {id(p): n for n, p in head.named_parameters()}
+    head_tensors = {n: p.detach().to("cpu").contiguous() for n, p in head.named_parameters()}
+    head_tensors.update(_state_tensors(optimizer, head_names, group=1))
+    shard = head.shard_info()  # type: ignore[operator]
+    save_file(
+        head_tensors,
+        str(tmp / f"head-rank{rank:05d}-of-{world_size:05d}.safetensors"),
+        metadata={k: str(v) for k, v in shard.items()},
+    )
+    rng, rng_meta = _rng_tensors()
+    save_file(rng, str(tmp / f"rng-rank{rank:05d}.safetensors"), metadata=rng_meta)
+
+    if rank == 0:
+        save_model(tmp / "model.safetensors", backbone, metadata)
+        backbone_names = {id(p): n for n, p in backbone.named_parameters()}
+        save_file(_state_tensors(optimizer, backbone_names, group=0), str(tmp / "optimizer.safetensors"))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        state = dict(trainer_state, optimizer_param_groups=groups, world_size=world_size)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=_json_default))
+    barrier()  # every shard is on disk before the manifest seals the folder
+
+    if rank == 0:
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {"step": step, "world_size": world_size, "files": {f: _sha256(tmp / f) for f in files}}
+        with (tmp / "manifest.json").open("w") as fh:
+            json.dump(manifest, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints (with a manifest) in step order; temporary folders are ignored."""
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / "manifest.json").is_file()]
+
+
+def verify_manifest(path: Path) -> dict[str, Any]:
+    """Check every file's sha256 against the manifest; raise naming the first mismatch."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable manifest.json ({exc})") from None
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is listed in manifest.json but missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum in manifest.json")
+    return manifest
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    rank: int,
+    world_size: int,
+    backbone: nn.Module,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """Restore backbone, head rows of this rank's class range, optimizer state and RNG; return trainer_state."""
+    verify_manifest(path)
+    state = read_trainer_state(path)
+    device = next(backbone.parameters()).device
+    backbone.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
+    backbone_state = load_file(str(path / "optimizer.safetensors"))
+    head_tensors = _load_head_rows(path, head)
+    with torch.no_grad():
+        for name, param in head.named_parameters():
+            param.copy_(head_tensors.pop(name))
+
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in list(backbone_state.items()) + list(head_tensors.items()):
+        name, state_key = key.split("::", 1)
+        by_name.setdefault(name, {})[state_key] = tensor
+    names = [{id(p): n for n, p in backbone.named_parameters()}, {id(p): n for n, p in head.named_parameters()}]
+    current = optimizer.state_dict()
+    restored: dict[int, dict[str, torch.Tensor]] = {}
+    index = 0
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param in group["params"]:
+            param_state = by_name.get(names[group_index][id(param)])
+            if param_state:
+                restored[index] = {k: (v if v.dim() == 0 else v.to(param.device)) for k, v in param_state.items()}
+            index += 1
+    groups = [
+        dict(saved, params=cur["params"])
+        for saved, cur in zip(state["optimizer_param_groups"], current["param_groups"], strict=True)
+    ]
+    optimizer.load_state_dict({"state": restored, "param_groups": groups})
+
+    rng_file = path / f"rng-rank{rank:05d}.safetensors"
+    if state["world_size"] == world_size and rng_file.is_file():
+        _set_rng(rng_file)
+    else:
+        logger.info(
+            "checkpoint %s was made with %d ranks, this run has %d: class centers and their optimizer state are "
+            "re-split by class range; RNG states start fresh",
+            path,
+            state["world_size"],
+            world_size,
+        )
+    return state
+
+
+def _load_head_rows(path: Path, head: nn.Module) -> dict[str, torch.Tensor]:
+    """Assemble this rank's rows [class_start, class_start + num_local) from every overlapping shard."""
+    info = head.shard_info()  # type: ignore[operator]
+    start, stop = int(info["class_start"]), int(info["class_start"]) + int(info["num_local"])
+    shards = sorted(path.glob("head-rank*-of-*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"checkpoint {path}: no head-rank*.safetensors shard")
+    rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    scalars: dict[str, torch.Tensor] = {}
+    covered = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as fh:
+            meta = fh.metadata()
+            if int(meta["num_classes"]) != int(info["num_classes"]):
+                raise CheckpointError(
+                    f"checkpoint {path}: {shard.name} has num_classes={meta['num_classes']}, "
+                    f"this run has {info['num_classes']}"
+                )
+            s_start = int(meta["class_start"])
+            s_stop = s_start + int(meta["num_local"])
+            lo, hi = max(start, s_start), min(stop, s_stop)
+            for key in fh.keys():
+                sl = fh.get_slice(key)
+                if len(sl.get_shape()) == 0:
+                    scalars[key] = fh.get_tensor(key)  # e.g. Adam's step count: the same on every shard
+                elif lo < hi:
+                    rows.setdefault(key, []).append((lo, sl[lo - s_start : hi - s_start]))
+            if lo < hi:
+                covered += hi - lo
+    if covered != stop - start:
+        raise CheckpointError(f"checkpoint {path}: head shards cover {covered} of the {stop - start} classes needed")
+    out = {key: torch.cat([t for _, t in sorted(parts, key=lambda x: x[0])]) for key, parts in rows.items()}
+    out.update(scalars)
+    return out

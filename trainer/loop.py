@@ -1,0 +1,357 @@
+"""The training loop: build everything once, then `train()` reads top to bottom.
+
+The backbone and the optimizer go through `accelerator.prepare` (DDP, autocast, GradScaler as the Accelerate config
+file says). The Partial FC head stays outside DDP/ZeRO: its class centers are sharded by rank and must never be
+averaged across ranks. Its parameters are a second group of the one optimizer, so fp16 loss scaling, inf checks and
+skipped steps cover backbone and head alike.
+
+The data loader is not prepared either: `DistributedEpochSampler` already shards by rank and knows its position
+inside the epoch, which a resumed run needs to see exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+
+from data.dataset import DistributedEpochSampler, RecordFaceDataset, seed_worker
+from data.synthetic import SyntheticDataset
+from heads import build_head
+from heads.margins import MarginSoftmax
+from models import build_backbone
+from trainer import checkpoint as ckpt
+from trainer.config import STRUCTURAL_KEYS, ConfigError, ExperimentConfig, flatten, save_config, to_dict
+from trainer.distributed import seed_everything
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.reporting import ProgressBar, Throughput, print_summary
+
+logger = logging.getLogger(__name__)
+
+
+def build_dataset(cfg: ExperimentConfig) -> tuple[Dataset, int, list[str]]:
+    """(dataset, num_classes, verification .bin paths) for `cfg.data.source`."""
+    data = cfg.data
+    bins = list(cfg.eval.bins)
+    if data.source == "synthetic":
+        return SyntheticDataset(data.num_images, data.num_classes, seed=cfg.train.seed), data.num_classes, bins
+    if data.source == "generated":
+        from data.faces import FacesConfig, ensure_dataset
+
+        root = ensure_dataset(FacesConfig(**to_dict(data.generated)))
+        bins.append(str(root / "val.bin"))
+    else:
+        root = Path(data.root)
+    dataset = RecordFaceDataset(root, num_classes=data.num_classes or None, random_flip=data.random_flip)
+    num_classes = data.num_classes or dataset.num_classes
+    if not num_classes:
+        raise ConfigError(f"data.num_classes: {root} has no identity header or property file; set it in the recipe")
+    return dataset, num_classes, bins
+
+
+def init_class_centers(weight: torch.Tensor, class_start: int, seed: int, std: float = 0.01) -> None:
+    """Initialise rows [class_start, class_start + rows) as if the whole matrix had been drawn at once.
+
+    Rows are drawn in fixed chunks, each from its own seeded generator, so the initial centers of a class do not
+    depend on the number of ranks: a 2-process run starts from exactly the weights of a 1-process run.
+    """
+    chunk = 1 << 14
+    rows, dim = weight.shape
+    first, last = class_start // chunk, (class_start + rows - 1) // chunk
+    with torch.no_grad():
+        for c in range(first, last + 1):
+            block = torch.empty(chunk, dim).normal_(0.0, std, generator=torch.Generator().manual_seed(seed * 7919 + c))
+            lo, hi = max(class_start, c * chunk), min(class_start + rows, (c + 1) * chunk)
+            weight[lo - class_start : hi - class_start].copy_(block[lo - c * chunk : hi - c * chunk])
+
+
+class Trainer:
+    """Owns the run's state: step, epoch, sampler position, and the objects that train."""
+
+    def __init__(self, cfg: ExperimentConfig, accelerator: Accelerator) -> None:
+        self.cfg, self.accelerator = cfg, accelerator
+        self.output = Path(cfg.output)
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        seed_everything(cfg.train.seed)
+
+        with accelerator.main_process_first():  # the generated dataset is written once, then read by every rank
+            self.dataset, self.num_classes, bins = build_dataset(cfg)
+        if self.num_classes < self.world_size:
+            raise ConfigError(f"data.num_classes={self.num_classes} is smaller than the number of processes")
+        self.sampler = DistributedEpochSampler(
+            len(self.dataset), rank=self.rank, world_size=self.world_size, seed=cfg.train.seed
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.train.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.data.num_workers,
+            worker_init_fn=seed_worker,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=True,
+            persistent_workers=cfg.data.num_workers > 0,
+        )
+        micro_batches = len(self.sampler) // cfg.train.batch_size
+        self.steps_per_epoch = micro_batches // cfg.train.gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} x gradient_accumulation_steps="
+                f"{cfg.train.gradient_accumulation_steps} x {self.world_size} processes is more than the "
+                f"{len(self.dataset)} samples of the dataset"
+            )
+        self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
+        warmup_steps = int(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+
+        backbone = build_backbone(cfg.network.name, num_features=cfg.network.embedding_size, dropout=cfg.network.dropout)
+        margin = MarginSoftmax(s=cfg.head.s, m1=cfg.head.m1, m2=cfg.head.m2, m3=cfg.head.m3)
+        self.head = build_head(
+            cfg.head.name,
+            embedding_size=cfg.network.embedding_size,
+            num_classes=self.num_classes,
+            margin=margin,
+            sample_rate=cfg.head.sample_rate,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        init_class_centers(self.head.weight, self.head.class_start, cfg.train.seed)
+        self.head.to(accelerator.device)
+        optimizer = build_optimizer(cfg.optim, backbone, self.head)
+        self.backbone, self.optimizer = accelerator.prepare(backbone, optimizer)
+        self.scheduler = build_scheduler(self.optimizer.optimizer, cfg.schedule, self.total_steps, warmup_steps)
+
+        self.verification = None
+        if bins and accelerator.is_main_process:
+            from evaluation.verification import VerificationCallback
+
+            # The loop decides when to evaluate (every `eval.every` steps and at the end).
+            self.verification = VerificationCallback(bins, every_steps=1, batch_size=cfg.eval.batch_size)
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.last_results: dict[str, Any] = {}
+        self.loss_history: list[tuple[int, float]] = []
+        logger.info(
+            "%s: %d samples, %d classes (%d on this rank), %d processes, %d steps/epoch, %d steps, %d warm-up, "
+            "global batch %d, precision %s",
+            cfg.data.source,
+            len(self.dataset),
+            self.num_classes,
+            self.head.num_local,
+            self.world_size,
+            self.steps_per_epoch,
+            self.total_steps,
+            warmup_steps,
+            self.global_batch,
+            accelerator.mixed_precision,
+        )
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps * self.world_size
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The loop
+
+    def train(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        start_time, start_step = time.perf_counter(), self.step
+        throughput, running = Throughput(), []
+        with ProgressBar(self.total_steps, self.step, enabled=accelerator.is_main_process) as bar:
+            while self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch)
+                for images, labels in self.loader:
+                    loss = self.train_step(images, labels)
+                    if loss is None:
+                        continue  # inside a gradient-accumulation group
+                    throughput.add(self.global_batch)
+                    running.append(loss)
+                    self.maybe_log(bar, throughput, running)
+                    self.maybe_evaluate()
+                    self.maybe_checkpoint()
+                    if self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
+                        break
+                if self.step % self.steps_per_epoch == 0:
+                    self.epoch += 1
+                    self.sampler.set_position(0)
+        elapsed = time.perf_counter() - start_time
+        self.finish(elapsed, (self.step - start_step) * self.global_batch)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
+        """One micro-batch; returns the loss when it completed an optimizer step, else None."""
+        accelerator = self.accelerator
+        images = images.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(self.backbone):
+            with accelerator.autocast():
+                embeddings = self.backbone(images)
+            loss = self.head(embeddings, labels)  # fp32 inside: softmax over the classes is precision-sensitive
+            accelerator.backward(loss)  # divides by gradient_accumulation_steps, applies the fp16 loss scale
+            if accelerator.sync_gradients and self.cfg.train.clip_grad_norm > 0:
+                # Unscales every group of the one optimizer (backbone and head) before clipping the backbone's.
+                accelerator.clip_grad_norm_(self.backbone.parameters(), self.cfg.train.clip_grad_norm)
+            self.optimizer.step()  # a no-op inside an accumulation group; skipped on fp16 overflow
+            self.optimizer.zero_grad(set_to_none=False)
+        self.micro_loss = getattr(self, "micro_loss", 0.0) + loss.item()  # .item() syncs: the loss is global anyway
+        if not accelerator.sync_gradients:
+            return None
+        self.scheduler.step()
+        self.step += 1
+        mean_loss = self.micro_loss / self.cfg.train.gradient_accumulation_steps
+        self.micro_loss = 0.0
+        return mean_loss
+
+    def maybe_log(self, bar: ProgressBar, throughput: Throughput, running: list[float]) -> None:
+        loss = sum(running) / len(running)
+        lr = self.scheduler.get_last_lr()[0]
+        if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+            speed = throughput.rate()
+            self.loss_history.append((self.step, loss))
+            logger.info(
+                "step %d/%d epoch %d loss %.4f lr %.6f %.1f samples/s", self.step, self.total_steps, self.epoch,
+                loss, lr, speed,
+            )
+            self.accelerator.log({"loss": loss, "lr": lr, "samples_per_second": speed}, step=self.step)
+            bar.update(self.step, speed, loss, lr)
+            running.clear()
+        else:
+            bar.progress.update(bar.task, completed=self.step)
+
+    def maybe_evaluate(self) -> None:
+        every = self.cfg.eval.every
+        at_end = self.step == self.total_steps
+        if self.verification is None or not (at_end or (every and self.step % every == 0)):
+            return
+        results = self.verification(self.step, self.accelerator.unwrap_model(self.backbone))
+        self.last_results = results
+        self.accelerator.log({f"val/{name}": r.acc for name, r in results.items()}, step=self.step)
+
+    def maybe_checkpoint(self) -> None:
+        every = self.cfg.train.save_every
+        if self.step == self.total_steps or (every and self.step % every == 0):
+            self.save()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # State
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "sampler": {"epoch": self.epoch, "position": self.position_in_epoch()},
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "num_classes": self.num_classes,
+            "config": {k: v for k, v in flatten(to_dict(self.cfg)).items() if k in STRUCTURAL_KEYS},
+            "loss_history": self.loss_history,
+        }
+
+    def position_in_epoch(self) -> int:
+        """Samples this rank has consumed in the current epoch (always at an optimizer-step boundary)."""
+        steps_in_epoch = self.step - self.epoch * self.steps_per_epoch
+        return steps_in_epoch * self.cfg.train.gradient_accumulation_steps * self.cfg.train.batch_size
+
+    def save(self) -> Path:
+        backbone = self.accelerator.unwrap_model(self.backbone)
+        path = ckpt.save_checkpoint(
+            self.output,
+            step=self.step,
+            rank=self.rank,
+            world_size=self.world_size,
+            barrier=self.accelerator.wait_for_everyone,
+            backbone=backbone,
+            head=self.head,
+            optimizer=self.optimizer.optimizer,
+            trainer_state=self.state_dict(),
+            metadata=ckpt.model_metadata(self.cfg.network.name, self.cfg.network.embedding_size),
+            keep=self.cfg.train.keep_checkpoints,
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def resume(self) -> Path:
+        """Continue from the newest checkpoint in the output folder; refuse one made by an incompatible config."""
+        found = ckpt.list_checkpoints(self.output)
+        if not found:
+            raise ckpt.CheckpointError(f"--resume: no checkpoint in {self.output / ckpt.CHECKPOINTS}")
+        path = found[-1]
+        saved = ckpt.read_trainer_state(path)
+        mine = self.state_dict()
+        for key in STRUCTURAL_KEYS:
+            if saved["config"].get(key) != mine["config"][key]:
+                raise ckpt.CheckpointError(
+                    f"cannot resume from {path}: it was made with {key}={saved['config'].get(key)!r}, "
+                    f"this run has {key}={mine['config'][key]!r}"
+                )
+        if saved["num_classes"] != self.num_classes:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: it was made with {saved['num_classes']} classes, this run has "
+                f"{self.num_classes}"
+            )
+        state = ckpt.load_checkpoint(
+            path,
+            rank=self.rank,
+            world_size=self.world_size,
+            backbone=self.accelerator.unwrap_model(self.backbone),
+            head=self.head,
+            optimizer=self.optimizer.optimizer,
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and state["scaler"]:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.loss_history = [tuple(x) for x in state.get("loss_history", [])]
+        # Samples already consumed by the whole job this epoch, re-divided over this run's ranks.
+        consumed = state["sampler"]["position"] * state["world_size"]
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_position(consumed // self.world_size)
+        if (self.step - self.epoch * self.steps_per_epoch) * self.global_batch != consumed:
+            logger.warning("resumed with a different global batch: the epoch's step count is approximate")
+        logger.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+        return path
+
+    def finish(self, elapsed: float, samples: int) -> None:
+        accelerator = self.accelerator
+        model_path = self.output / "model.safetensors"
+        if accelerator.is_main_process:
+            backbone = accelerator.unwrap_model(self.backbone)
+            ckpt.save_model(model_path, backbone, ckpt.model_metadata(self.cfg.network.name, self.cfg.network.embedding_size))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        if not accelerator.is_main_process:
+            return
+        rows = [
+            ("network", f"{self.cfg.network.name} ({self.cfg.network.embedding_size}-d)"),
+            ("data", f"{self.cfg.data.source}: {len(self.dataset)} images, {self.num_classes} classes"),
+            ("processes / precision", f"{self.world_size} / {accelerator.mixed_precision}"),
+            ("steps", f"{self.step} ({self.epoch} epochs, global batch {self.global_batch})"),
+            ("time", f"{elapsed:.1f} s, {samples / max(elapsed, 1e-9):.1f} samples/s"),
+        ]
+        if self.loss_history:
+            rows.append(("loss first -> last", f"{self.loss_history[0][1]:.4f} -> {self.loss_history[-1][1]:.4f}"))
+        for name, result in self.last_results.items():
+            best = self.verification.highest[name] if self.verification else result.acc
+            rows.append((f"verification {name}", f"{result.acc:.4f} +- {result.std:.4f} (best {best:.4f})"))
+        rows.append(("model", str(model_path)))
+        rows.append(("checkpoints", str(self.output / ckpt.CHECKPOINTS)))
+        print_summary(rows)
+
+
+def run(cfg: ExperimentConfig, accelerator: Accelerator, resume: bool) -> Trainer:
+    """Build, optionally resume, train. The resolved config goes to `<output>/config.yaml`."""
+    if accelerator.is_main_process:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.output) / "config.yaml")
+    trainer = Trainer(cfg, accelerator)
+    if cfg.train.tensorboard:
+        accelerator.init_trackers("arcface")
+    if resume:
+        trainer.resume()
+    if trainer.step >= trainer.total_steps:
+        logger.info("nothing to do: step %d of %d", trainer.step, trainer.total_steps)
+    trainer.train()
+    return trainer

@@ -1,0 +1,89 @@
+"""What the run shows a person: one logger, a rich progress bar, a log file and the end-of-run table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+# Logs and CI captures are not terminals: give them a width that keeps a log line on one line.
+console = Console(width=None if Console().is_terminal else 160)
+
+
+def setup_logging(output: Path, is_main: bool) -> None:
+    """INFO to the console and `<output>/train.log` on the main process; other ranks only warn."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False))
+    if is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(output / "train.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file_handler)
+    for noisy in ("DeepSpeed", "torch.distributed", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ProgressBar:
+    """Steps done / total, samples/s, loss, lr, ETA. Disabled (a no-op) off the main process."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[speed]:>8.1f} samples/s"),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("lr {task.fields[lr]:.5f}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, speed=0.0, loss=0.0, lr=0.0)
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def update(self, step: int, speed: float, loss: float, lr: float) -> None:
+        self.progress.update(self.task, completed=step, speed=speed, loss=loss, lr=lr)
+
+
+class Throughput:
+    """Samples per second over the interval since the last call."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.samples = 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.samples / max(now - self.last, 1e-9)
+        self.last, self.samples = now, 0
+        return rate
+
+
+def print_summary(rows: list[tuple[str, str]]) -> None:
+    table = Table(title="ArcFace-Accelerate: run summary", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
