@@ -99,7 +99,10 @@ class RecordFaceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             self._flip_seed = seed
         return self._flip_rng
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``item`` is an index, or ``(index, augmentation_seed)`` from a sampler built with ``with_seeds=True``:
+        then the flip is a function of the seed alone (reproducible across workers and resumes)."""
+        index, aug_seed = item if isinstance(item, tuple) else (item, None)
         key = int(self.image_keys[index])
         header, payload = self.reader.unpack_idx(key)
         label = self._label(key, header, self.num_classes)
@@ -112,7 +115,8 @@ class RecordFaceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 f"{self.reader.rec_path}: key {key}: image is {image.shape[1]}x{image.shape[0]}, "
                 f"expected aligned {IMAGE_SIZE}x{IMAGE_SIZE} faces"
             )
-        if self.random_flip and self._rng().random() < 0.5:
+        rng = self._rng() if aug_seed is None else np.random.default_rng(aug_seed)
+        if self.random_flip and rng.random() < 0.5:
             image = image[:, ::-1]
         chw = _PIXEL_TO_UNIT[np.ascontiguousarray(image.transpose(2, 0, 1))]
         return torch.from_numpy(chw), torch.tensor(label, dtype=torch.int64)
@@ -144,6 +148,7 @@ class DistributedEpochSampler(Sampler[int]):
         seed: int,
         shuffle: bool = True,
         drop_last: bool = True,
+        with_seeds: bool = False,
     ) -> None:
         if num_samples_total < 0:
             raise ValueError(f"num_samples_total must be >= 0, got {num_samples_total}")
@@ -155,6 +160,7 @@ class DistributedEpochSampler(Sampler[int]):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.with_seeds = with_seeds
         if drop_last:
             self.num_samples = self.num_samples_total // self.world_size
         else:
@@ -182,12 +188,14 @@ class DistributedEpochSampler(Sampler[int]):
         self._iteration += 1
         return self._iterate(self._iteration, self.epoch, self.position)
 
-    def _iterate(self, iteration: int, epoch: int, start: int) -> Iterator[int]:
-        for consumed, index in enumerate(self.rank_indices(epoch)[start:].tolist(), start=start + 1):
+    def _iterate(self, iteration: int, epoch: int, start: int) -> Iterator[int] | Iterator[tuple[int, int]]:
+        indices = self.rank_indices(epoch)[start:]
+        items = zip(indices.tolist(), augmentation_seeds(self.seed, epoch, indices).tolist(), strict=True)
+        for consumed, item in enumerate(items, start=start + 1):
             # An abandoned iterator (a DataLoader re-created, set_epoch called) must not move the position.
             if iteration == self._iteration and epoch == self.epoch:
                 self.position = consumed
-            yield index
+            yield item if self.with_seeds else item[0]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -217,6 +225,20 @@ class DistributedEpochSampler(Sampler[int]):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
         self.set_position(position)
+
+
+def augmentation_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """One 63-bit seed per (seed, epoch, sample index): SplitMix64 of the three, vectorized.
+
+    A sample's augmentation then depends on what it is and when, not on which worker or process drew it, so a
+    resumed run, or a run with another `num_workers`, flips exactly the images the uninterrupted run flipped.
+    """
+    with np.errstate(over="ignore"):
+        x = indices.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03) % 2**64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(1)).astype(np.int64)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -84,7 +84,7 @@ class Trainer:
         if self.num_classes < self.world_size:
             raise ConfigError(f"data.num_classes={self.num_classes} is smaller than the number of processes")
         self.sampler = DistributedEpochSampler(
-            len(self.dataset), rank=self.rank, world_size=self.world_size, seed=cfg.train.seed
+            len(self.dataset), rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, with_seeds=True
         )
         self.loader = DataLoader(
             self.dataset,

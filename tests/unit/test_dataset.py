@@ -14,7 +14,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.dataset import DistributedEpochSampler, RecordFaceDataset, loader_generator, seed_worker
+from data.dataset import (
+    DistributedEpochSampler,
+    RecordFaceDataset,
+    augmentation_seeds,
+    loader_generator,
+    seed_worker,
+)
 from data.recordio import IRHeader, MissingRecordFileError, RecordIOError, RecordWriter, decode_image, pack
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mxnet"
@@ -77,6 +83,34 @@ def test_random_flip_uses_the_seeded_rng() -> None:
     first = draws(1)
     assert 5 < sum(first) < 35
     assert draws(1) == first and draws(2) != first
+
+
+def test_flip_keyed_by_augmentation_seed_is_reproducible() -> None:
+    plain = RecordFaceDataset(INSIGHTFACE, random_flip=False)[0][0].numpy()
+    dataset = RecordFaceDataset(INSIGHTFACE, random_flip=True)
+    seeds = augmentation_seeds(7, 0, np.arange(64))
+    assert len(set(seeds.tolist())) == 64 and (seeds >= 0).all()
+    torch.manual_seed(123)  # the global/worker stream must not matter
+    flips = [not np.array_equal(dataset[(0, int(s))][0].numpy(), plain) for s in seeds]
+    torch.manual_seed(456)
+    assert [not np.array_equal(dataset[(0, int(s))][0].numpy(), plain) for s in seeds] == flips
+    assert 10 < sum(flips) < 54
+    # Another epoch or seed gives other draws.
+    assert not np.array_equal(augmentation_seeds(7, 1, np.arange(64)), seeds)
+    assert not np.array_equal(augmentation_seeds(8, 0, np.arange(64)), seeds)
+
+
+def test_sampler_with_seeds_yields_index_and_seed() -> None:
+    sampler = DistributedEpochSampler(10, rank=1, world_size=2, seed=3, with_seeds=True)
+    sampler.set_epoch(2)
+    items = list(sampler)
+    indices = [i for i, _ in items]
+    assert indices == sampler.rank_indices(2).tolist()
+    assert [s for _, s in items] == augmentation_seeds(3, 2, np.asarray(indices)).tolist()
+    # Resuming mid-epoch gives the same (index, seed) pairs for the rest.
+    resumed = DistributedEpochSampler(10, rank=1, world_size=2, seed=3, with_seeds=True)
+    resumed.load_state_dict({"epoch": 2, "position": 3})
+    assert list(resumed) == items[3:]
 
 
 def test_num_classes_checks(tmp_path: Path) -> None:
