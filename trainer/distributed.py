@@ -19,9 +19,12 @@ def build_accelerator(output: str, gradient_accumulation_steps: int, tensorboard
     """The Accelerator for this run; precision and backend come from the `accelerate launch` config file only."""
     kwargs_handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # Under a DeepSpeed config on CPU, Accelerate finds no GPU backend and reports process 0 of 1 on every
-        # rank unless the backend is named (shared/notes/accelerate-deepspeed.md). Only pass it when there
-        # really are several processes: a one-process run must not try to form a group.
+        # Several processes on CPUs. The launcher does not always tell Accelerate so: a torchrun-launched config
+        # (`distributed_type: MULTI_GPU`, needed on CPU since MULTI_CPU means mpirun across machines) leaves it
+        # at "process 0 of 1, no DDP" unless ACCELERATE_USE_CPU is set, and a DeepSpeed config needs the gloo
+        # backend named (shared/notes/accelerate-deepspeed.md). Only when there really are several processes:
+        # a one-process run must not try to form a group.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
