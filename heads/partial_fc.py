@@ -80,9 +80,26 @@ class PartialFC(nn.Module):
         self.last_sampled_index: Tensor | None = None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """normal(0, 0.01) from the global RNG: seed ranks differently to get different shards' values."""
-        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """normal(0, 0.01). Without `seed`, from the global RNG (seed ranks differently to get different shards).
+
+        With `seed`, rows are drawn in fixed chunks of classes, each chunk from its own generator seeded by
+        (seed, chunk), and this rank keeps its rows: a class's initial center does not depend on the number of
+        ranks, so a 2-process run starts from exactly the weights of a 1-process run (and a resharded resume
+        of an untrained head is consistent). At most two partial chunks are drawn beyond this rank's rows.
+        """
+        if seed is None:
+            nn.init.normal_(self.weight, mean=0.0, std=0.01)
+            return
+        chunk = 1 << 14
+        rows, dim = self.weight.shape
+        start = self._class_start
+        with torch.no_grad():
+            for c in range(start // chunk, (start + rows - 1) // chunk + 1 if rows else 0):
+                generator = torch.Generator().manual_seed(seed * 7919 + c)
+                block = torch.empty(chunk, dim).normal_(0.0, 0.01, generator=generator)
+                lo, hi = max(start, c * chunk), min(start + rows, (c + 1) * chunk)
+                self.weight[lo - start : hi - start].copy_(block[lo - c * chunk : hi - c * chunk])
 
     @property
     def num_classes(self) -> int:

@@ -7,8 +7,10 @@ Layout of `<output>/checkpoints/step-00001234/`:
     head-rank00000-of-00002.safetensors    one per rank: its class-center rows ("weight") and their optimizer
                                            state ("weight::momentum_buffer", ...); metadata: class_start, num_local
     rng-rank00000.safetensors              one per rank: Python, NumPy and torch RNG states
-    trainer_state.json                     step, epoch, sampler position, scheduler, scaler, optimizer hyper-
-                                           parameters, world size, the structural config it was made with
+    trainer_state.json                     step, epoch, sampler position, scaler, optimizer hyperparameters,
+                                           world size, the structural config it was made with, loss history
+    deepspeed/                             DeepSpeed runs only: the engine's own (partitioned) state, DeepSpeed's
+                                           format; `optimizer.safetensors` is then absent
     manifest.json                          sha256 of every file above; written last
 
 Every rank writes its own head shard (Accelerate's `save_custom_state` writes on the main process only, which would
@@ -83,7 +85,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _state_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str], group: int) -> dict[str, torch.Tensor]:
+GroupRef = tuple[torch.optim.Optimizer, int]  # (optimizer, param-group index) holding one part's parameters
+
+
+def _state_tensors(ref: GroupRef, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    optimizer, group = ref
     out: dict[str, torch.Tensor] = {}
     for param in optimizer.param_groups[group]["params"]:
         for key, value in optimizer.state.get(param, {}).items():
@@ -133,14 +139,18 @@ def save_checkpoint(
     barrier: Any,
     backbone: nn.Module,
     head: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    backbone_group: GroupRef | None,
+    head_group: GroupRef,
     trainer_state: dict[str, Any],
     metadata: dict[str, str],
     keep: int,
+    engine: Any = None,
 ) -> Path:
     """Write a checkpoint from every rank (collective: all ranks must call it at the same step).
 
-    `optimizer` holds group 0 = backbone, group 1 = head; `trainer_state` is JSON-able (main process's copy wins).
+    `backbone_group`/`head_group` say where each part's parameters sit in their optimizer; under DeepSpeed pass
+    `engine` (and no backbone group): it writes its own state into `deepspeed/` and `model.safetensors` gets the
+    fp32 master weights. `trainer_state` is JSON-able (the main process's copy is written).
     """
     root = output / CHECKPOINTS
     tmp = root / f".tmp-step-{step:08d}"
@@ -152,7 +162,7 @@ def save_checkpoint(
 
     head_names = {id(p): n for n, p in head.named_parameters()}
     head_tensors = {n: p.detach().to("cpu").contiguous() for n, p in head.named_parameters()}
-    head_tensors.update(_state_tensors(optimizer, head_names, group=1))
+    head_tensors.update(_state_tensors(head_group, head_names))
     shard = head.shard_info()  # type: ignore[operator]
     save_file(
         head_tensors,
@@ -162,17 +172,26 @@ def save_checkpoint(
     rng, rng_meta = _rng_tensors()
     save_file(rng, str(tmp / f"rng-rank{rank:05d}.safetensors"), metadata=rng_meta)
 
+    if engine is not None:
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective; writes per-rank files
+        barrier()
     if rank == 0:
-        save_model(tmp / "model.safetensors", backbone, metadata)
-        backbone_names = {id(p): n for n, p in backbone.named_parameters()}
-        save_file(_state_tensors(optimizer, backbone_names, group=0), str(tmp / "optimizer.safetensors"))
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        if engine is not None:
+            save_model(tmp / "model.safetensors", _deepspeed_fp32_weights(tmp / "deepspeed", backbone), metadata)
+        else:
+            save_model(tmp / "model.safetensors", backbone, metadata)
+        if backbone_group is not None:
+            backbone_names = {id(p): n for n, p in backbone.named_parameters()}
+            save_file(_state_tensors(backbone_group, backbone_names), str(tmp / "optimizer.safetensors"))
+        groups = {
+            part: _hyperparameters(ref) for part, ref in (("backbone", backbone_group), ("head", head_group)) if ref
+        }
         state = dict(trainer_state, optimizer_param_groups=groups, world_size=world_size)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=_json_default))
     barrier()  # every shard is on disk before the manifest seals the folder
 
     if rank == 0:
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "world_size": world_size, "files": {f: _sha256(tmp / f) for f in files}}
         with (tmp / "manifest.json").open("w") as fh:
             json.dump(manifest, fh, indent=2)
@@ -184,6 +203,23 @@ def save_checkpoint(
         _prune(root, keep)
     barrier()
     return final
+
+
+def _hyperparameters(ref: GroupRef) -> dict[str, Any]:
+    optimizer, group = ref
+    return {k: v for k, v in optimizer.param_groups[group].items() if k != "params"}
+
+
+def _deepspeed_fp32_weights(folder: Path, backbone: nn.Module) -> nn.Module:
+    """The fp32 master weights (and buffers) of a ZeRO-1/2 checkpoint, in a copy of the backbone's structure."""
+    import copy
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="state")
+    fp32 = copy.deepcopy(backbone).float()
+    fp32.load_state_dict(state, strict=True)
+    return fp32
 
 
 def _json_default(value: Any) -> Any:
@@ -238,41 +274,44 @@ def load_checkpoint(
     world_size: int,
     backbone: nn.Module,
     head: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    backbone_group: GroupRef | None,
+    head_group: GroupRef,
+    engine: Any = None,
 ) -> dict[str, Any]:
-    """Restore backbone, head rows of this rank's class range, optimizer state and RNG; return trainer_state."""
+    """Restore backbone, head rows of this rank's class range, optimizer state and RNG; return trainer_state.
+
+    Under DeepSpeed (`engine`), the engine loads its own state when the world size is unchanged; otherwise the
+    backbone gets the fp32 weights of `model.safetensors` and a fresh optimizer, which is logged.
+    """
     verify_manifest(path)
     state = read_trainer_state(path)
-    device = next(backbone.parameters()).device
-    backbone.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
-    backbone_state = load_file(str(path / "optimizer.safetensors"))
+    same_world = state["world_size"] == world_size
+    if engine is not None and (path / "deepspeed").is_dir() and same_world:
+        engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_lr_scheduler_states=False)
+    else:
+        if engine is not None:
+            logger.warning(
+                "checkpoint %s: the DeepSpeed backbone optimizer state cannot move from %d to %d ranks (or was not "
+                "saved by DeepSpeed): loading the backbone weights only, with a fresh optimizer",
+                path, state["world_size"], world_size,
+            )
+        weights = load_file(str(path / "model.safetensors"))
+        own = backbone.state_dict()
+        backbone.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in weights.items()}, strict=True)
+        if backbone_group is not None and (path / "optimizer.safetensors").is_file():
+            _restore_group(backbone_group, backbone, load_file(str(path / "optimizer.safetensors")))
     head_tensors = _load_head_rows(path, head)
     with torch.no_grad():
         for name, param in head.named_parameters():
             param.copy_(head_tensors.pop(name))
-
-    by_name: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in list(backbone_state.items()) + list(head_tensors.items()):
-        name, state_key = key.split("::", 1)
-        by_name.setdefault(name, {})[state_key] = tensor
-    names = [{id(p): n for n, p in backbone.named_parameters()}, {id(p): n for n, p in head.named_parameters()}]
-    current = optimizer.state_dict()
-    restored: dict[int, dict[str, torch.Tensor]] = {}
-    index = 0
-    for group_index, group in enumerate(optimizer.param_groups):
-        for param in group["params"]:
-            param_state = by_name.get(names[group_index][id(param)])
-            if param_state:
-                restored[index] = {k: (v if v.dim() == 0 else v.to(param.device)) for k, v in param_state.items()}
-            index += 1
-    groups = [
-        dict(saved, params=cur["params"])
-        for saved, cur in zip(state["optimizer_param_groups"], current["param_groups"], strict=True)
-    ]
-    optimizer.load_state_dict({"state": restored, "param_groups": groups})
+    _restore_group(head_group, head, head_tensors)
+    for part, ref in (("backbone", backbone_group), ("head", head_group)):
+        saved = state["optimizer_param_groups"].get(part)
+        if ref is not None and saved is not None:
+            ref[0].param_groups[ref[1]].update(saved)
 
     rng_file = path / f"rng-rank{rank:05d}.safetensors"
-    if state["world_size"] == world_size and rng_file.is_file():
+    if same_world and rng_file.is_file():
         _set_rng(rng_file)
     else:
         logger.info(
@@ -283,6 +322,21 @@ def load_checkpoint(
             world_size,
         )
     return state
+
+
+def _restore_group(ref: GroupRef, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Set the optimizer state of `module`'s parameters from "<param name>::<state key>" tensors."""
+    optimizer, group = ref
+    names = {id(p): n for n, p in module.named_parameters()}
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, state_key = key.split("::", 1)
+        by_name.setdefault(name, {})[state_key] = tensor
+    for param in optimizer.param_groups[group]["params"]:
+        saved = by_name.get(names[id(param)])
+        if saved:
+            # Scalars (Adam's step) stay on the CPU as torch keeps them; buffers go to the parameter's device.
+            optimizer.state[param] = {k: v if v.dim() == 0 else v.to(param.device) for k, v in saved.items()}
 
 
 def _load_head_rows(path: Path, head: nn.Module) -> dict[str, torch.Tensor]:

@@ -35,6 +35,8 @@ class NetworkConfig:
     name: str = "r50"
     embedding_size: int = 512
     dropout: float = 0.0
+    # BatchNorm layers use their running statistics and never update them (fine-tuning; exact equivalence tests).
+    freeze_batchnorm: bool = False
 
 
 @dataclass

@@ -24,7 +24,8 @@ def build_accelerator(output: str, gradient_accumulation_steps: int, tensorboard
         # at "process 0 of 1, no DDP" unless ACCELERATE_USE_CPU is set, and a DeepSpeed config needs the gloo
         # backend named (shared/notes/accelerate-deepspeed.md). Only when there really are several processes:
         # a one-process run must not try to form a group.
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # under DeepSpeed it would switch DeepSpeed off
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,

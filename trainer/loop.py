@@ -1,9 +1,9 @@
 """The training loop: build everything once, then `train()` reads top to bottom.
 
-The backbone and the optimizer go through `accelerator.prepare` (DDP, autocast, GradScaler as the Accelerate config
-file says). The Partial FC head stays outside DDP/ZeRO: its class centers are sharded by rank and must never be
-averaged across ranks. Its parameters are a second group of the one optimizer, so fp16 loss scaling, inf checks and
-skipped steps cover backbone and head alike.
+The backbone goes through `accelerator.prepare` (DDP, autocast, GradScaler, or a DeepSpeed engine, as the
+Accelerate config file says). The Partial FC head stays outside DDP and ZeRO: its class centers are sharded by rank
+and must never be averaged across ranks. How an optimizer step covers both (one optimizer with two groups, or the
+engine plus a head optimizer) is chosen once, in `trainer.optim`.
 
 The data loader is not prepared either: `DistributedEpochSampler` already shards by rank and knows its position
 inside the epoch, which a resumed run needs to see exactly the batches an uninterrupted run would have seen.
@@ -12,12 +12,16 @@ inside the epoch, which a resumed run needs to see exactly the batches an uninte
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from data.dataset import DistributedEpochSampler, RecordFaceDataset, seed_worker
@@ -28,7 +32,7 @@ from models import build_backbone
 from trainer import checkpoint as ckpt
 from trainer.config import STRUCTURAL_KEYS, ConfigError, ExperimentConfig, flatten, save_config, to_dict
 from trainer.distributed import seed_everything
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import AccelerateStep, DeepSpeedStep, lr_factor, set_lr
 from trainer.reporting import ProgressBar, Throughput, print_summary
 
 logger = logging.getLogger(__name__)
@@ -54,20 +58,15 @@ def build_dataset(cfg: ExperimentConfig) -> tuple[Dataset, int, list[str]]:
     return dataset, num_classes, bins
 
 
-def init_class_centers(weight: torch.Tensor, class_start: int, seed: int, std: float = 0.01) -> None:
-    """Initialise rows [class_start, class_start + rows) as if the whole matrix had been drawn at once.
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Keep every BatchNorm in eval mode (running statistics, no update) whatever `.train()` says later.
 
-    Rows are drawn in fixed chunks, each from its own seeded generator, so the initial centers of a class do not
-    depend on the number of ranks: a 2-process run starts from exactly the weights of a 1-process run.
+    For fine-tuning with frozen statistics, and for exact multi-process equivalence: batch statistics differ
+    between one batch of 2B and two ranks' batches of B, running statistics do not. Affine weights still train.
     """
-    chunk = 1 << 14
-    rows, dim = weight.shape
-    first, last = class_start // chunk, (class_start + rows - 1) // chunk
-    with torch.no_grad():
-        for c in range(first, last + 1):
-            block = torch.empty(chunk, dim).normal_(0.0, std, generator=torch.Generator().manual_seed(seed * 7919 + c))
-            lo, hi = max(class_start, c * chunk), min(class_start + rows, (c + 1) * chunk)
-            weight[lo - class_start : hi - class_start].copy_(block[lo - c * chunk : hi - c * chunk])
+    for bn in module.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.register_forward_pre_hook(lambda m, _: setattr(m, "training", False))
 
 
 class Trainer:
@@ -105,9 +104,10 @@ class Trainer:
                 f"{len(self.dataset)} samples of the dataset"
             )
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
-        warmup_steps = int(cfg.schedule.warmup_epochs * self.steps_per_epoch)
 
         backbone = build_backbone(cfg.network.name, num_features=cfg.network.embedding_size, dropout=cfg.network.dropout)
+        if cfg.network.freeze_batchnorm:
+            freeze_batchnorm(backbone)
         margin = MarginSoftmax(s=cfg.head.s, m1=cfg.head.m1, m2=cfg.head.m2, m3=cfg.head.m3)
         self.head = build_head(
             cfg.head.name,
@@ -118,11 +118,18 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
         )
-        init_class_centers(self.head.weight, self.head.class_start, cfg.train.seed)
+        self.head.reset_parameters(seed=cfg.train.seed)  # the same centers for any number of ranks
         self.head.to(accelerator.device)
-        optimizer = build_optimizer(cfg.optim, backbone, self.head)
-        self.backbone, self.optimizer = accelerator.prepare(backbone, optimizer)
-        self.scheduler = build_scheduler(self.optimizer.optimizer, cfg.schedule, self.total_steps, warmup_steps)
+        # The one place where backends differ: how an optimizer step is taken (trainer/optim.py).
+        self.stepper: AccelerateStep | DeepSpeedStep
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self.stepper = DeepSpeedStep(
+                accelerator, backbone, self.head, cfg.optim, cfg.train.clip_grad_norm, cfg.train.batch_size
+            )
+        else:
+            self.stepper = AccelerateStep(accelerator, backbone, self.head, cfg.optim, cfg.train.clip_grad_norm)
+        self.backbone = self.stepper.backbone
+        self.warmup_steps = int(cfg.schedule.warmup_epochs * self.steps_per_epoch)
 
         self.verification = None
         if bins and accelerator.is_main_process:
@@ -132,6 +139,8 @@ class Trainer:
             self.verification = VerificationCallback(bins, every_steps=1, batch_size=cfg.eval.batch_size)
         self.step = 0  # optimizer steps done
         self.epoch = 0
+        self.micro_loss = 0.0
+        self.current_lr = 0.0
         self.last_results: dict[str, Any] = {}
         self.loss_history: list[tuple[int, float]] = []
         logger.info(
@@ -144,7 +153,7 @@ class Trainer:
             self.world_size,
             self.steps_per_epoch,
             self.total_steps,
-            warmup_steps,
+            self.warmup_steps,
             self.global_batch,
             accelerator.mixed_precision,
         )
@@ -182,31 +191,34 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
         """One micro-batch; returns the loss when it completed an optimizer step, else None."""
-        accelerator = self.accelerator
-        images = images.to(accelerator.device, non_blocking=True)
+        accelerator, stepper = self.accelerator, self.stepper
+        images = images.to(accelerator.device, stepper.input_dtype(), non_blocking=True)
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(self.backbone):
+            self.current_lr = self.lr()
+            set_lr(stepper.optimizers, self.current_lr)
             with accelerator.autocast():
                 embeddings = self.backbone(images)
             loss = self.head(embeddings, labels)  # fp32 inside: softmax over the classes is precision-sensitive
-            accelerator.backward(loss)  # divides by gradient_accumulation_steps, applies the fp16 loss scale
-            if accelerator.sync_gradients and self.cfg.train.clip_grad_norm > 0:
-                # Unscales every group of the one optimizer (backbone and head) before clipping the backbone's.
-                accelerator.clip_grad_norm_(self.backbone.parameters(), self.cfg.train.clip_grad_norm)
-            self.optimizer.step()  # a no-op inside an accumulation group; skipped on fp16 overflow
-            self.optimizer.zero_grad(set_to_none=False)
-        self.micro_loss = getattr(self, "micro_loss", 0.0) + loss.item()  # .item() syncs: the loss is global anyway
-        if not accelerator.sync_gradients:
-            return None
-        self.scheduler.step()
+            stepper.before_backward()
+            accelerator.backward(loss)  # / gradient_accumulation_steps, x fp16 loss scale; DeepSpeed steps here
+            self.micro_loss += loss.item()  # .item() syncs; the loss is already the global batch's
+            if not accelerator.sync_gradients:
+                return None
+            stepper.step()
         self.step += 1
         mean_loss = self.micro_loss / self.cfg.train.gradient_accumulation_steps
         self.micro_loss = 0.0
         return mean_loss
 
+    def lr(self) -> float:
+        """The schedule is a function of the optimizer step alone: nothing to checkpoint but the step."""
+        cfg = self.cfg
+        return cfg.optim.lr * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.schedule.power)
+
     def maybe_log(self, bar: ProgressBar, throughput: Throughput, running: list[float]) -> None:
         loss = sum(running) / len(running)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.current_lr  # the lr the step just taken used
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
             speed = throughput.rate()
             self.loss_history.append((self.step, loss))
@@ -243,7 +255,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "sampler": {"epoch": self.epoch, "position": self.position_in_epoch()},
-            "scheduler": self.scheduler.state_dict(),
+            "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
             "scaler": scaler.state_dict() if scaler is not None else None,
             "num_classes": self.num_classes,
             "config": {k: v for k, v in flatten(to_dict(self.cfg)).items() if k in STRUCTURAL_KEYS},
@@ -265,7 +277,9 @@ class Trainer:
             barrier=self.accelerator.wait_for_everyone,
             backbone=backbone,
             head=self.head,
-            optimizer=self.optimizer.optimizer,
+            backbone_group=self.stepper.backbone_group,
+            head_group=self.stepper.head_group,
+            engine=getattr(self.stepper, "engine", None),
             trainer_state=self.state_dict(),
             metadata=ckpt.model_metadata(self.cfg.network.name, self.cfg.network.embedding_size),
             keep=self.cfg.train.keep_checkpoints,
@@ -298,9 +312,10 @@ class Trainer:
             world_size=self.world_size,
             backbone=self.accelerator.unwrap_model(self.backbone),
             head=self.head,
-            optimizer=self.optimizer.optimizer,
+            backbone_group=self.stepper.backbone_group,
+            head_group=self.stepper.head_group,
+            engine=getattr(self.stepper, "engine", None),
         )
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state["scaler"]:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
@@ -318,10 +333,15 @@ class Trainer:
         accelerator = self.accelerator
         model_path = self.output / "model.safetensors"
         if accelerator.is_main_process:
-            backbone = accelerator.unwrap_model(self.backbone)
-            ckpt.save_model(model_path, backbone, ckpt.model_metadata(self.cfg.network.name, self.cfg.network.embedding_size))
+            # The final checkpoint's model file: fp32 master weights under DeepSpeed too.
+            final = self.output / ckpt.CHECKPOINTS / f"step-{self.step:08d}" / "model.safetensors"
+            tmp = model_path.with_name(f".{model_path.name}.tmp")
+            shutil.copyfile(final, tmp)
+            os.replace(tmp, model_path)
         accelerator.wait_for_everyone()
         accelerator.end_training()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # else gloo may abort the process at exit
         if not accelerator.is_main_process:
             return
         rows = [

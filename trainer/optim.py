@@ -1,27 +1,32 @@
-"""Optimizer and learning-rate schedule.
+"""Optimizers, the learning-rate schedule, and how one optimizer step is taken on each backend.
 
-Backbone and head share ONE optimizer (two parameter groups). Why: with fp16, Accelerate's GradScaler unscales,
-checks for inf/NaN and skips the step per prepared optimizer; one optimizer means the head is unscaled and skipped
-exactly with the backbone, and the scale is updated once per step (two fp16 optimizers would update it twice).
+Without DeepSpeed, backbone and head share ONE optimizer (two parameter groups). Why: with fp16, Accelerate's
+GradScaler unscales, checks for inf/NaN and skips the step per prepared optimizer; one optimizer means the head is
+unscaled and skipped exactly with the backbone, and the scale is updated once per step (two fp16 optimizers would
+update it twice).
+
+Under DeepSpeed the backbone's optimizer lives inside the engine (ZeRO partitions it and reduces its gradients);
+the class-sharded head must stay out of ZeRO, so it gets its own optimizer. The engine's backward multiplies the
+loss by the fp16 loss scale and divides it by the accumulation steps, and the head's gradients share that graph:
+`DeepSpeedStep` divides them by the scale that was in force and steps the head only when the engine applied its
+step (an fp16 overflow skips both).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
-from trainer.config import OptimConfig, ScheduleConfig
+from trainer.config import ConfigError, OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
-    """Group 0: backbone, group 1: head (rank-local class centers). Frozen parameters are left out."""
-    groups = [
-        {"params": _trainable(backbone.parameters()), "name": "backbone"},
-        {"params": _trainable(head.parameters()), "name": "head"},
-    ]
+def build_optimizer(cfg: OptimConfig, *modules: nn.Module) -> torch.optim.Optimizer:
+    """One parameter group per module, in order. Frozen parameters are left out."""
+    groups = [{"params": _trainable(m.parameters())} for m in modules]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -32,7 +37,7 @@ def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, power: float) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up from 0, then
+    """Multiplier of the base lr for optimizer step `step` (0-based): linear warm-up from 0, then
     `(1 - progress) ** power` decay to 0 at `total_steps` (insightface's PolyScheduler)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -41,8 +46,86 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, power: float) -> f
     return (1.0 - progress) ** power
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, warmup_steps: int
-) -> LambdaLR:
-    """Stepped once per optimizer step (not per micro-batch)."""
-    return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, cfg.power))
+def set_lr(optimizers: Iterable[Any], lr: float) -> None:
+    """The schedule is a pure function of the step: set it on every group (no scheduler state to checkpoint)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+class AccelerateStep:
+    """DDP / single process: one prepared optimizer, group 0 = backbone, group 1 = head."""
+
+    def __init__(self, accelerator: Accelerator, backbone: nn.Module, head: nn.Module, cfg: OptimConfig,
+                 clip_grad_norm: float) -> None:
+        self.accelerator = accelerator
+        self.clip_grad_norm = clip_grad_norm
+        self.backbone, self.optimizer = accelerator.prepare(backbone, build_optimizer(cfg, backbone, head))
+        # Where each part's parameters live, for checkpoints: (torch optimizer, group index).
+        self.backbone_group: tuple[torch.optim.Optimizer, int] | None = (self.optimizer.optimizer, 0)
+        self.head_group: tuple[torch.optim.Optimizer, int] = (self.optimizer.optimizer, 1)
+        self.optimizers = [self.optimizer]
+
+    def input_dtype(self) -> torch.dtype:
+        return torch.float32  # autocast, if any, casts inside the prepared model
+
+    def before_backward(self) -> None:
+        pass
+
+    def step(self) -> bool:
+        """At an accumulation boundary: clip, step, zero. Returns whether the step was applied."""
+        if self.clip_grad_norm > 0:
+            # Unscales every group of the one optimizer (backbone and head) before clipping the backbone's.
+            self.accelerator.clip_grad_norm_(self.backbone.parameters(), self.clip_grad_norm)
+        self.optimizer.step()  # skipped by the GradScaler on fp16 overflow, for both groups
+        self.optimizer.zero_grad(set_to_none=False)
+        return not self.accelerator.optimizer_step_was_skipped
+
+
+class DeepSpeedStep:
+    """DeepSpeed ZeRO-1/2: the backbone in the engine, the head beside it with its own optimizer."""
+
+    def __init__(self, accelerator: Accelerator, backbone: nn.Module, head: nn.Module, cfg: OptimConfig,
+                 clip_grad_norm: float, micro_batch_size: int) -> None:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            raise ConfigError(
+                "DeepSpeed ZeRO-3 is not supported: it would partition the Partial FC head's class centers a second "
+                "time and gather the backbone every forward; use ZeRO-1 or ZeRO-2 (ds_configs/zero{1,2}_*.json)"
+            )
+        # No prepared data loader tells DeepSpeed the micro-batch; the backbone's clipping comes from the recipe.
+        ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        if ds_config.get("gradient_clipping", "auto") == "auto":
+            ds_config["gradient_clipping"] = clip_grad_norm
+        self.accelerator = accelerator
+        self.fp16 = bool(ds_config.get("fp16", {}).get("enabled", False))
+        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+        self.backbone, self.optimizer = accelerator.prepare(backbone, build_optimizer(cfg, backbone))
+        self.engine = self.backbone
+        self.head_optimizer = build_optimizer(cfg, head)
+        self.head_params = [p for g in self.head_optimizer.param_groups for p in g["params"]]
+        self.backbone_group = None  # DeepSpeed checkpoints its own (partitioned) optimizer state
+        self.head_group = (self.head_optimizer, 0)
+        self.optimizers = [self.optimizer, self.head_optimizer]
+        self.scale = 1.0
+
+    def input_dtype(self) -> torch.dtype:
+        # DeepSpeed casts the parameters, not the inputs; accelerator.autocast() is a no-op under it.
+        return torch.float16 if self.fp16 else torch.bfloat16 if self.bf16 else torch.float32
+
+    def before_backward(self) -> None:
+        # The scale the coming backward multiplies by; engine.step() (inside the boundary backward) may change it.
+        self.scale = float(getattr(self.engine.optimizer, "cur_scale", 1.0)) if self.fp16 else 1.0
+
+    def step(self) -> bool:
+        """The engine already stepped inside `accelerator.backward`; bring the head along."""
+        applied = bool(self.engine.was_step_applied())
+        if applied:
+            if self.scale != 1.0:
+                for param in self.head_params:
+                    if param.grad is not None:
+                        param.grad.div_(self.scale)
+            self.head_optimizer.step()
+        self.head_optimizer.zero_grad(set_to_none=False)
+        return applied

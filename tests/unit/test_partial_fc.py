@@ -286,3 +286,21 @@ def test_bad_forward_inputs() -> None:
     shard = PartialFC(8, 10, rank=0, world_size=2)  # a shard built for 2 ranks, used without a process group
     with pytest.raises(RuntimeError, match="world_size=2"):
         shard(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))
+
+
+def test_seeded_init_does_not_depend_on_the_number_of_ranks() -> None:
+    """reset_parameters(seed): the concatenated shards of 2 and 3 ranks equal the 1-rank matrix."""
+    num_classes = (1 << 14) + 37  # spans two init chunks
+    whole = PartialFC(8, num_classes, rank=0, world_size=1)
+    whole.reset_parameters(seed=5)
+    for world in (2, 3):
+        shards = []
+        for rank in range(world):
+            head = PartialFC(8, num_classes, rank=rank, world_size=world)
+            head.reset_parameters(seed=5)
+            shards.append(head.weight.detach())
+        assert torch.equal(torch.cat(shards), whole.weight.detach())
+    other = PartialFC(8, num_classes, rank=0, world_size=1)
+    other.reset_parameters(seed=6)
+    assert not torch.equal(other.weight, whole.weight)
+    assert abs(float(whole.weight.detach().std()) - 0.01) < 1e-3
