@@ -82,6 +82,8 @@ class DataConfig:
     num_images: int = 0
     num_workers: int = 2
     random_flip: bool = True
+    # A corrupt image is replaced by another sample and counted; past this fraction (per rank) the run stops.
+    max_bad_fraction: float = 0.01
     generated: GeneratedFacesConfig = field(default_factory=GeneratedFacesConfig)
 
 
@@ -113,6 +115,8 @@ class TrainConfig:
     """The loop: batch, accumulation, clipping, logging and checkpoint cadence."""
 
     batch_size: int = 128  # per process, per micro-step
+    # > 0: the batch over all processes and accumulation steps; batch_size is then derived and must divide evenly.
+    global_batch_size: int = 0
     gradient_accumulation_steps: int = 1
     clip_grad_norm: float = 5.0  # backbone gradients, as insightface; 0 = off
     seed: int = 2048
@@ -297,6 +301,7 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         "schedule.max_steps": cfg.schedule.max_steps,
         "train.clip_grad_norm": cfg.train.clip_grad_norm,
         "train.save_every": cfg.train.save_every,
+        "train.global_batch_size": cfg.train.global_batch_size,
         "eval.every": cfg.eval.every,
         "optim.weight_decay": cfg.optim.weight_decay,
     }
@@ -305,6 +310,8 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.schedule.epochs == 0 and cfg.schedule.max_steps == 0:
         raise ConfigError("schedule.epochs and schedule.max_steps are both 0: nothing to train")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if not 0.0 < cfg.head.sample_rate <= 1.0:
         raise ConfigError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
     if not 0.0 <= cfg.network.dropout < 1.0:

@@ -6,6 +6,7 @@ Nothing here runs at import time.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -13,6 +14,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+from trainer.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def build_accelerator(output: str, gradient_accumulation_steps: int, tensorboard: bool) -> Accelerator:
@@ -33,6 +38,34 @@ def build_accelerator(output: str, gradient_accumulation_steps: int, tensorboard
         project_config=ProjectConfiguration(project_dir=output, logging_dir=os.path.join(output, "tensorboard")),
         kwargs_handlers=kwargs_handlers,
     )
+
+
+def effective_precision(accelerator: Accelerator) -> str:
+    """What the run really computes in. Accelerate keeps `mixed_precision == "fp16"` on a CPU but applies neither
+    autocast nor loss scaling there: say so instead of letting a user believe the run is fp16."""
+    requested = accelerator.mixed_precision
+    if requested == "fp16" and accelerator.device.type == "cpu" and accelerator.distributed_type.value != "DEEPSPEED":
+        logger.warning("fp16 was requested, but Accelerate runs fp16 as fp32 on a CPU (no autocast, no loss scaling); "
+                       "use a bf16 config for mixed precision on CPUs")
+        return "fp32 (fp16 requested; ignored on CPU)"
+    return {"no": "fp32"}.get(requested, requested)
+
+
+def check_same_on_every_rank(values: dict[str, object]) -> None:
+    """Raise, on every rank, if any value differs between ranks (e.g. one machine launched with another batch size).
+
+    Collective: every rank must call it. A mismatch caught here stops the run before the first step instead of
+    deadlocking or silently mis-sharding the classes.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    gathered: list[dict[str, object] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, values)
+    for key in values:
+        per_rank = [g[key] if g is not None else None for g in gathered]
+        if any(v != per_rank[0] for v in per_rank):
+            shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(per_rank))
+            raise ConfigError(f"{key} differs between ranks ({shown}); every process must run the same recipe")
 
 
 def seed_everything(seed: int) -> None:

@@ -24,14 +24,14 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from data.dataset import DistributedEpochSampler, RecordFaceDataset, seed_worker
+from data.dataset import BadDataTracker, DistributedEpochSampler, RecordFaceDataset, seed_worker
 from data.synthetic import SyntheticDataset
 from heads import build_head
 from heads.margins import MarginSoftmax
 from models import build_backbone
 from trainer import checkpoint as ckpt
 from trainer.config import STRUCTURAL_KEYS, ConfigError, ExperimentConfig, flatten, save_config, to_dict
-from trainer.distributed import seed_everything
+from trainer.distributed import check_same_on_every_rank, effective_precision, seed_everything
 from trainer.optim import AccelerateStep, DeepSpeedStep, lr_factor, set_lr
 from trainer.reporting import ProgressBar, Throughput, print_summary
 
@@ -77,11 +77,33 @@ class Trainer:
         self.output = Path(cfg.output)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         seed_everything(cfg.train.seed)
+        if cfg.train.global_batch_size:
+            per_step = self.world_size * cfg.train.gradient_accumulation_steps
+            if cfg.train.global_batch_size % per_step:
+                raise ConfigError(
+                    f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {self.world_size} "
+                    f"processes x {cfg.train.gradient_accumulation_steps} accumulation steps"
+                )
+            cfg.train.batch_size = cfg.train.global_batch_size // per_step
 
         with accelerator.main_process_first():  # the generated dataset is written once, then read by every rank
             self.dataset, self.num_classes, bins = build_dataset(cfg)
+        check_same_on_every_rank(
+            {
+                "train.batch_size": cfg.train.batch_size,
+                "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+                "train.seed": cfg.train.seed,
+                "network": to_dict(cfg.network),
+                "head": to_dict(cfg.head),
+                "data.num_classes": self.num_classes,
+                "dataset size": len(self.dataset),
+            }
+        )
         if self.num_classes < self.world_size:
-            raise ConfigError(f"data.num_classes={self.num_classes} is smaller than the number of processes")
+            raise ConfigError(
+                f"data.num_classes={self.num_classes} is smaller than the {self.world_size} processes: "
+                "every rank needs at least one class center"
+            )
         self.sampler = DistributedEpochSampler(
             len(self.dataset), rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, with_seeds=True
         )
@@ -95,6 +117,7 @@ class Trainer:
             drop_last=True,
             persistent_workers=cfg.data.num_workers > 0,
         )
+        self.bad_data = BadDataTracker(cfg.data.max_bad_fraction, source=f"data ({cfg.data.source})")
         micro_batches = len(self.sampler) // cfg.train.batch_size
         self.steps_per_epoch = micro_batches // cfg.train.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
@@ -130,6 +153,7 @@ class Trainer:
             self.stepper = AccelerateStep(accelerator, backbone, self.head, cfg.optim, cfg.train.clip_grad_norm)
         self.backbone = self.stepper.backbone
         self.warmup_steps = int(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        self.precision = effective_precision(accelerator)
 
         self.verification = None
         if bins and accelerator.is_main_process:
@@ -141,6 +165,7 @@ class Trainer:
         self.epoch = 0
         self.micro_loss = 0.0
         self.current_lr = 0.0
+        self.skipped_at: list[int] = []  # optimizer steps skipped on fp16 overflow
         self.last_results: dict[str, Any] = {}
         self.loss_history: list[tuple[int, float]] = []
         logger.info(
@@ -155,7 +180,7 @@ class Trainer:
             self.total_steps,
             self.warmup_steps,
             self.global_batch,
-            accelerator.mixed_precision,
+            self.precision,
         )
 
     @property
@@ -172,7 +197,8 @@ class Trainer:
         with ProgressBar(self.total_steps, self.step, enabled=accelerator.is_main_process) as bar:
             while self.step < self.total_steps:
                 self.sampler.set_epoch(self.epoch)
-                for images, labels in self.loader:
+                for images, labels, bad_keys in self.loader:
+                    self.bad_data.update(bad_keys)  # a corrupt image was replaced; too many stop the run
                     loss = self.train_step(images, labels)
                     if loss is None:
                         continue  # inside a gradient-accumulation group
@@ -205,8 +231,11 @@ class Trainer:
             self.micro_loss += loss.item()  # .item() syncs; the loss is already the global batch's
             if not accelerator.sync_gradients:
                 return None
-            stepper.step()
+            applied = stepper.step()
         self.step += 1
+        if not applied:  # fp16 overflow: neither backbone nor head moved; the loss scale was lowered
+            self.skipped_at.append(self.step)
+            logger.info("step %d skipped: fp16 gradient overflow (loss scale lowered)", self.step)
         mean_loss = self.micro_loss / self.cfg.train.gradient_accumulation_steps
         self.micro_loss = 0.0
         return mean_loss
@@ -260,6 +289,8 @@ class Trainer:
             "num_classes": self.num_classes,
             "config": {k: v for k, v in flatten(to_dict(self.cfg)).items() if k in STRUCTURAL_KEYS},
             "loss_history": self.loss_history,
+            "skipped_steps": len(self.skipped_at),
+            "skipped_at": self.skipped_at,
         }
 
     def position_in_epoch(self) -> int:
@@ -320,6 +351,7 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.loss_history = [tuple(x) for x in state.get("loss_history", [])]
+        self.skipped_at = list(state.get("skipped_at", []))
         # Samples already consumed by the whole job this epoch, re-divided over this run's ranks.
         consumed = state["sampler"]["position"] * state["world_size"]
         self.sampler.set_epoch(self.epoch)
@@ -347,10 +379,12 @@ class Trainer:
         rows = [
             ("network", f"{self.cfg.network.name} ({self.cfg.network.embedding_size}-d)"),
             ("data", f"{self.cfg.data.source}: {len(self.dataset)} images, {self.num_classes} classes"),
-            ("processes / precision", f"{self.world_size} / {accelerator.mixed_precision}"),
+            ("processes / precision", f"{self.world_size} / {self.precision}"),
             ("steps", f"{self.step} ({self.epoch} epochs, global batch {self.global_batch})"),
             ("time", f"{elapsed:.1f} s, {samples / max(elapsed, 1e-9):.1f} samples/s"),
         ]
+        bad = self.bad_data.summary()
+        rows.append(("bad samples replaced (rank 0)", f"{bad['count']}" + (f", keys {bad['keys'][:10]}" if bad["count"] else "")))
         if self.loss_history:
             rows.append(("loss first -> last", f"{self.loss_history[0][1]:.4f} -> {self.loss_history[-1][1]:.4f}"))
         for name, result in self.last_results.items():
@@ -363,10 +397,10 @@ class Trainer:
 
 def run(cfg: ExperimentConfig, accelerator: Accelerator, resume: bool) -> Trainer:
     """Build, optionally resume, train. The resolved config goes to `<output>/config.yaml`."""
-    if accelerator.is_main_process:
+    trainer = Trainer(cfg, accelerator)
+    if accelerator.is_main_process:  # after the Trainer: derived values (batch_size from global_batch_size) included
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.output) / "config.yaml")
-    trainer = Trainer(cfg, accelerator)
     if cfg.train.tensorboard:
         accelerator.init_trackers("arcface")
     if resume:

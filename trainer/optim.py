@@ -101,7 +101,15 @@ class DeepSpeedStep:
         self.accelerator = accelerator
         self.fp16 = bool(ds_config.get("fp16", {}).get("enabled", False))
         self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
-        self.backbone, self.optimizer = accelerator.prepare(backbone, build_optimizer(cfg, backbone))
+        try:
+            self.backbone, self.optimizer = accelerator.prepare(backbone, build_optimizer(cfg, backbone))
+        except ValueError as exc:
+            if "fp16 is not supported" in str(exc):
+                raise ConfigError(
+                    "this DeepSpeed config enables fp16, which DeepSpeed does not support on this device (no fp16 "
+                    "CPU kernels): use a bf16 DeepSpeed config (ds_configs/zero*_bf16.json)"
+                ) from None
+            raise
         self.engine = self.backbone
         self.head_optimizer = build_optimizer(cfg, head)
         self.head_params = [p for g in self.head_optimizer.param_groups for p in g["params"]]

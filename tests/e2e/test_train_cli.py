@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from models import build_backbone
 
-from .conftest import TINY, launch
+from tests.launching import TINY, launch
 
 pytestmark = pytest.mark.e2e
 

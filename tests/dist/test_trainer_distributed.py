@@ -1,0 +1,181 @@
+"""The real trainer across processes on CPU (gloo): DDP, DeepSpeed ZeRO-1/2, two machines on loopback.
+
+Equivalence: same seed, same global batch (the sampler hands rank r entries r, r+W, ... of the shared order, so
+one process with batch 2B sees exactly the samples of two processes with batch B), class centers initialised
+independently of the number of ranks, BatchNorm frozen (`network.freeze_batchnorm`) so batch statistics do not
+depend on how the batch is split. Then the loss trajectory of the first steps must match the one-process run:
+tightly in fp32 (DDP, two machines), within bf16 rounding for DeepSpeed's bf16 engines.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from heads import PartialFC
+from tests.launching import CONFIGS, MAIN, REPO, TINY, command, env_for, free_port, launch, losses
+
+pytestmark = pytest.mark.dist
+
+STEPS = 6
+EQUIV = ["--config", str(TINY), "--network.freeze_batchnorm", "true", "--schedule.max_steps", str(STEPS),
+         "--train.save_every", "0", "--eval.every", "0"]
+
+
+def _ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stdout[-2500:] + proc.stderr[-2500:]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory, face_cache: Path) -> list[float]:
+    out = tmp_path_factory.mktemp("single")
+    _ok(launch([*EQUIV, "--output", str(out), "--train.batch_size", "16"], face_cache))
+    return losses(out)
+
+
+def test_ddp_two_processes_match_one(single: list[float], tmp_path: Path, face_cache: Path) -> None:
+    proc = launch([*EQUIV, "--output", str(tmp_path), "--train.batch_size", "8"], face_cache, config="cpu_ddp_2proc")
+    _ok(proc)
+    assert "2 processes" in proc.stdout
+    assert len(single) == STEPS and single[-1] < single[0]
+    assert losses(tmp_path) == pytest.approx(single, rel=1e-4)
+    # Each rank wrote its own class-center shard: 12 classes as 6 + 6.
+    last = tmp_path / "checkpoints" / f"step-{STEPS:08d}"
+    shards = [load_file(str(last / f"head-rank{r:05d}-of-00002.safetensors"))["weight"] for r in (0, 1)]
+    assert [s.shape[0] for s in shards] == [6, 6]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_matches_one_process(stage: int, single: list[float], tmp_path: Path, face_cache: Path) -> None:
+    proc = launch([*EQUIV, "--output", str(tmp_path), "--train.batch_size", "8"], face_cache,
+                  config=f"cpu_ds_zero{stage}_bf16")
+    _ok(proc)
+    assert "precision bf16" in proc.stdout
+    # bf16 engine weights and activations: the trajectory follows fp32 within bf16 rounding.
+    assert losses(tmp_path) == pytest.approx(single, rel=3e-2)
+    last = tmp_path / "checkpoints" / f"step-{STEPS:08d}"
+    assert (last / "deepspeed").is_dir()
+    # model.safetensors holds the fp32 master weights, not the bf16 copies.
+    assert {t.dtype for k, t in load_file(str(tmp_path / "model.safetensors")).items() if t.is_floating_point()} == {
+        torch.float32
+    }
+
+
+def test_two_machines_on_loopback_match_one(single: list[float], tmp_path: Path, face_cache: Path) -> None:
+    """Two `accelerate launch` invocations, machine_rank 0 and 1, one process each, through Accelerate's launcher."""
+    port = str(free_port())
+    args = [*EQUIV, "--output", str(tmp_path), "--train.batch_size", "8"]
+    procs = [
+        subprocess.Popen(
+            command(args, CONFIGS / f"cpu_2machines_rank{rank}.yaml", MAIN, ["--main_process_port", port]),
+            cwd=REPO, env=env_for(face_cache, threads=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "2 processes" in outputs[0][0]
+    assert losses(tmp_path) == pytest.approx(single, rel=1e-4)
+
+
+def test_deepspeed_fp16_skips_overflow_for_head_and_backbone(tmp_path: Path, face_cache: Path) -> None:
+    """fp16 ZeRO-2 with real dynamic loss scaling (test-only fp16 override on this CPU): the first steps overflow
+    at scale 2^16 and are skipped; the head must not move on a skipped step either."""
+    proc = launch(["--config", str(TINY), "--output", str(tmp_path), "--train.batch_size", "8",
+                   "--schedule.max_steps", "4", "--train.save_every", "1", "--eval.every", "0"],
+                  face_cache, config=str(CONFIGS / "cpu_ds_zero2_bf16.yaml").replace("bf16.yaml", "bf16.yaml"),
+                  script=REPO / "tests" / "dist" / "ds_fp16_entry.py",
+                  launcher=["--main_process_port", str(free_port()), "--deepspeed_config_file",
+                            str(REPO / "ds_configs" / "zero2_fp16.json")])
+    _ok(proc)
+    state = json.loads((tmp_path / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] >= 1, state
+    first_skipped = state["skipped_at"][0]
+    # After a skipped first step the head is exactly its (rank-count independent) initial value.
+    if first_skipped == 1:
+        for rank in (0, 1):
+            shard = load_file(str(tmp_path / "checkpoints" / "step-00000001" / f"head-rank{rank:05d}-of-00002.safetensors"))
+            head = PartialFC(32, 12, rank=rank, world_size=2)
+            head.reset_parameters(seed=2048)
+            assert torch.equal(shard["weight"], head.weight.detach()), rank
+    assert all(loss == loss for loss in losses(tmp_path))  # no NaN reached the logged losses
+
+
+def test_deepspeed_config_quirk_ranks(face_cache: Path) -> None:
+    """Under a DeepSpeed config on CPU a plain Accelerator() says 'process 0 of 1' on every rank; ours does not."""
+    seen = {}
+    for which in ("plain", "ours"):
+        proc = launch([which], face_cache, config="cpu_ds_zero2_bf16", script=REPO / "tests" / "dist" / "probe_ranks.py")
+        _ok(proc)
+        seen[which] = sorted(line for line in proc.stdout.splitlines() if line.startswith(which))
+    assert seen["plain"] == ["plain rank=0 world=1 env_world=2"] * 2
+    assert seen["ours"] == ["ours rank=0 world=2 env_world=2", "ours rank=1 world=2 env_world=2"]
+
+
+def test_fp16_on_cpu_is_reported_as_fp32(tmp_path: Path, face_cache: Path) -> None:
+    config = tmp_path / "cpu_fp16.yaml"
+    config.write_text((CONFIGS / "cpu.yaml").read_text().replace("mixed_precision: 'no'", "mixed_precision: fp16"))
+    proc = launch(["--config", str(TINY), "--output", str(tmp_path / "run"), "--schedule.max_steps", "1",
+                   "--eval.every", "0"], face_cache, config=str(config))
+    _ok(proc)
+    assert "Accelerate runs fp16 as fp32 on a CPU" in proc.stdout + proc.stderr
+    assert "fp32 (fp16 requested; ignored on CPU)" in proc.stdout
+
+
+def test_deepspeed_fp16_refused_clearly_on_this_cpu(tmp_path: Path, face_cache: Path) -> None:
+    proc = launch(["--config", str(TINY), "--output", str(tmp_path)], face_cache, config="cpu_ds_zero2_bf16",
+                  launcher=["--main_process_port", str(free_port()), "--deepspeed_config_file",
+                            str(REPO / "ds_configs" / "zero2_fp16.json")])
+    assert proc.returncode != 0
+    assert "use a bf16 DeepSpeed config" in proc.stderr
+    assert "step 1/" not in proc.stdout
+
+
+# --- bad input: clear errors before any training step -----------------------------------------------------------
+
+
+def test_missing_deepspeed_json(tmp_path: Path, face_cache: Path) -> None:
+    proc = launch(["--config", str(TINY), "--output", str(tmp_path)], face_cache, config="cpu_ds_zero2_bf16",
+                  launcher=["--main_process_port", str(free_port()), "--deepspeed_config_file", "ds_configs/nope.json"])
+    assert proc.returncode != 0
+    assert "ds_configs/nope.json" in proc.stderr
+    assert "step 1/" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--train.global_batch_size", "15"], "train.global_batch_size=15 is not divisible by 2 processes"),
+        (["--data.source", "synthetic", "--data.num_classes", "1", "--data.num_images", "64"],
+         "data.num_classes=1 is smaller than the 2 processes"),
+    ],
+)
+def test_bad_distributed_recipes(extra: list[str], message: str, tmp_path: Path, face_cache: Path) -> None:
+    proc = launch(["--config", str(TINY), "--output", str(tmp_path), *extra], face_cache, config="cpu_ddp_2proc")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "step 1/" not in proc.stdout
+
+
+def test_rank_with_another_batch_size(tmp_path: Path, face_cache: Path) -> None:
+    """Two machines launched with different recipes: stopped before the first step, naming the key and values."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            command(["--config", str(TINY), "--output", str(tmp_path), "--train.batch_size", str(batch)],
+                    CONFIGS / f"cpu_2machines_rank{rank}.yaml", MAIN, ["--main_process_port", port]),
+            cwd=REPO, env=env_for(face_cache, threads=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank, batch in ((0, 8), (1, 4))
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    err = outputs[0][1]
+    assert "train.batch_size differs between ranks (rank 0: 8, rank 1: 4)" in err
+    assert "step 1/" not in outputs[0][0]
