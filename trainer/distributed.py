@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+from types import FrameType
 
 import numpy as np
 import torch
@@ -95,3 +97,40 @@ def set_rng_state(state: dict[str, object]) -> None:
     torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the run to stop; every rank stops at the same optimizer-step boundary.
+
+    The handler only sets a flag (nothing unsafe runs inside a signal handler). `requested()` is collective when
+    there are several ranks: a MAX all-reduce of the flag, once per optimizer step (a tiny sync point), because a
+    scheduler's SIGTERM reaches the ranks at different moments and they must all save the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.flag = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.flag = True
+        logger.warning("received %s: saving a checkpoint at the next step boundary, then exiting",
+                       signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([1.0 if self.flag else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+        return self.flag

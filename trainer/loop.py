@@ -31,7 +31,7 @@ from heads.margins import MarginSoftmax
 from models import build_backbone
 from trainer import checkpoint as ckpt
 from trainer.config import STRUCTURAL_KEYS, ConfigError, ExperimentConfig, flatten, save_config, to_dict
-from trainer.distributed import check_same_on_every_rank, effective_precision, seed_everything
+from trainer.distributed import StopSignal, check_same_on_every_rank, effective_precision, seed_everything
 from trainer.optim import AccelerateStep, DeepSpeedStep, lr_factor, set_lr
 from trainer.reporting import ProgressBar, Throughput, print_summary
 
@@ -166,6 +166,7 @@ class Trainer:
         self.micro_loss = 0.0
         self.current_lr = 0.0
         self.skipped_at: list[int] = []  # optimizer steps skipped on fp16 overflow
+        self.last_saved = -1
         self.last_results: dict[str, Any] = {}
         self.loss_history: list[tuple[int, float]] = []
         logger.info(
@@ -191,11 +192,12 @@ class Trainer:
     # The loop
 
     def train(self) -> None:
-        cfg, accelerator = self.cfg, self.accelerator
         start_time, start_step = time.perf_counter(), self.step
         throughput, running = Throughput(), []
-        with ProgressBar(self.total_steps, self.step, enabled=accelerator.is_main_process) as bar:
-            while self.step < self.total_steps:
+        interrupted = False
+        enabled = self.accelerator.is_main_process
+        with ProgressBar(self.total_steps, self.step, enabled=enabled) as bar, StopSignal(self.accelerator.device) as stop:
+            while self.step < self.total_steps and not interrupted:
                 self.sampler.set_epoch(self.epoch)
                 for images, labels, bad_keys in self.loader:
                     self.bad_data.update(bad_keys)  # a corrupt image was replaced; too many stop the run
@@ -207,13 +209,16 @@ class Trainer:
                     self.maybe_log(bar, throughput, running)
                     self.maybe_evaluate()
                     self.maybe_checkpoint()
-                    if self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
+                    interrupted = stop.requested()  # SIGTERM/SIGINT: every rank stops at this step
+                    if interrupted or self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
                         break
-                if self.step % self.steps_per_epoch == 0:
+                if self.step % self.steps_per_epoch == 0 and not interrupted:
                     self.epoch += 1
                     self.sampler.set_position(0)
+        if interrupted and self.last_saved != self.step:
+            self.save()
         elapsed = time.perf_counter() - start_time
-        self.finish(elapsed, (self.step - start_step) * self.global_batch)
+        self.finish(elapsed, (self.step - start_step) * self.global_batch, interrupted)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
         """One micro-batch; returns the loss when it completed an optimizer step, else None."""
@@ -316,6 +321,7 @@ class Trainer:
             keep=self.cfg.train.keep_checkpoints,
         )
         logger.info("saved checkpoint %s", path)
+        self.last_saved = self.step
         return path
 
     def resume(self) -> Path:
@@ -361,7 +367,7 @@ class Trainer:
         logger.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
         return path
 
-    def finish(self, elapsed: float, samples: int) -> None:
+    def finish(self, elapsed: float, samples: int, interrupted: bool = False) -> None:
         accelerator = self.accelerator
         model_path = self.output / "model.safetensors"
         if accelerator.is_main_process:
@@ -380,7 +386,8 @@ class Trainer:
             ("network", f"{self.cfg.network.name} ({self.cfg.network.embedding_size}-d)"),
             ("data", f"{self.cfg.data.source}: {len(self.dataset)} images, {self.num_classes} classes"),
             ("processes / precision", f"{self.world_size} / {self.precision}"),
-            ("steps", f"{self.step} ({self.epoch} epochs, global batch {self.global_batch})"),
+            ("steps", f"{self.step} of {self.total_steps} ({self.epoch} epochs, global batch {self.global_batch})"
+             + (" - interrupted: continue with --resume" if interrupted else "")),
             ("time", f"{elapsed:.1f} s, {samples / max(elapsed, 1e-9):.1f} samples/s"),
         ]
         bad = self.bad_data.summary()

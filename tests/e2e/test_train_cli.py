@@ -110,3 +110,38 @@ def _our_traceback(stderr: str) -> bool:
     """A traceback through this project's code (accelerate launch adds its own for any non-zero exit)."""
     return any(f'{d}/' in line for line in stderr.splitlines() if line.strip().startswith("File ")
                for d in ("trainer", "models", "heads", "data", "evaluation"))
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path: Path, face_cache: Path) -> None:
+    """SIGTERM mid-run: a checkpoint at the next step boundary, exit 0; resuming gives the uninterrupted result."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.launching import REPO, env_for
+
+    args = ["--config", str(TINY), "--schedule.max_steps", "16", "--train.save_every", "0", "--eval.every", "0"]
+    whole = tmp_path / "whole"
+    assert launch([*args, "--output", str(whole)], face_cache).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, str(REPO / "trainer" / "main.py"), *args, "--output", str(cut)],
+                            cwd=REPO, env=env_for(face_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "step 2/16" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest[-3000:]
+    assert "received SIGTERM" in rest and "interrupted: continue with --resume" in rest
+    saved = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert len(saved) == 1 and saved[0] < "step-00000016", saved
+
+    resumed = launch([*args, "--output", str(cut), "--resume"], face_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _history(cut, 16) == pytest.approx(_history(whole, 16), rel=1e-5)
+    mine, theirs = load_file(str(cut / "model.safetensors")), load_file(str(whole / "model.safetensors"))
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
