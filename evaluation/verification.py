@@ -1,0 +1,368 @@
+"""Pair verification on insightface `.bin` files (LFW, CFP-FP, AgeDB-30, ...): loading, the 10-fold protocol,
+a trainer callback and a CLI.
+
+Protocol (insightface's `eval/verification.py`): embed each image and its horizontal flip, sum the two, L2-normalize;
+the score of a pair is the squared L2 distance; 10 folds without shuffling; in each fold the threshold from
+`THRESHOLDS` with the best accuracy on the other nine folds is applied to the held-out fold; the mean and std of the
+ten fold accuracies are reported. XNorm is the mean L2 norm of the un-normalized embeddings (originals and flips).
+
+Unpickling: `.bin` files are pickles, and pickles can run code. `load_bin` refuses every global except the few that
+real `.bin` files need: `_codecs.encode` and `bytearray` (how Python 3 writes bytes in protocol <= 2), and NumPy's
+array reconstruction (`numpy.core.multiarray._reconstruct`, `numpy.ndarray`, `numpy.dtype`, `numpy...scalar`),
+because insightface's `build_eval_pack.py` stores each image as the uint8 array returned by `cv2.imencode`. None of
+these calls user-chosen code; every element is then checked to be bytes or a uint8 array.
+
+    python -m evaluation.verification --weights model.safetensors --bin lfw.bin --bin cfp_fp.bin
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import pickle
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import KFold
+from torch import nn
+
+from data.recordio import decode_image
+
+logger = logging.getLogger(__name__)
+
+# insightface's grid of squared-distance thresholds: 0, 0.01, ..., 3.99 (squared L2 of unit vectors is in [0, 4]).
+THRESHOLDS = np.arange(0, 4, 0.01)
+
+_ALLOWED_GLOBALS = frozenset(
+    {
+        ("_codecs", "encode"),
+        ("builtins", "bytearray"),
+        ("__builtin__", "bytearray"),  # the Python 2 spelling; the base class maps it to builtins
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+)
+
+
+class BinFormatError(ValueError):
+    """A `.bin` file that is missing, unsafe or not in the `(bins, issame_list)` layout; the message names the file."""
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """One target's numbers: mean and std of the fold accuracies, XNorm, and the number of pairs."""
+
+    acc: float
+    std: float
+    xnorm: float
+    num_pairs: int
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: IO[bytes], path: Path, encoding: str = "ASCII") -> None:
+        super().__init__(file, encoding=encoding)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise BinFormatError(f"file {self.path}: refusing to unpickle global '{module}.{name}'")
+
+
+def _unpickle(path: Path) -> Any:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BinFormatError(f"file {path}: not found") from None
+    except OSError as err:
+        raise BinFormatError(f"file {path}: cannot be read ({err.strerror or err})") from None
+    try:
+        try:
+            return _RestrictedUnpickler(io.BytesIO(data), path).load()
+        except UnicodeDecodeError:
+            # A Python 2 pickle: its JPEGs are `str`, which Python 3 can only take as raw bytes (as insightface does).
+            return _RestrictedUnpickler(io.BytesIO(data), path, encoding="bytes").load()
+    except BinFormatError:
+        raise
+    except Exception as err:  # the unpickler raises many types on garbage: report them all the same way
+        raise BinFormatError(f"file {path}: not a readable pickle ({type(err).__name__}: {err})") from None
+
+
+def _as_bytes(item: Any, path: Path, index: int) -> bytes:
+    if isinstance(item, bytes | bytearray):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
+        return item.tobytes()
+    raise BinFormatError(f"file {path}: image {index} is a {type(item).__name__}, expected encoded image bytes")
+
+
+def _as_bool(item: Any, path: Path, index: int) -> bool:
+    if isinstance(item, bool | np.bool_) or (isinstance(item, int | np.integer) and item in (0, 1)):
+        return bool(item)
+    raise BinFormatError(f"file {path}: issame_list[{index}] is {item!r}, expected a bool")
+
+
+def _fit(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Resize the shorter side to the target and centre-crop, like insightface's `resize_short` on square crops."""
+    height, width = image_size
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    scale = max(height / h, width / w)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[top : top + height, left : left + width]
+
+
+def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tuple[torch.Tensor, list[bool]]:
+    """Load a verification `.bin`: `(images, issame)`, images uint8 `(2N, 3, H, W)` RGB, pair i = images 2i, 2i+1.
+
+    Images of another size are resized (shorter side) and centre-cropped to `image_size`.
+    """
+    path = Path(path)
+    obj = _unpickle(path)
+    if not (isinstance(obj, tuple | list) and len(obj) == 2):
+        raise BinFormatError(f"file {path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
+    bins, issame_raw = obj
+    if not isinstance(bins, list | tuple) or not isinstance(issame_raw, list | tuple | np.ndarray):
+        raise BinFormatError(
+            f"file {path}: expected (list of images, list of bools), got ({type(bins).__name__}, "
+            f"{type(issame_raw).__name__})"
+        )
+    issame = [_as_bool(item, path, i) for i, item in enumerate(issame_raw)]
+    if not issame:
+        raise BinFormatError(f"file {path}: no pairs")
+    if len(bins) != 2 * len(issame):
+        raise BinFormatError(f"file {path}: {len(bins)} images for {len(issame)} pairs (need exactly 2 per pair)")
+    images = torch.empty((len(bins), 3, *image_size), dtype=torch.uint8)
+    for index, item in enumerate(bins):
+        buf = _as_bytes(item, path, index)
+        try:
+            image = decode_image(buf)
+        except Exception as err:  # decoders raise their own error types
+            raise BinFormatError(f"file {path}: image {index} cannot be decoded ({err})") from None
+        images[index] = torch.from_numpy(np.ascontiguousarray(_fit(image, image_size).transpose(2, 0, 1)))
+    return images, issame
+
+
+def compute_accuracy(
+    embeddings1: np.ndarray, embeddings2: np.ndarray, issame: Sequence[bool] | np.ndarray, nrof_folds: int = 10
+) -> tuple[float, float, np.ndarray]:
+    """insightface's k-fold verification accuracy on pair embeddings: `(mean, std, best threshold per fold)`.
+
+    Embeddings are used as given (normalize them first); pairs closer than a threshold (squared L2, strict `<`)
+    are predicted "same".
+    """
+    embeddings1, embeddings2 = np.asarray(embeddings1, np.float64), np.asarray(embeddings2, np.float64)
+    actual = np.asarray(issame, dtype=bool)
+    if embeddings1.ndim != 2 or embeddings1.shape != embeddings2.shape or len(actual) != len(embeddings1):
+        raise ValueError(
+            f"need two (N, D) embedding arrays and N labels: got {embeddings1.shape}, {embeddings2.shape}, "
+            f"{len(actual)} labels"
+        )
+    if len(actual) < nrof_folds:
+        raise ValueError(f"{len(actual)} pairs cannot be split into {nrof_folds} folds")
+    dist = np.sum((embeddings1 - embeddings2) ** 2, axis=1)
+    # correct[t, i]: whether threshold t classifies pair i right.
+    correct = (dist[None, :] < THRESHOLDS[:, None]) == actual[None, :]
+    accuracies = np.zeros(nrof_folds)
+    best_thresholds = np.zeros(nrof_folds)
+    for fold, (train, test) in enumerate(KFold(n_splits=nrof_folds, shuffle=False).split(dist)):
+        # argmax takes the first (smallest) of tied thresholds, as insightface does.
+        best = int(np.argmax(correct[:, train].mean(axis=1)))
+        best_thresholds[fold] = THRESHOLDS[best]
+        accuracies[fold] = correct[best, test].mean()
+    return float(accuracies.mean()), float(accuracies.std()), best_thresholds
+
+
+def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for param in module.parameters():
+        return param.device, param.dtype if param.dtype.is_floating_point else torch.float32
+    return torch.device("cpu"), torch.float32
+
+
+def evaluate_backbone(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    issame: Sequence[bool],
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> VerificationResult:
+    """Flip-augmented verification of `backbone` on uint8 `(2N, 3, H, W)` images; restores its train/eval mode."""
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{len(images)} images for {len(issame)} pairs (need exactly 2 per pair)")
+    param_device, dtype = _module_device_dtype(backbone)
+    device = torch.device(device) if device is not None else param_device
+    was_training = backbone.training
+    backbone.eval()
+    chunks: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = images[start : start + batch_size].to(device=device, dtype=dtype)
+                batch = (batch / 255.0 - 0.5) / 0.5
+                # Originals and flips in one forward: eval-mode BatchNorm makes samples independent.
+                out = backbone(torch.cat([batch, torch.flip(batch, dims=[3])]))
+                chunks.append(out.float().cpu().numpy().reshape(2, len(batch), -1))
+    finally:
+        backbone.train(was_training)
+    raw = np.concatenate(chunks, axis=1).astype(np.float64)  # (2, 2N, D): originals, flips
+    xnorm = float(np.linalg.norm(raw, axis=2).mean())
+    summed = raw[0] + raw[1]
+    embeddings = summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
+    acc, std, _ = compute_accuracy(embeddings[0::2], embeddings[1::2], issame)
+    return VerificationResult(acc=acc, std=std, xnorm=xnorm, num_pairs=len(issame))
+
+
+class VerificationCallback:
+    """Evaluates the backbone on each `.bin` every `every_steps` steps; call it on the main process only.
+
+    The files are loaded once, here. `highest` keeps the best accuracy seen per target (`state_dict` carries it
+    across a resume).
+    """
+
+    def __init__(self, bin_paths: list[str], every_steps: int, batch_size: int) -> None:
+        if every_steps <= 0 or batch_size <= 0:
+            raise ValueError(f"every_steps and batch_size must be positive, got {every_steps} and {batch_size}")
+        self.every_steps = every_steps
+        self.batch_size = batch_size
+        self.targets: dict[str, tuple[torch.Tensor, list[bool]]] = {}
+        for bin_path in bin_paths:
+            name = Path(bin_path).stem
+            if name in self.targets:
+                raise ValueError(f"two verification files are named {name!r}: {bin_paths}")
+            self.targets[name] = load_bin(bin_path)
+            logger.info("verification target %s: %d pairs from %s", name, len(self.targets[name][1]), bin_path)
+        self.highest: dict[str, float] = {name: 0.0 for name in self.targets}
+
+    def __call__(self, step: int, backbone: nn.Module) -> dict[str, VerificationResult]:
+        """Evaluate every target when `step % every_steps == 0` (step 0 included); else return `{}`."""
+        if step % self.every_steps:
+            return {}
+        results: dict[str, VerificationResult] = {}
+        for name, (images, issame) in self.targets.items():
+            result = evaluate_backbone(backbone, images, issame, batch_size=self.batch_size)
+            self.highest[name] = max(self.highest[name], result.acc)
+            logger.info(
+                "[%s][%d] Accuracy-Flip: %.5f+-%.5f, XNorm: %.4f, Highest: %.5f",
+                name,
+                step,
+                result.acc,
+                result.std,
+                result.xnorm,
+                self.highest[name],
+            )
+            results[name] = result
+        return results
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {"highest": dict(self.highest)}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        for name, value in state.get("highest", {}).items():
+            if name in self.highest:
+                self.highest[name] = float(value)
+
+
+class _CliError(Exception):
+    pass
+
+
+def _load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise _CliError(f"weights file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _CliError(f"weights file {path} is not a readable safetensors file ({err})") from None
+
+
+def _build_and_load(network: str, embedding_size: int, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    from models import build_backbone, list_backbones
+
+    try:
+        backbone = build_backbone(network, num_features=embedding_size, dropout=0.0)
+    except KeyError:
+        raise _CliError(f"unknown network {network!r}; registered: {', '.join(list_backbones())}") from None
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise _CliError(
+            f"weights {path} do not fit network {network!r} with embedding size {embedding_size}: " + "; ".join(parts)
+        )
+    backbone.load_state_dict(state, strict=True)
+    return backbone
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `python -m evaluation.verification` CLI; returns the exit status."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(prog="python -m evaluation.verification", description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, type=Path, help="backbone state dict (.safetensors)")
+    parser.add_argument("--network", help="backbone name (default: the file's metadata, else r50)")
+    parser.add_argument("--embedding-size", type=int, help="embedding size (default: the file's metadata, else 512)")
+    parser.add_argument("--bin", dest="bins", action="append", required=True, type=Path, help="a .bin (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    err_console = Console(stderr=True)
+    try:
+        state, metadata = _load_weights(args.weights)
+        network = args.network or metadata.get("network", "r50")
+        embedding_size = args.embedding_size
+        if embedding_size is None:
+            try:
+                embedding_size = int(metadata.get("embedding_size", 512))
+            except ValueError:
+                raise _CliError(f"weights {args.weights}: metadata embedding_size is not an integer") from None
+        backbone = _build_and_load(network, embedding_size, state, args.weights)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        backbone.to(device)
+        table = Table(title=f"Verification: {args.weights.name} ({network}, {embedding_size}-d)")
+        for column in ("target", "pairs", "accuracy", "std", "XNorm"):
+            table.add_column(column, justify="left" if column == "target" else "right")
+        for bin_path in args.bins:
+            images, issame = load_bin(bin_path)
+            result = evaluate_backbone(backbone, images, issame, batch_size=args.batch_size, device=device)
+            table.add_row(
+                bin_path.stem,
+                str(result.num_pairs),
+                f"{result.acc:.5f}",
+                f"{result.std:.5f}",
+                f"{result.xnorm:.4f}",
+            )
+    except (_CliError, BinFormatError) as err:
+        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        return 1
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
