@@ -1,16 +1,38 @@
-"""Training samples from an insightface RecordIO folder, the distributed epoch sampler, and DataLoader seeding."""
+"""Face datasets (insightface RecordIO here, image folders in `data.image_folder`), bad-sample handling, the
+distributed epoch sampler, and DataLoader seeding.
+
+Sample contract, shared by every face dataset (and `data.synthetic`): ``(image, label, bad_key)``.
+
+* ``image``: ``(3, 112, 112)`` RGB; float32 in ``[-1, 1]`` (``(x / 255 - 0.5) / 0.5``) with ``output="float"``, or
+  the raw uint8 pixels with ``output="uint8"``, to be normalized by :func:`normalize_images` on the device.
+* ``label``: int64 scalar tensor.
+* ``bad_key``: int64 scalar tensor, -1 normally. When the requested record is corrupt (broken framing, an
+  undecodable image, not 112x112) the dataset logs a warning naming the file and key and returns the next usable
+  sample (index + 1, wrapping) with ``bad_key`` = the corrupt record's key, so every rank's batch keeps its size.
+  :class:`BadDataTracker` counts them in the trainer. A label outside ``[0, num_classes)`` is a wrong dataset, not a
+  corrupt image: it raises.
+
+Items are an index, or ``(index, augmentation_seed)`` from :class:`DistributedEpochSampler` with
+``with_seeds=True``; the horizontal flip is then bit 62 of the seed, a function of (seed, epoch, sample) alone.
+
+Fast path: ``__getitems__`` (which DataLoader calls for a whole batch) decodes every image of the batch straight
+into one batch tensor, in shared memory inside a worker, and returns a :class:`FaceBatch`; :func:`collate_faces`
+hands its tensors on without the copy ``default_collate`` makes. ``default_collate`` still works on it, slower.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import numpy as np
+import simplejpeg
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from data.recordio import (
     IRHeader,
@@ -24,28 +46,292 @@ from data.recordio import (
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 112
+FaceSample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Output = Literal["float", "uint8"]
+_Used = TypeVar("_Used")
 # (x / 255 - 0.5) / 0.5 for every uint8 value. A numpy table lookup is exact and stays off torch's intra-op thread
 # pool, whose wake-ups cost milliseconds per small image when the main process loads the data (num_workers=0).
 _PIXEL_TO_UNIT = ((np.arange(256, dtype=np.float64) / 255.0 - 0.5) / 0.5).astype(np.float32)
+# How far a bad sample's replacement search goes before giving up: past this the data is broken, not noisy.
+_MAX_REPLACEMENTS = 1000
+# Records whose framing is checked at start besides the first and last ones (spread evenly over the file).
+_SPOT_CHECKS = 64
+# The flip is this bit of the augmentation seed: seeds are SplitMix64 outputs, every bit a fair coin.
+_FLIP_BIT = 62
+# libjpeg-turbo's warnings about damaged data, which simplejpeg's strict mode raises. All make an image bad, even
+# "N extraneous bytes before marker", since zeroed or lost scan data shows up as exactly that.
+_CORRUPT_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file")
+# Byte order of a mirrored (H, W * 3) row: pixels reversed, channels kept.
+_FLIP_COLUMNS = (np.arange(IMAGE_SIZE)[::-1, None] * 3 + np.arange(3)).ravel()
 
 
-class RecordFaceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """``root/train.rec`` + ``root/train.idx`` (insightface layout or plain im2rec) as ``(image, label)`` pairs.
+class BadSampleError(Exception):
+    """One sample cannot be used (corrupt record, undecodable image, wrong size); the message says why."""
 
-    ``image`` is a float32 ``(3, 112, 112)`` RGB tensor scaled to ``[-1, 1]`` (``(x / 255 - 0.5) / 0.5``) and
-    ``label`` an int64 scalar tensor. The class count comes from ``num_classes``, else record 0's layout, else the
-    ``property`` file, else (plain im2rec without ``property``) the largest label + 1, which reads every header.
+
+def decode_face(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode an encoded face to a ``(112, 112, 3)`` uint8 RGB array, into ``out`` when given.
+
+    JPEG goes through simplejpeg (libjpeg-turbo; the fastest decoder measured, see docs/benchmarks.md), anything
+    else or a JPEG it refuses (CMYK, arithmetic coding) through Pillow. Raises :class:`BadSampleError`.
+    """
+    if simplejpeg.is_jpeg(data):
+        try:
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+        except ValueError as error:
+            message = str(error)
+            if message.startswith(_CORRUPT_JPEG):
+                # Pillow would decode it anyway, with grey or smeared blocks: not a face to train on.
+                raise BadSampleError(f"corrupt JPEG: {message}") from None
+            else:
+                image = None  # e.g. CMYK (libjpeg-turbo will not convert it to RGB), or larger than `out`: Pillow
+        if image is not None:
+            if image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3):
+                return image
+            raise BadSampleError(_wrong_size(image))
+    try:
+        image = decode_image(data)
+    except RecordIOError as error:
+        raise BadSampleError(str(error)) from None
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise BadSampleError(_wrong_size(image))
+    if out is None:
+        return image
+    out[...] = image
+    return out
+
+
+def _wrong_size(image: np.ndarray) -> str:
+    return f"image is {image.shape[1]}x{image.shape[0]}, expected aligned {IMAGE_SIZE}x{IMAGE_SIZE} faces"
+
+
+def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch from any face dataset as contiguous ``dtype`` in ``[-1, 1]``: uint8 pixels are normalized
+    (``(x - 127.5) / 127.5``, bit-identical to the float path's ``(x / 255 - 0.5) / 0.5``), float passes through.
+
+    Meant for the device: ``normalize_images(images.to(device, non_blocking=True))`` moves 4x fewer bytes.
+    """
+    if images.dtype == torch.uint8:
+        # Normalize in float32 for exactness, then cast: same values as the float path for every dtype.
+        images = images.to(dtype=torch.float32, memory_format=torch.contiguous_format).sub_(127.5).div_(127.5)
+    return images.to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def split_item(item: int | tuple[int, int]) -> tuple[int, int | None]:
+    """``(index, augmentation seed or None)`` of a dataset item."""
+    if isinstance(item, tuple):
+        return int(item[0]), int(item[1])
+    return int(item), None
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor; in shared memory inside a DataLoader worker, so sending it to the main process
+    copies nothing (what ``default_collate`` does for the tensors it stacks)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+
+
+class FaceDataset(Dataset[FaceSample]):
+    """The sample contract of the module docstring over any source of encoded images.
+
+    Subclasses set ``num_classes``, ``source`` (the file or folder named in messages) and implement
+    :meth:`__len__`, :meth:`encoded`, :meth:`sample_key` and :meth:`describe`.
     """
 
-    def __init__(self, root: str | Path, num_classes: int | None = None, random_flip: bool = True) -> None:
+    num_classes: int
+    source: str
+
+    def __init__(self, random_flip: bool, output: Output) -> None:
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+        self.random_flip = random_flip
+        self.output: Output = output
+        self._flip_rng: np.random.Generator | None = None
+        self._flip_seed: int | None = None
+        self._scratch: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        """``(encoded image, label)`` of sample ``index``; :class:`BadSampleError` if it cannot be read, an error
+        of another type (a hard one) if the label is not a class."""
+        raise NotImplementedError
+
+    def sample_key(self, index: int) -> int:
+        """The number that identifies sample ``index`` in its source (``bad_key``): a record key, a file index."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` lives, for messages."""
+        raise NotImplementedError
+
+    def check(self, index: int) -> str | None:
+        """Why sample ``index`` is unusable, or None if it decodes (for scanning tools; label errors raise)."""
+        try:
+            data, _ = self.encoded(index)
+            decode_face(data)
+        except BadSampleError as error:
+            return str(error)
+        return None
+
+    def _load(self, index: int, out: np.ndarray | None) -> tuple[np.ndarray, int, int]:
+        """``(HWC uint8 image, label, bad key)``: sample ``index``, or the next usable one if it is bad."""
+        image, label, bad_key, _ = self.first_usable(index, lambda data: decode_face(data, out))
+        return image, label, bad_key
+
+    def first_usable(self, index: int, use: Callable[[bytes], _Used]) -> tuple[_Used, int, int, int]:
+        """``(use(encoded image), label, bad key, index used)`` for sample ``index``, or for the next sample
+        (index + 1, ..., wrapping) whose record reads and for which ``use`` does not raise :class:`BadSampleError`.
+
+        ``bad key`` is -1, or the key of sample ``index`` when it was bad (logged as a warning).
+        """
+        bad_key = -1
+        size = len(self)
+        for attempt in range(min(size, _MAX_REPLACEMENTS)):
+            current = (index + attempt) % size
+            try:
+                data, label = self.encoded(current)
+                return use(data), label, bad_key, current
+            except BadSampleError as error:
+                logger.warning(
+                    "%s: %s; skipped, using sample %d instead", self.describe(current), error, (current + 1) % size
+                )
+                if bad_key < 0:
+                    bad_key = self.sample_key(current)
+        raise RecordIOError(
+            f"{self.source}: {min(size, _MAX_REPLACEMENTS)} consecutive samples from index {index} are unusable "
+            "(see the warnings above); the data is broken, not noisy"
+        )
+
+    def _flip(self, seed: int | None) -> bool:
+        if not self.random_flip:
+            return False
+        if seed is not None:
+            return bool((seed >> _FLIP_BIT) & 1)
+        # DataLoader seeds each worker's torch RNG with base_seed + worker_id, so torch.initial_seed() identifies
+        # the worker and the epoch's base seed; the global numpy RNG would be identical in every forked worker.
+        initial = torch.initial_seed()
+        if self._flip_rng is None or self._flip_seed != initial:
+            self._flip_rng = np.random.default_rng(initial)
+            self._flip_seed = initial
+        return bool(self._flip_rng.random() < 0.5)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> FaceSample:
+        """One sample; see the module docstring for the item and sample contracts."""
+        index, seed = split_item(item)
+        image, label, bad_key = self._load(index, None)
+        view = image[:, ::-1] if self._flip(seed) else image
+        chw = view.transpose(2, 0, 1)
+        pixels = np.take(_PIXEL_TO_UNIT, chw) if self.output == "float" else np.ascontiguousarray(chw)
+        return torch.from_numpy(pixels), torch.tensor(label, dtype=torch.int64), torch.tensor(bad_key)
+
+    def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> FaceBatch:
+        """A whole batch, decoded into one tensor (see :class:`FaceBatch`)."""
+        count = len(items)
+        shape = (count, IMAGE_SIZE, IMAGE_SIZE, 3)
+        if self.output == "uint8":
+            hwc = _batch_tensor(shape, torch.uint8)
+            pixels = hwc.numpy()
+        else:
+            # Decoded into a scratch buffer reused across batches (no page faults), then normalized into the batch.
+            if self._scratch is None or self._scratch.shape[0] < count:
+                self._scratch = np.empty(shape, dtype=np.uint8)
+            pixels = self._scratch[:count]
+            hwc = torch.from_numpy(pixels)
+        labels = np.empty(count, dtype=np.int64)
+        bad_keys = np.empty(count, dtype=np.int64)
+        for slot, item in enumerate(items):
+            index, seed = split_item(item)
+            _, labels[slot], bad_keys[slot] = self._load(index, pixels[slot])
+            if self._flip(seed):
+                _flip_in_place(pixels[slot])
+        images = hwc.permute(0, 3, 1, 2)  # (B, 3, H, W) with channels-last strides
+        if self.output == "float":
+            normalized = _batch_tensor((count, 3, IMAGE_SIZE, IMAGE_SIZE), torch.float32)
+            if torch.get_num_threads() == 1:
+                images = normalized.copy_(images).sub_(127.5).div_(127.5)  # same values as the table, faster
+            else:
+                # Off torch's thread pool, as in _flip_in_place (the main process, num_workers=0).
+                np.take(_PIXEL_TO_UNIT, pixels.transpose(0, 3, 1, 2), out=normalized.numpy())
+                images = normalized
+        return FaceBatch(images, torch.from_numpy(labels), torch.from_numpy(bad_keys))
+
+
+class FaceBatch(Sequence[FaceSample]):
+    """A decoded batch, ``(images, labels, bad_keys)``, that reads as the sequence of its samples.
+
+    :func:`collate_faces` returns the batch tensors as they are; ``default_collate`` (or any collate function)
+    sees a sequence of ``(image, label, bad_key)`` samples, made on access as views of the batch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, bad_keys: torch.Tensor) -> None:
+        self.images, self.labels, self.bad_keys = images, labels, bad_keys
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, slot: int) -> FaceSample:  # type: ignore[override]  # no slicing needed
+        if not -len(self) <= slot < len(self):
+            raise IndexError(slot)
+        return self.images[slot], self.labels[slot], self.bad_keys[slot]
+
+
+def _flip_in_place(pixels: np.ndarray) -> None:
+    """Mirror one ``(H, W, 3)`` uint8 image left-right, in place."""
+    if torch.get_num_threads() == 1:
+        # torch.flip is ~5x faster than numpy on 3-byte pixels, but only where torch is single-threaded (DataLoader
+        # workers): elsewhere each small op pays a thread-pool wake-up, milliseconds on a busy machine.
+        image = torch.from_numpy(pixels)
+        image.copy_(image.flip(1))
+    else:
+        rows = pixels.reshape(IMAGE_SIZE, 3 * IMAGE_SIZE)
+        rows[...] = rows[:, _FLIP_COLUMNS]
+
+
+def collate_faces(samples: Sequence[FaceSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DataLoader ``collate_fn`` for face datasets: ``(images, labels, bad_keys)``.
+
+    A :class:`FaceBatch` (what ``__getitems__`` returns) is handed on without a copy; other samples (e.g. from
+    :class:`data.synthetic.SyntheticDataset`) go through ``default_collate``.
+    """
+    if isinstance(samples, FaceBatch):
+        return samples.images, samples.labels, samples.bad_keys
+    images, labels, bad_keys = default_collate(list(samples))
+    return images, labels, bad_keys
+
+
+class RecordFaceDataset(FaceDataset):
+    """``root/train.rec`` + ``root/train.idx`` (insightface layout or plain im2rec) as face samples.
+
+    The class count comes from ``num_classes``, else record 0's layout, else the ``property`` file, else (plain
+    im2rec without ``property``) the largest label + 1, which reads every header. At start, besides the reader's
+    own checks (files exist, ``.idx`` offsets inside the ``.rec``, first and last records well framed), the framing
+    of up to 64 records spread over the file is checked, so an ``.idx`` that does not belong to its ``.rec`` fails
+    here, naming the file and offset (``spot_check=False`` skips this, for tools that list every broken record).
+    A broken record found later is a bad sample (skipped and counted).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_classes: int | None = None,
+        random_flip: bool = True,
+        output: Output = "float",
+        spot_check: bool = True,
+    ) -> None:
+        super().__init__(random_flip, output)
         self.root = Path(root)
         self.reader = RecordReader(self.root / "train.rec", self.root / "train.idx")
-        self.random_flip = random_flip
+        self.source = str(self.reader.rec_path)
         layout = read_insightface_layout(self.reader, with_identity_ranges=False)
         self.image_keys: np.ndarray = layout.image_keys
         self._labels: np.ndarray | None = None
-        self._flip_rng: np.random.Generator | None = None
-        self._flip_seed: int | None = None
+        if spot_check:
+            self._spot_check()
 
         known, source = layout.num_classes, f"record 0 of {self.reader.rec_path}"
         property_path = self.root / "property"
@@ -65,12 +351,24 @@ class RecordFaceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             self.num_classes = int(self._labels.max()) + 1 if self._labels.size else 0
         logger.info("%s: %d images, %d classes", self.root, len(self), self.num_classes)
 
+    def _spot_check(self) -> None:
+        picks = np.unique(np.linspace(0, len(self) - 1, num=min(len(self), _SPOT_CHECKS)).astype(np.int64))
+        for key in self.image_keys[picks].tolist():
+            try:
+                self.reader.read_header(key)
+            except RecordIOError as error:
+                raise RecordIOError(
+                    f"{error} (found at start, checking records spread over the file: the .idx and .rec disagree; "
+                    "`python -m data.tools scan` lists every broken record)"
+                ) from None
+
     def __len__(self) -> int:
         return int(self.image_keys.size)
 
     def _label(self, key: int, header: IRHeader, upper: int | None) -> int:
         """The class of an image record (its float label, or an array label's first value), checked < ``upper``."""
-        value = float(np.asarray(header.label, dtype=np.float64).reshape(-1)[0])
+        label = header.label
+        value = label if isinstance(label, float) else float(np.asarray(label, dtype=np.float64).reshape(-1)[0])
         if not value.is_integer() or value < 0 or (upper is not None and value >= upper):
             raise RecordIOError(
                 f"{self.reader.rec_path}: key {key} (byte offset {self.reader.offset(key)}) has label {value:g}, "
@@ -90,39 +388,81 @@ class RecordFaceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         labels = (self._label(key, self.reader.read_header(key), upper) for key in keys)
         return np.fromiter(labels, dtype=np.int64, count=len(keys))
 
-    def _rng(self) -> np.random.Generator:
-        # DataLoader seeds each worker's torch RNG with base_seed + worker_id, so torch.initial_seed() identifies the
-        # worker and the epoch's base seed; the global numpy RNG would be identical in every forked worker.
-        seed = torch.initial_seed()
-        if self._flip_rng is None or self._flip_seed != seed:
-            self._flip_rng = np.random.default_rng(seed)
-            self._flip_seed = seed
-        return self._flip_rng
-
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``item`` is an index, or ``(index, augmentation_seed)`` from a sampler built with ``with_seeds=True``:
-        then the flip is a function of the seed alone (reproducible across workers and resumes)."""
-        index, aug_seed = item if isinstance(item, tuple) else (item, None)
+    def encoded(self, index: int) -> tuple[bytes, int]:
         key = int(self.image_keys[index])
-        header, payload = self.reader.unpack_idx(key)
-        label = self._label(key, header, self.num_classes)
         try:
-            image = decode_image(payload)
+            header, payload = self.reader.unpack_idx(key)
         except RecordIOError as error:
-            raise RecordIOError(f"{self.reader.rec_path}: key {key}: {error}") from None
-        if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise BadSampleError(f"unreadable record: {error}") from None
+        return payload, self._label(key, header, self.num_classes)
+
+    def sample_key(self, index: int) -> int:
+        return int(self.image_keys[index])
+
+    def describe(self, index: int) -> str:
+        key = int(self.image_keys[index])
+        return f"{self.reader.rec_path}: key {key} (byte offset {self.reader.offset(key)})"
+
+
+class BadDataTracker:
+    """Counts the bad samples in one rank's batches and stops the run when there are too many.
+
+    Call :meth:`update` with each batch's ``bad_keys`` (the CPU tensor from the loader: no device sync) on the
+    main process of every rank. The run stops with :class:`RecordIOError` once ``bad > max_fraction * max(seen,
+    min_samples)``: past ``min_samples`` samples that is "the bad fraction exceeds ``max_fraction``"; before, a
+    burst of bad samples early in a run is judged against ``min_samples`` so one bad image in the first batch does
+    not stop it. ``max_fraction=0`` stops at the first bad sample. Counts are this rank's.
+    """
+
+    def __init__(self, max_fraction: float, source: str, min_samples: int = 1000) -> None:
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}")
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        self.max_fraction = float(max_fraction)
+        self.source = source
+        self.min_samples = int(min_samples)
+        self.seen = 0
+        self.count = 0
+        self.keys: set[int] = set()
+
+    def update(self, bad_keys: torch.Tensor) -> None:
+        """Count one batch; raises :class:`RecordIOError` past the limit."""
+        keys = bad_keys.reshape(-1)
+        self.seen += int(keys.numel())
+        bad = keys[keys >= 0]
+        if bad.numel() == 0:
+            return
+        self.count += int(bad.numel())
+        self.keys.update(bad.tolist())
+        if self.count > self.max_fraction * max(self.seen, self.min_samples):
+            first = ", ".join(str(key) for key in sorted(self.keys)[:10])
+            more = ", ..." if len(self.keys) > 10 else ""
             raise RecordIOError(
-                f"{self.reader.rec_path}: key {key}: image is {image.shape[1]}x{image.shape[0]}, "
-                f"expected aligned {IMAGE_SIZE}x{IMAGE_SIZE} faces"
+                f"{self.source}: {self.count} bad samples in {self.seen} ({self.count / self.seen:.2%}), more than "
+                f"the limit data.max_bad_fraction={self.max_fraction:g}; {len(self.keys)} distinct keys: "
+                f"{first}{more}; `python -m data.tools scan` lists every broken record"
             )
-        rng = self._rng() if aug_seed is None else np.random.default_rng(aug_seed)
-        if self.random_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        chw = _PIXEL_TO_UNIT[np.ascontiguousarray(image.transpose(2, 0, 1))]
-        return torch.from_numpy(chw), torch.tensor(label, dtype=torch.int64)
+
+    def summary(self) -> dict[str, Any]:
+        """``{"seen", "count", "fraction", "keys"}``: samples seen, bad ones, their fraction, the distinct keys."""
+        return {
+            "seen": self.seen,
+            "count": self.count,
+            "fraction": self.count / self.seen if self.seen else 0.0,
+            "keys": sorted(self.keys),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts, for a checkpoint."""
+        return {"seen": self.seen, "count": self.count, "keys": sorted(self.keys)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue counting from a checkpoint's :meth:`state_dict`."""
+        self.seen, self.count, self.keys = int(state["seen"]), int(state["count"]), {int(k) for k in state["keys"]}
 
 
-class DistributedEpochSampler(Sampler[int]):
+class DistributedEpochSampler(Sampler[int | tuple[int, int]]):
     """Each rank's share of one shuffled pass over the dataset, resumable mid-epoch.
 
     Ordering contract, shared by every rank (they must agree on ``num_samples_total``, ``world_size``, ``seed``
@@ -184,11 +524,11 @@ class DistributedEpochSampler(Sampler[int]):
         order = np.resize(order, total) if total > order.size else order[:total]
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         self._iteration += 1
         return self._iterate(self._iteration, self.epoch, self.position)
 
-    def _iterate(self, iteration: int, epoch: int, start: int) -> Iterator[int] | Iterator[tuple[int, int]]:
+    def _iterate(self, iteration: int, epoch: int, start: int) -> Iterator[int | tuple[int, int]]:
         indices = self.rank_indices(epoch)[start:]
         items = zip(indices.tolist(), augmentation_seeds(self.seed, epoch, indices).tolist(), strict=True)
         for consumed, item in enumerate(items, start=start + 1):

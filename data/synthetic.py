@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 
-class SyntheticDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+class SyntheticDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """`num_images` samples of one fixed random image in [-1, 1], labels drawn once from `num_classes`."""
 
     def __init__(self, num_images: int, num_classes: int, seed: int = 0) -> None:
@@ -25,6 +25,6 @@ class SyntheticDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = item[0] if isinstance(item, tuple) else item
-        return self.image, self.labels[index]
+        return self.image, self.labels[index], torch.tensor(-1)  # (image, label, bad_key): never bad
