@@ -69,13 +69,16 @@ class GeneratedFacesConfig:
 class DataConfig:
     """Where the images come from.
 
-    `recordio`: insightface layout `root/train.rec` + `root/train.idx`; `generated`: the embedded procedural
-    faces (`generated.*`); `synthetic`: one random image repeated (throughput measurements only, as insightface's
+    `recordio`: insightface layout `root/train.rec` + `root/train.idx`; `image_folder`: `root/<identity>/*.jpg`
+    (aligned 112x112 faces, one sub-folder per identity); `generated`: the embedded procedural faces
+    (`generated.*`); `synthetic`: one random image repeated (throughput measurements only, as insightface's
     `rec: synthetic`).
     """
 
-    source: Literal["recordio", "generated", "synthetic"] = "recordio"
+    source: Literal["recordio", "image_folder", "generated", "synthetic"] = "recordio"
     root: str = ""
+    # `gpu`: decode the JPEGs of a `recordio` source in batches on the GPU (nvJPEG through torchvision).
+    decode: Literal["cpu", "gpu"] = "cpu"
     # 0 = take it from the dataset (record-0 header, `property` file); otherwise checked against the data.
     num_classes: int = 0
     # `synthetic` only: how many samples an epoch has.
@@ -323,6 +326,11 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         raise ConfigError("data.source 'synthetic' needs data.num_classes > 0 and data.num_images > 0")
     if not check_files:
         return
+    if data.decode == "gpu" and data.source not in ("recordio", "generated"):
+        raise ConfigError(f"data.decode 'gpu' reads RecordIO; data.source is {data.source!r}")
+    if data.source == "image_folder":
+        if not data.root or not Path(data.root).is_dir():
+            raise ConfigError(f"data.root: image folder {data.root!r} does not exist")
     if data.source == "recordio":
         if not data.root:
             raise ConfigError("data.root is empty: data.source 'recordio' needs a folder with train.rec and train.idx")
