@@ -46,7 +46,7 @@ from evaluation.ijb_metrics import (
 )
 
 # The weight loading helpers are private to evaluation.verification; shared rather than copied.
-from evaluation.verification import _build_and_load, _CliError, _load_weights
+from evaluation.verification import WeightsError, load_backbone
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -95,14 +95,8 @@ def load_torch_embedder(
     path: Path, network: str | None, embedding_size: int | None, device: torch.device
 ) -> tuple[Embedder, dict[str, Any]]:
     """A backbone from a safetensors state dict; network and size from the arguments, else the file's metadata."""
-    state, metadata = _load_weights(path)
-    network = network or metadata.get("network", "r50")
-    if embedding_size is None:
-        try:
-            embedding_size = int(metadata.get("embedding_size", 512))
-        except ValueError:
-            raise _CliError(f"weights {path}: metadata embedding_size is not an integer") from None
-    backbone = _build_and_load(network, embedding_size, state, path).to(device).eval()
+    backbone, network, embedding_size = load_backbone(path, network, embedding_size)
+    backbone = backbone.to(device).eval()
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
         return backbone(batch).float()
@@ -115,9 +109,9 @@ def load_onnx_embedder(path: Path, device: torch.device) -> tuple[Embedder, dict
     try:
         import onnxruntime as ort
     except ImportError:
-        raise _CliError("--onnx needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
+        raise WeightsError("--onnx needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
     if not path.is_file():
-        raise _CliError(f"onnx model {path} not found")
+        raise WeightsError(f"onnx model {path} not found")
     providers: list[Any] = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -127,17 +121,19 @@ def load_onnx_embedder(path: Path, device: torch.device) -> tuple[Embedder, dict
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid models
-        raise _CliError(f"onnx model {path} cannot be loaded ({err})") from None
+        raise WeightsError(f"onnx model {path} cannot be loaded ({err})") from None
     inputs = session.get_inputs()
     named = [item for item in inputs if item.name == "data"]
     if not named and len(inputs) != 1:
-        raise _CliError(f"onnx model {path}: no input named 'data' among {[item.name for item in inputs]}")
+        raise WeightsError(f"onnx model {path}: no input named 'data' among {[item.name for item in inputs]}")
     model_input = named[0] if named else inputs[0]
     shape = list(model_input.shape)
     if len(shape) != 4 or any(
         isinstance(dim, int) and dim != want for dim, want in zip(shape[1:], (3, 112, 112), strict=True)
     ):
-        raise _CliError(f"onnx model {path}: input {model_input.name!r} has shape {shape}, expected (N, 3, 112, 112)")
+        raise WeightsError(
+            f"onnx model {path}: input {model_input.name!r} has shape {shape}, expected (N, 3, 112, 112)"
+        )
     # Some exports fix the batch dimension: feed them that many images at a time, zero-padding the last chunk.
     fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
     output_name = session.get_outputs()[0].name
@@ -580,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         return _run(args)
-    except (IJBFormatError, _CliError) as err:
+    except (IJBFormatError, WeightsError) as err:
         # Bad input: one line naming the file (and line), no traceback.
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2

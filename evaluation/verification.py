@@ -276,31 +276,31 @@ class VerificationCallback:
                 self.highest[name] = float(value)
 
 
-class _CliError(Exception):
-    pass
+class WeightsError(Exception):
+    """A weights file that cannot be used as a backbone; the message names the file and what is wrong."""
 
 
-def _load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise _CliError(f"weights file {path} not found")
+        raise WeightsError(f"weights file {path} not found")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError) as err:
-        raise _CliError(f"weights file {path} is not a readable safetensors file ({err})") from None
+        raise WeightsError(f"weights file {path} is not a readable safetensors file ({err})") from None
 
 
-def _build_and_load(network: str, embedding_size: int, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+def build_and_load(network: str, embedding_size: int, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
     from models import build_backbone, list_backbones
 
     try:
         backbone = build_backbone(network, num_features=embedding_size, dropout=0.0)
     except KeyError:
-        raise _CliError(f"unknown network {network!r}; registered: {', '.join(list_backbones())}") from None
+        raise WeightsError(f"unknown network {network!r}; registered: {', '.join(list_backbones())}") from None
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -310,11 +310,26 @@ def _build_and_load(network: str, embedding_size: int, state: dict[str, torch.Te
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise _CliError(
+        raise WeightsError(
             f"weights {path} do not fit network {network!r} with embedding size {embedding_size}: " + "; ".join(parts)
         )
     backbone.load_state_dict(state, strict=True)
     return backbone
+
+
+def load_backbone(
+    path: Path, network: str | None = None, embedding_size: int | None = None
+) -> tuple[nn.Module, str, int]:
+    """(backbone, network, embedding size) from a `model.safetensors`; network and size from the arguments, else
+    the file's metadata (written by the trainer), else r50 / 512."""
+    state, metadata = load_weights(path)
+    network = network or metadata.get("network", "r50")
+    if embedding_size is None:
+        try:
+            embedding_size = int(metadata.get("embedding_size", 512))
+        except ValueError:
+            raise WeightsError(f"weights {path}: metadata embedding_size is not an integer") from None
+    return build_and_load(network, embedding_size, state, path), network, embedding_size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -333,15 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     err_console = Console(stderr=True)
     try:
-        state, metadata = _load_weights(args.weights)
-        network = args.network or metadata.get("network", "r50")
-        embedding_size = args.embedding_size
-        if embedding_size is None:
-            try:
-                embedding_size = int(metadata.get("embedding_size", 512))
-            except ValueError:
-                raise _CliError(f"weights {args.weights}: metadata embedding_size is not an integer") from None
-        backbone = _build_and_load(network, embedding_size, state, args.weights)
+        backbone, network, embedding_size = load_backbone(args.weights, args.network, args.embedding_size)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         backbone.to(device)
         table = Table(title=f"Verification: {args.weights.name} ({network}, {embedding_size}-d)")
@@ -357,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{result.std:.5f}",
                 f"{result.xnorm:.4f}",
             )
-    except (_CliError, BinFormatError) as err:
+    except (WeightsError, BinFormatError) as err:
         err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 1
     Console().print(table)

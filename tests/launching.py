@@ -22,25 +22,44 @@ def free_port() -> int:
 
 
 def env_for(cache: Path, threads: int = 2) -> dict[str, str]:
-    return dict(os.environ, ARCFACE_CACHE=str(cache), OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-                COLUMNS="160")
+    return dict(os.environ, ARCFACE_CACHE=str(cache), OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", COLUMNS="160")
 
 
 def command(args: list[str], config_file: Path, script: Path = MAIN, launcher: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *(launcher or []),
-            str(script), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        *(launcher or []),
+        str(script),
+        *args,
+    ]
 
 
-def launch(args: list[str], cache: Path, config: str = "cpu", timeout: float = 300, script: Path = MAIN,
-           launcher: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def launch(
+    args: list[str],
+    cache: Path,
+    config: str = "cpu",
+    timeout: float = 300,
+    script: Path = MAIN,
+    launcher: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """`accelerate launch --config_file accelerate_configs/<config>.yaml <script> <args>`, output captured."""
     config_file = Path(config) if config.endswith(".yaml") else CONFIGS / f"{config}.yaml"
     if launcher is None and "machines" not in config and config != "cpu":
         launcher = ["--main_process_port", str(free_port())]
     # One intra-op thread per process when several processes share this machine's two cores.
     threads = 2 if config == "cpu" else 1
-    return subprocess.run(command(args, config_file, script, launcher), cwd=REPO, env=env_for(cache, threads),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command(args, config_file, script, launcher),
+        cwd=REPO,
+        env=env_for(cache, threads),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def losses(run: Path) -> list[float]:

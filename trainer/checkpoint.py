@@ -156,7 +156,8 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:08d}"
     final = root / f"step-{step:08d}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):  # this step's, or the leftover of any earlier save that crashed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()  # the folder exists before any rank writes into it
 
@@ -299,7 +300,9 @@ def load_checkpoint(
             logger.warning(
                 "checkpoint %s: the DeepSpeed backbone optimizer state cannot move from %d to %d ranks (or was not "
                 "saved by DeepSpeed): loading the backbone weights only, with a fresh optimizer",
-                path, state["world_size"], world_size,
+                path,
+                state["world_size"],
+                world_size,
             )
         weights = load_file(str(path / "model.safetensors"))
         own = backbone.state_dict()

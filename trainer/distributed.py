@@ -47,8 +47,10 @@ def effective_precision(accelerator: Accelerator) -> str:
     autocast nor loss scaling there: say so instead of letting a user believe the run is fp16."""
     requested = accelerator.mixed_precision
     if requested == "fp16" and accelerator.device.type == "cpu" and accelerator.distributed_type.value != "DEEPSPEED":
-        logger.warning("fp16 was requested, but Accelerate runs fp16 as fp32 on a CPU (no autocast, no loss scaling); "
-                       "use a bf16 config for mixed precision on CPUs")
+        logger.warning(
+            "fp16 was requested, but Accelerate runs fp16 as fp32 on a CPU (no autocast, no loss scaling); "
+            "use a bf16 config for mixed precision on CPUs"
+        )
         return "fp32 (fp16 requested; ignored on CPU)"
     return {"no": "fp32"}.get(requested, requested)
 
@@ -125,8 +127,9 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.flag = True
-        logger.warning("received %s: saving a checkpoint at the next step boundary, then exiting",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "received %s: saving a checkpoint at the next step boundary, then exiting", signal.Signals(signum).name
+        )
 
     def requested(self) -> bool:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

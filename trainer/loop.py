@@ -143,7 +143,9 @@ class Trainer:
             len(self.dataset), rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, with_seeds=True
         )
         self.loader = build_loader(cfg, self.dataset, self.sampler)
-        self.bad_data = BadDataTracker(cfg.data.max_bad_fraction, source=getattr(self.dataset, "source", cfg.data.source))
+        self.bad_data = BadDataTracker(
+            cfg.data.max_bad_fraction, source=getattr(self.dataset, "source", cfg.data.source)
+        )
         micro_batches = len(self.sampler) // cfg.train.batch_size
         self.steps_per_epoch = micro_batches // cfg.train.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
@@ -154,7 +156,9 @@ class Trainer:
             )
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
 
-        backbone = build_backbone(cfg.network.name, num_features=cfg.network.embedding_size, dropout=cfg.network.dropout)
+        backbone = build_backbone(
+            cfg.network.name, num_features=cfg.network.embedding_size, dropout=cfg.network.dropout
+        )
         if cfg.network.freeze_batchnorm:
             freeze_batchnorm(backbone)
         margin = MarginSoftmax(s=cfg.head.s, m1=cfg.head.m1, m2=cfg.head.m2, m3=cfg.head.m3)
@@ -222,7 +226,10 @@ class Trainer:
         throughput, running = Throughput(), []
         interrupted = False
         enabled = self.accelerator.is_main_process
-        with ProgressBar(self.total_steps, self.step, enabled=enabled) as bar, StopSignal(self.accelerator.device) as stop:
+        with (
+            ProgressBar(self.total_steps, self.step, enabled=enabled) as bar,
+            StopSignal(self.accelerator.device) as stop,
+        ):
             while self.step < self.total_steps and not interrupted:
                 self.sampler.set_epoch(self.epoch)
                 for batch in self.loader:
@@ -293,8 +300,13 @@ class Trainer:
             speed = throughput.rate()
             self.loss_history.append((self.step, loss))
             logger.info(
-                "step %d/%d epoch %d loss %.4f lr %.6f %.1f samples/s", self.step, self.total_steps, self.epoch,
-                loss, lr, speed,
+                "step %d/%d epoch %d loss %.4f lr %.6f %.1f samples/s",
+                self.step,
+                self.total_steps,
+                self.epoch,
+                loss,
+                lr,
+                speed,
             )
             self.accelerator.log({"loss": loss, "lr": lr, "samples_per_second": speed}, step=self.step)
             bar.update(self.step, speed, loss, lr)
@@ -422,12 +434,20 @@ class Trainer:
             ("network", f"{self.cfg.network.name} ({self.cfg.network.embedding_size}-d)"),
             ("data", f"{self.cfg.data.source}: {len(self.dataset)} images, {self.num_classes} classes"),
             ("processes / precision", f"{self.world_size} / {self.precision}"),
-            ("steps", f"{self.step} of {self.total_steps} ({self.epoch} epochs, global batch {self.global_batch})"
-             + (" - interrupted: continue with --resume" if interrupted else "")),
+            (
+                "steps",
+                f"{self.step} of {self.total_steps} ({self.epoch} epochs, global batch {self.global_batch})"
+                + (" - interrupted: continue with --resume" if interrupted else ""),
+            ),
             ("time", f"{elapsed:.1f} s, {samples / max(elapsed, 1e-9):.1f} samples/s"),
         ]
         bad = self.bad_data.summary()
-        rows.append(("bad samples replaced (rank 0)", f"{bad['count']}" + (f", keys {bad['keys'][:10]}" if bad["count"] else "")))
+        rows.append(
+            (
+                "bad samples replaced (rank 0)",
+                f"{bad['count']}" + (f", keys {bad['keys'][:10]}" if bad["count"] else ""),
+            )
+        )
         if self.loss_history:
             rows.append(("loss first -> last", f"{self.loss_history[0][1]:.4f} -> {self.loss_history[-1][1]:.4f}"))
         for name, result in self.last_results.items():

@@ -22,7 +22,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         epilog="Any other --section.key value pair overrides the recipe, e.g. --optim.lr 0.05 --train.batch_size 64.",
     )
     parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the output folder"
+    )
     return parser.parse_known_args(argv)
 
 

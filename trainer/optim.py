@@ -56,8 +56,9 @@ def set_lr(optimizers: Iterable[Any], lr: float) -> None:
 class AccelerateStep:
     """DDP / single process: one prepared optimizer, group 0 = backbone, group 1 = head."""
 
-    def __init__(self, accelerator: Accelerator, backbone: nn.Module, head: nn.Module, cfg: OptimConfig,
-                 clip_grad_norm: float) -> None:
+    def __init__(
+        self, accelerator: Accelerator, backbone: nn.Module, head: nn.Module, cfg: OptimConfig, clip_grad_norm: float
+    ) -> None:
         self.accelerator = accelerator
         self.clip_grad_norm = clip_grad_norm
         self.backbone, self.optimizer = accelerator.prepare(backbone, build_optimizer(cfg, backbone, head))
@@ -85,8 +86,15 @@ class AccelerateStep:
 class DeepSpeedStep:
     """DeepSpeed ZeRO-1/2: the backbone in the engine, the head beside it with its own optimizer."""
 
-    def __init__(self, accelerator: Accelerator, backbone: nn.Module, head: nn.Module, cfg: OptimConfig,
-                 clip_grad_norm: float, micro_batch_size: int) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        backbone: nn.Module,
+        head: nn.Module,
+        cfg: OptimConfig,
+        clip_grad_norm: float,
+        micro_batch_size: int,
+    ) -> None:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if stage == 3:

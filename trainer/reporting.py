@@ -50,7 +50,9 @@ class ProgressBar:
             disable=not enabled,
             transient=False,
         )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, speed=0.0, loss=0.0, lr=0.0)
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=start_step, speed=0.0, loss=0.0, lr=0.0
+        )
 
     def __enter__(self) -> ProgressBar:
         self.progress.start()

@@ -14,7 +14,10 @@ if sys.argv[1] == "plain":
     accelerator = Accelerator()
 else:
     accelerator = build_accelerator("/tmp/probe-ranks", 1, False)
-print(f"{sys.argv[1]} rank={accelerator.process_index} world={accelerator.num_processes} "
-      f"env_world={os.environ['WORLD_SIZE']}", flush=True)
+print(
+    f"{sys.argv[1]} rank={accelerator.process_index} world={accelerator.num_processes} "
+    f"env_world={os.environ['WORLD_SIZE']}",
+    flush=True,
+)
 if dist.is_initialized():
     dist.destroy_process_group()

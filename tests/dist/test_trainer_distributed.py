@@ -23,8 +23,18 @@ from tests.launching import CONFIGS, MAIN, REPO, TINY, command, env_for, free_po
 pytestmark = pytest.mark.dist
 
 STEPS = 6
-EQUIV = ["--config", str(TINY), "--network.freeze_batchnorm", "true", "--schedule.max_steps", str(STEPS),
-         "--train.save_every", "0", "--eval.every", "0"]
+EQUIV = [
+    "--config",
+    str(TINY),
+    "--network.freeze_batchnorm",
+    "true",
+    "--schedule.max_steps",
+    str(STEPS),
+    "--train.save_every",
+    "0",
+    "--eval.every",
+    "0",
+]
 
 
 def _ok(proc: subprocess.CompletedProcess[str]) -> None:
@@ -52,8 +62,9 @@ def test_ddp_two_processes_match_one(single: list[float], tmp_path: Path, face_c
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_zero_matches_one_process(stage: int, single: list[float], tmp_path: Path, face_cache: Path) -> None:
-    proc = launch([*EQUIV, "--output", str(tmp_path), "--train.batch_size", "8"], face_cache,
-                  config=f"cpu_ds_zero{stage}_bf16")
+    proc = launch(
+        [*EQUIV, "--output", str(tmp_path), "--train.batch_size", "8"], face_cache, config=f"cpu_ds_zero{stage}_bf16"
+    )
     _ok(proc)
     assert "precision bf16" in proc.stdout
     # bf16 engine weights and activations: the trajectory follows fp32 within bf16 rounding.
@@ -73,7 +84,11 @@ def test_two_machines_on_loopback_match_one(single: list[float], tmp_path: Path,
     procs = [
         subprocess.Popen(
             command(args, CONFIGS / f"cpu_2machines_rank{rank}.yaml", MAIN, ["--main_process_port", port]),
-            cwd=REPO, env=env_for(face_cache, threads=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=env_for(face_cache, threads=1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for rank in (0, 1)
     ]
@@ -87,12 +102,31 @@ def test_two_machines_on_loopback_match_one(single: list[float], tmp_path: Path,
 def test_deepspeed_fp16_skips_overflow_for_head_and_backbone(tmp_path: Path, face_cache: Path) -> None:
     """fp16 ZeRO-2 with real dynamic loss scaling (test-only fp16 override on this CPU): the first steps overflow
     at scale 2^16 and are skipped; the head must not move on a skipped step either."""
-    proc = launch(["--config", str(TINY), "--output", str(tmp_path), "--train.batch_size", "8",
-                   "--schedule.max_steps", "4", "--train.save_every", "1", "--eval.every", "0"],
-                  face_cache, config=str(CONFIGS / "cpu_ds_zero2_bf16.yaml").replace("bf16.yaml", "bf16.yaml"),
-                  script=REPO / "tests" / "dist" / "ds_fp16_entry.py",
-                  launcher=["--main_process_port", str(free_port()), "--deepspeed_config_file",
-                            str(REPO / "ds_configs" / "zero2_fp16.json")])
+    proc = launch(
+        [
+            "--config",
+            str(TINY),
+            "--output",
+            str(tmp_path),
+            "--train.batch_size",
+            "8",
+            "--schedule.max_steps",
+            "4",
+            "--train.save_every",
+            "1",
+            "--eval.every",
+            "0",
+        ],
+        face_cache,
+        config=str(CONFIGS / "cpu_ds_zero2_bf16.yaml").replace("bf16.yaml", "bf16.yaml"),
+        script=REPO / "tests" / "dist" / "ds_fp16_entry.py",
+        launcher=[
+            "--main_process_port",
+            str(free_port()),
+            "--deepspeed_config_file",
+            str(REPO / "ds_configs" / "zero2_fp16.json"),
+        ],
+    )
     _ok(proc)
     state = json.loads((tmp_path / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["skipped_steps"] >= 1, state
@@ -100,7 +134,9 @@ def test_deepspeed_fp16_skips_overflow_for_head_and_backbone(tmp_path: Path, fac
     # After a skipped first step the head is exactly its (rank-count independent) initial value.
     if first_skipped == 1:
         for rank in (0, 1):
-            shard = load_file(str(tmp_path / "checkpoints" / "step-00000001" / f"head-rank{rank:05d}-of-00002.safetensors"))
+            shard = load_file(
+                str(tmp_path / "checkpoints" / "step-00000001" / f"head-rank{rank:05d}-of-00002.safetensors")
+            )
             head = PartialFC(32, 12, rank=rank, world_size=2)
             head.reset_parameters(seed=2048)
             assert torch.equal(shard["weight"], head.weight.detach()), rank
@@ -111,7 +147,9 @@ def test_deepspeed_config_quirk_ranks(face_cache: Path) -> None:
     """Under a DeepSpeed config on CPU a plain Accelerator() says 'process 0 of 1' on every rank; ours does not."""
     seen = {}
     for which in ("plain", "ours"):
-        proc = launch([which], face_cache, config="cpu_ds_zero2_bf16", script=REPO / "tests" / "dist" / "probe_ranks.py")
+        proc = launch(
+            [which], face_cache, config="cpu_ds_zero2_bf16", script=REPO / "tests" / "dist" / "probe_ranks.py"
+        )
         _ok(proc)
         seen[which] = sorted(line for line in proc.stdout.splitlines() if line.startswith(which))
     assert seen["plain"] == ["plain rank=0 world=1 env_world=2"] * 2
@@ -121,17 +159,28 @@ def test_deepspeed_config_quirk_ranks(face_cache: Path) -> None:
 def test_fp16_on_cpu_is_reported_as_fp32(tmp_path: Path, face_cache: Path) -> None:
     config = tmp_path / "cpu_fp16.yaml"
     config.write_text((CONFIGS / "cpu.yaml").read_text().replace("mixed_precision: 'no'", "mixed_precision: fp16"))
-    proc = launch(["--config", str(TINY), "--output", str(tmp_path / "run"), "--schedule.max_steps", "1",
-                   "--eval.every", "0"], face_cache, config=str(config))
+    proc = launch(
+        ["--config", str(TINY), "--output", str(tmp_path / "run"), "--schedule.max_steps", "1", "--eval.every", "0"],
+        face_cache,
+        config=str(config),
+    )
     _ok(proc)
     assert "Accelerate runs fp16 as fp32 on a CPU" in proc.stdout + proc.stderr
     assert "fp32 (fp16 requested; ignored on CPU)" in proc.stdout
 
 
 def test_deepspeed_fp16_refused_clearly_on_this_cpu(tmp_path: Path, face_cache: Path) -> None:
-    proc = launch(["--config", str(TINY), "--output", str(tmp_path)], face_cache, config="cpu_ds_zero2_bf16",
-                  launcher=["--main_process_port", str(free_port()), "--deepspeed_config_file",
-                            str(REPO / "ds_configs" / "zero2_fp16.json")])
+    proc = launch(
+        ["--config", str(TINY), "--output", str(tmp_path)],
+        face_cache,
+        config="cpu_ds_zero2_bf16",
+        launcher=[
+            "--main_process_port",
+            str(free_port()),
+            "--deepspeed_config_file",
+            str(REPO / "ds_configs" / "zero2_fp16.json"),
+        ],
+    )
     assert proc.returncode != 0
     assert "use a bf16 DeepSpeed config" in proc.stderr
     assert "step 1/" not in proc.stdout
@@ -141,8 +190,12 @@ def test_deepspeed_fp16_refused_clearly_on_this_cpu(tmp_path: Path, face_cache: 
 
 
 def test_missing_deepspeed_json(tmp_path: Path, face_cache: Path) -> None:
-    proc = launch(["--config", str(TINY), "--output", str(tmp_path)], face_cache, config="cpu_ds_zero2_bf16",
-                  launcher=["--main_process_port", str(free_port()), "--deepspeed_config_file", "ds_configs/nope.json"])
+    proc = launch(
+        ["--config", str(TINY), "--output", str(tmp_path)],
+        face_cache,
+        config="cpu_ds_zero2_bf16",
+        launcher=["--main_process_port", str(free_port()), "--deepspeed_config_file", "ds_configs/nope.json"],
+    )
     assert proc.returncode != 0
     assert "ds_configs/nope.json" in proc.stderr
     assert "step 1/" not in proc.stdout
@@ -152,8 +205,10 @@ def test_missing_deepspeed_json(tmp_path: Path, face_cache: Path) -> None:
     ("extra", "message"),
     [
         (["--train.global_batch_size", "15"], "train.global_batch_size=15 is not divisible by 2 processes"),
-        (["--data.source", "synthetic", "--data.num_classes", "1", "--data.num_images", "64"],
-         "data.num_classes=1 is smaller than the 2 processes"),
+        (
+            ["--data.source", "synthetic", "--data.num_classes", "1", "--data.num_images", "64"],
+            "data.num_classes=1 is smaller than the 2 processes",
+        ),
     ],
 )
 def test_bad_distributed_recipes(extra: list[str], message: str, tmp_path: Path, face_cache: Path) -> None:
@@ -168,9 +223,17 @@ def test_rank_with_another_batch_size(tmp_path: Path, face_cache: Path) -> None:
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            command(["--config", str(TINY), "--output", str(tmp_path), "--train.batch_size", str(batch)],
-                    CONFIGS / f"cpu_2machines_rank{rank}.yaml", MAIN, ["--main_process_port", port]),
-            cwd=REPO, env=env_for(face_cache, threads=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            command(
+                ["--config", str(TINY), "--output", str(tmp_path), "--train.batch_size", str(batch)],
+                CONFIGS / f"cpu_2machines_rank{rank}.yaml",
+                MAIN,
+                ["--main_process_port", port],
+            ),
+            cwd=REPO,
+            env=env_for(face_cache, threads=1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for rank, batch in ((0, 8), (1, 4))
     ]

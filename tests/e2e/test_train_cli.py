@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from models import build_backbone
-
 from tests.launching import TINY, launch
 
 pytestmark = pytest.mark.e2e
@@ -63,8 +62,10 @@ def test_model_file_loads_without_the_trainer(full_run: Path) -> None:
 def test_resume_continues_exactly(full_run: Path, tmp_path: Path, face_cache: Path) -> None:
     """Stop after step 3 (mid-epoch), resume: the same losses and the same final weights as the full run."""
     out = tmp_path / "resumed"
-    first = launch(["--config", str(TINY), "--output", str(out), "--schedule.max_steps", "12",
-                    "--train.save_every", "3"], face_cache)
+    first = launch(
+        ["--config", str(TINY), "--output", str(out), "--schedule.max_steps", "12", "--train.save_every", "3"],
+        face_cache,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     # Pretend the run died after its step-3 checkpoint: drop everything later.
     for later in ("step-00000006", "step-00000009", "step-00000012"):
@@ -86,8 +87,9 @@ def test_resume_refuses_incompatible_config(full_run: Path, tmp_path: Path, face
     out = tmp_path / "copy"
     out.mkdir()
     (out / "checkpoints").symlink_to(full_run / "checkpoints")
-    proc = launch(["--config", str(TINY), "--output", str(out), "--resume", "--network.embedding_size", "64"],
-                  face_cache)
+    proc = launch(
+        ["--config", str(TINY), "--output", str(out), "--resume", "--network.embedding_size", "64"], face_cache
+    )
     assert proc.returncode != 0  # accelerate launch turns the script's exit code 2 into 1
     assert "network.embedding_size=32" in proc.stderr and "network.embedding_size=64" in proc.stderr
 
@@ -108,8 +110,12 @@ def test_unknown_key_is_one_line(tmp_path: Path, face_cache: Path) -> None:
 
 def _our_traceback(stderr: str) -> bool:
     """A traceback through this project's code (accelerate launch adds its own for any non-zero exit)."""
-    return any(f'{d}/' in line for line in stderr.splitlines() if line.strip().startswith("File ")
-               for d in ("trainer", "models", "heads", "data", "evaluation"))
+    return any(
+        f"{d}/" in line
+        for line in stderr.splitlines()
+        if line.strip().startswith("File ")
+        for d in ("trainer", "models", "heads", "data", "evaluation")
+    )
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path: Path, face_cache: Path) -> None:
@@ -125,9 +131,14 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path: Path, face_cac
     assert launch([*args, "--output", str(whole)], face_cache).returncode == 0
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, str(REPO / "trainer" / "main.py"), *args, "--output", str(cut)],
-                            cwd=REPO, env=env_for(face_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "trainer" / "main.py"), *args, "--output", str(cut)],
+        cwd=REPO,
+        env=env_for(face_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         if "step 2/16" in line:

@@ -37,8 +37,20 @@ def test_default_recipe_is_the_embedded_dataset() -> None:
 
 
 def test_overrides_are_yaml_typed() -> None:
-    cfg = load_config(None, ["--optim.lr", "0.05", "--train.batch_size=32", "--data.random_flip", "false",
-                             "--eval.bins", "[]", "--network.name", "r18"])
+    cfg = load_config(
+        None,
+        [
+            "--optim.lr",
+            "0.05",
+            "--train.batch_size=32",
+            "--data.random_flip",
+            "false",
+            "--eval.bins",
+            "[]",
+            "--network.name",
+            "r18",
+        ],
+    )
     assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
     assert cfg.train.batch_size == 32
     assert cfg.data.random_flip is False
