@@ -37,6 +37,9 @@ class NetworkConfig:
     dropout: float = 0.0
     # BatchNorm layers use their running statistics and never update them (fine-tuning; exact equivalence tests).
     freeze_batchnorm: bool = False
+    # Fine-tuning: start the backbone from this model.safetensors (this project's, or converted from insightface
+    # with `python -m trainer.convert`); the head is new, for this run's classes.
+    init_weights: str = ""
 
 
 @dataclass
@@ -100,6 +103,8 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # The backbone's learning rate is lr x backbone_lr_scale (e.g. 0.1 when fine-tuning a pretrained backbone).
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -307,6 +312,7 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         "train.global_batch_size": cfg.train.global_batch_size,
         "eval.every": cfg.eval.every,
         "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.backbone_lr_scale": cfg.optim.backbone_lr_scale,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -337,6 +343,8 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         for name in ("train.rec", "train.idx"):
             if not (Path(data.root) / name).is_file():
                 raise ConfigError(f"data.root: {Path(data.root) / name} does not exist")
+    if cfg.network.init_weights and not Path(cfg.network.init_weights).is_file():
+        raise ConfigError(f"network.init_weights: {cfg.network.init_weights} does not exist")
     for i, entry in enumerate(cfg.eval.bins):
         candidates = [Path(entry)]
         if data.root and not Path(entry).is_absolute():

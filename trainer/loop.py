@@ -91,6 +91,22 @@ def build_loader(cfg: ExperimentConfig, dataset: Dataset, sampler: DistributedEp
     )
 
 
+def load_pretrained(backbone: nn.Module, path: Path) -> None:
+    """Fine-tuning: the backbone's weights from a model.safetensors; any key or shape mismatch is named."""
+    from evaluation.verification import WeightsError, load_weights
+
+    try:
+        state, _ = load_weights(path)
+    except WeightsError as exc:
+        raise ConfigError(f"network.init_weights: {exc}") from None
+    own = backbone.state_dict()
+    problems = sorted(set(own) ^ set(state)) + sorted(k for k in own if k in state and own[k].shape != state[k].shape)
+    if problems:
+        raise ConfigError(f"network.init_weights: {path} does not fit this network: {', '.join(problems[:5])}")
+    backbone.load_state_dict(state, strict=True)
+    logger.info("backbone initialised from %s", path)
+
+
 def freeze_batchnorm(module: nn.Module) -> None:
     """Keep every BatchNorm in eval mode (running statistics, no update) whatever `.train()` says later.
 
@@ -159,6 +175,8 @@ class Trainer:
         backbone = build_backbone(
             cfg.network.name, num_features=cfg.network.embedding_size, dropout=cfg.network.dropout
         )
+        if cfg.network.init_weights:
+            load_pretrained(backbone, Path(cfg.network.init_weights))
         if cfg.network.freeze_batchnorm:
             freeze_batchnorm(backbone)
         margin = MarginSoftmax(s=cfg.head.s, m1=cfg.head.m1, m2=cfg.head.m2, m3=cfg.head.m3)

@@ -24,9 +24,9 @@ from torch import nn
 from trainer.config import ConfigError, OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, *modules: nn.Module) -> torch.optim.Optimizer:
-    """One parameter group per module, in order. Frozen parameters are left out."""
-    groups = [{"params": _trainable(m.parameters())} for m in modules]
+def build_optimizer(cfg: OptimConfig, *parts: tuple[nn.Module, float]) -> torch.optim.Optimizer:
+    """One parameter group per (module, lr scale), in order. Frozen parameters are left out."""
+    groups = [{"params": _trainable(m.parameters()), "lr_scale": scale} for m, scale in parts]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -47,10 +47,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, power: float) -> f
 
 
 def set_lr(optimizers: Iterable[Any], lr: float) -> None:
-    """The schedule is a pure function of the step: set it on every group (no scheduler state to checkpoint)."""
+    """The schedule is a pure function of the step: set it on every group, times the group's `lr_scale` (no
+    scheduler state to checkpoint)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class AccelerateStep:
@@ -61,7 +62,8 @@ class AccelerateStep:
     ) -> None:
         self.accelerator = accelerator
         self.clip_grad_norm = clip_grad_norm
-        self.backbone, self.optimizer = accelerator.prepare(backbone, build_optimizer(cfg, backbone, head))
+        optimizer = build_optimizer(cfg, (backbone, cfg.backbone_lr_scale), (head, 1.0))
+        self.backbone, self.optimizer = accelerator.prepare(backbone, optimizer)
         # Where each part's parameters live, for checkpoints: (torch optimizer, group index).
         self.backbone_group: tuple[torch.optim.Optimizer, int] | None = (self.optimizer.optimizer, 0)
         self.head_group: tuple[torch.optim.Optimizer, int] = (self.optimizer.optimizer, 1)
@@ -110,7 +112,8 @@ class DeepSpeedStep:
         self.fp16 = bool(ds_config.get("fp16", {}).get("enabled", False))
         self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
         try:
-            self.backbone, self.optimizer = accelerator.prepare(backbone, build_optimizer(cfg, backbone))
+            optimizer = build_optimizer(cfg, (backbone, cfg.backbone_lr_scale))
+            self.backbone, self.optimizer = accelerator.prepare(backbone, optimizer)
         except ValueError as exc:
             if "fp16 is not supported" in str(exc):
                 raise ConfigError(
@@ -119,7 +122,7 @@ class DeepSpeedStep:
                 ) from None
             raise
         self.engine = self.backbone
-        self.head_optimizer = build_optimizer(cfg, head)
+        self.head_optimizer = build_optimizer(cfg, (head, 1.0))
         self.head_params = [p for g in self.head_optimizer.param_groups for p in g["params"]]
         self.backbone_group = None  # DeepSpeed checkpoints its own (partitioned) optimizer state
         self.head_group = (self.head_optimizer, 0)

@@ -156,3 +156,54 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path: Path, face_cac
     mine, theirs = load_file(str(cut / "model.safetensors")), load_file(str(whole / "model.safetensors"))
     for key in theirs:
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fine_tune_from_a_backbone_with_new_classes(full_run: Path, tmp_path: Path, face_cache: Path) -> None:
+    """A new head for another class count; backbone lr scaled by 0 keeps the loaded weights exactly."""
+    init = full_run / "model.safetensors"
+    out = tmp_path / "ft"
+    args = [
+        "--config",
+        str(TINY),
+        "--output",
+        str(out),
+        "--network.init_weights",
+        str(init),
+        "--data.generated.num_identities",
+        "10",
+        "--schedule.max_steps",
+        "3",
+        "--eval.every",
+        "0",
+    ]
+    proc = launch([*args, "--optim.backbone_lr_scale", "0"], face_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backbone initialised from" in proc.stdout
+    start, end = load_file(str(init)), load_file(str(out / "model.safetensors"))
+    params = {n for n, _ in build_backbone("r_lite", num_features=32).named_parameters()}
+    for name in params:
+        assert torch.equal(start[name], end[name]), name
+    head = load_file(str(out / "checkpoints" / "step-00000003" / "head-rank00000-of-00001.safetensors"))
+    assert head["weight"].shape == (10, 32)
+    # With the backbone's lr not scaled to 0 it does move.
+    moved = launch([*args, "--output", str(tmp_path / "ft2"), "--optim.backbone_lr_scale", "0.1"], face_cache)
+    assert moved.returncode == 0
+    assert not torch.equal(load_file(str(tmp_path / "ft2" / "model.safetensors"))["fc.weight"], start["fc.weight"])
+
+
+def test_fine_tune_with_a_mismatched_backbone_names_the_key(full_run: Path, tmp_path: Path, face_cache: Path) -> None:
+    proc = launch(
+        [
+            "--config",
+            str(TINY),
+            "--output",
+            str(tmp_path),
+            "--network.embedding_size",
+            "64",
+            "--network.init_weights",
+            str(full_run / "model.safetensors"),
+        ],
+        face_cache,
+    )
+    assert proc.returncode != 0
+    assert "network.init_weights:" in proc.stderr and "does not fit this network: fc.bias" in proc.stderr
