@@ -103,7 +103,7 @@ def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors = {
         "python": torch.tensor(py_state, dtype=torch.int64),
-        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy": torch.from_numpy(np.asarray(np_keys).astype(np.int64)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

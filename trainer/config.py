@@ -238,7 +238,7 @@ def from_dict(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source, prefix=f"{key}.")
     if origin is Literal:
         choices = get_args(tp)

@@ -212,7 +212,7 @@ def convert_head(
             f"--num-classes is {num_classes}"
         )
     split = class_split(num_classes, world_size)
-    for rank, (f, count, (start, num_local)) in enumerate(zip(files, rows, split, strict=True)):
+    for rank, (f, count, (_, num_local)) in enumerate(zip(files, rows, split, strict=True)):
         if count != num_local:
             raise ConvertError(
                 f"{f}: {count} class centers, but rank {rank} of {world_size} holds {num_local} of {num_classes} "

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from trainer.reporting import ProgressBar, Throughput, print_summary
 logger = logging.getLogger(__name__)
 
 
-def build_dataset(cfg: ExperimentConfig) -> tuple[Dataset, int, list[str]]:
+def build_dataset(cfg: ExperimentConfig) -> tuple[Any, int, list[str]]:
     """(dataset, num_classes, verification .bin paths) for `cfg.data.source`. Images come out as uint8 (normalized
     on the device, 4x fewer bytes between processes) or, with `data.decode: gpu`, still JPEG-encoded."""
     data = cfg.data
@@ -55,8 +56,8 @@ def build_dataset(cfg: ExperimentConfig) -> tuple[Dataset, int, list[str]]:
     if data.source == "synthetic":
         return SyntheticDataset(data.num_images, data.num_classes, seed=cfg.train.seed), data.num_classes, bins
     if data.source == "image_folder":
-        dataset = ImageFolderDataset(data.root, num_classes=num_classes, random_flip=data.random_flip, output="uint8")
-        return dataset, dataset.num_classes, bins
+        folder = ImageFolderDataset(data.root, num_classes=num_classes, random_flip=data.random_flip, output="uint8")
+        return folder, folder.num_classes, bins
     if data.source == "generated":
         from data.faces import FacesConfig, ensure_dataset
 
@@ -64,6 +65,7 @@ def build_dataset(cfg: ExperimentConfig) -> tuple[Dataset, int, list[str]]:
         bins.append(str(root / "val.bin"))
     else:
         root = Path(data.root)
+    dataset: Any
     if data.decode == "gpu":
         from data.gpu_decode import JpegRecordDataset
 
@@ -74,10 +76,11 @@ def build_dataset(cfg: ExperimentConfig) -> tuple[Dataset, int, list[str]]:
 
 
 def build_loader(cfg: ExperimentConfig, dataset: Dataset, sampler: DistributedEpochSampler) -> DataLoader:
+    collate: Callable[..., Any] = collate_faces
     if cfg.data.decode == "gpu":
-        from data.gpu_decode import collate_jpeg as collate
-    else:
-        collate = collate_faces
+        from data.gpu_decode import collate_jpeg
+
+        collate = collate_jpeg
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
@@ -189,7 +192,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
         )
-        self.head.reset_parameters(seed=cfg.train.seed)  # the same centers for any number of ranks
+        self.head.reset_parameters(seed=cfg.train.seed)  # type: ignore[operator]  # the same centers for any number of ranks
         self.head.to(accelerator.device)
         # The one place where backends differ: how an optimizer step is taken (trainer/optim.py).
         self.stepper: AccelerateStep | DeepSpeedStep

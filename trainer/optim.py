@@ -29,7 +29,8 @@ def build_optimizer(cfg: OptimConfig, *parts: tuple[nn.Module, float]) -> torch.
     groups = [{"params": _trainable(m.parameters()), "lr_scale": scale} for m, scale in parts]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    betas = (cfg.betas[0], cfg.betas[1])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -1,0 +1,259 @@
+"""Export a trained backbone: ONNX checked against PyTorch with onnxruntime, or the model file of a checkpoint.
+
+    python -m trainer.export onnx --weights runs/x/model.safetensors --out model.onnx [--opset 17]
+    python -m trainer.export safetensors --checkpoint runs/x/checkpoints/step-00001234 --out model.safetensors
+
+`onnx`: network and embedding size come from the safetensors metadata unless given. The graph takes `data`, a
+float32 (N, 3, 112, 112) batch of RGB faces normalized as `(x / 255 - 0.5) / 0.5`, and returns `embedding`
+(N, embedding size); N is dynamic. After export, onnxruntime runs random inputs in [-1, 1] at `--batch-size` and
+at another batch size (proving the dynamic axis) and the largest absolute difference from PyTorch is reported; above
+`--tolerance` the export fails (exit 1) and no file is left. The network, embedding size, input normalization and
+opset are written into the model's metadata_props. Bad input is one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "data"
+OUTPUT_NAME = "embedding"
+DEFAULT_OPSET = 17
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ExportError(Exception):
+    """Input that cannot be exported; the message names the file."""
+
+
+class ParityError(ExportError):
+    """onnxruntime and PyTorch disagree by more than the tolerance."""
+
+
+def load_backbone(
+    weights: Path, network: str | None = None, embedding_size: int | None = None
+) -> tuple[nn.Module, str, int]:
+    """(backbone in eval mode, network, embedding size) from a `model.safetensors`; names from its metadata."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from trainer.convert import ConvertError, fit_backbone
+
+    if not weights.is_file():
+        raise ExportError(f"{weights}: no such file")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"{weights}: not a readable safetensors file ({exc})") from None
+    network = network or metadata.get("network")
+    if not network:
+        raise ExportError(f"{weights}: no 'network' in its metadata: pass --network")
+    if embedding_size is None:
+        try:
+            embedding_size = int(metadata.get("embedding_size", "512"))
+        except ValueError:
+            raise ExportError(f"{weights}: metadata embedding_size is not an integer: pass --embedding-size") from None
+    try:
+        backbone = fit_backbone(state, network, embedding_size, weights)
+    except ConvertError as exc:
+        raise ExportError(str(exc)) from None
+    return backbone.eval(), network, embedding_size
+
+
+def export_onnx(
+    backbone: nn.Module,
+    out: Path,
+    opset: int = DEFAULT_OPSET,
+    batch_size: int = 2,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """TorchScript-based export (`dynamo=False`: no onnxscript needed) with a dynamic batch axis, then metadata."""
+    import onnx
+
+    backbone = backbone.eval()
+    example = torch.zeros(batch_size, 3, 112, 112)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
+        torch.onnx.export(
+            backbone,
+            (example,),
+            str(out),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    model = onnx.load(str(out))
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+
+
+def check_parity(
+    backbone: nn.Module,
+    onnx_path: Path,
+    batch_sizes: Sequence[int],
+    tolerance: float,
+    seed: int = 0,
+    name: Path | None = None,
+) -> float:
+    """Max |onnxruntime - PyTorch| over random inputs in [-1, 1], one batch per size; raise above `tolerance`.
+
+    `name`: the path to name in messages (the file checked may be a temporary one)."""
+    import onnxruntime as ort
+
+    name = name or onnx_path
+    largest = 0.0
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for size in batch_sizes:
+        data = torch.rand(size, 3, 112, 112, generator=generator) * 2 - 1
+        with torch.no_grad():
+            expected = backbone.eval()(data).numpy()
+        (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: data.numpy()})
+        if actual.shape != expected.shape:
+            raise ParityError(f"{name}: batch of {size} gives shape {actual.shape}, PyTorch {expected.shape}")
+        difference = float(np.abs(actual - expected).max())
+        largest = max(largest, float(np.abs(expected).max()))
+        logger.info(
+            "parity, batch of %d: max abs difference %.3g (largest |embedding| value %.3g)",
+            size,
+            difference,
+            float(np.abs(expected).max()),
+        )
+        worst = max(worst, difference)
+    if not worst <= tolerance:  # NaN fails too
+        raise ParityError(
+            f"{name}: onnxruntime differs from PyTorch by up to {worst:.3g}, above the tolerance {tolerance:g} "
+            f"(largest |embedding| value {largest:.3g}; --tolerance sets the threshold)"
+        )
+    return worst
+
+
+def onnx_command(
+    weights: Path,
+    out: Path,
+    network: str | None,
+    embedding_size: int | None,
+    opset: int,
+    batch_size: int,
+    tolerance: float,
+) -> float:
+    """Export, check parity at `batch_size` and `batch_size + 3`, and move the file into place; returns the max diff."""
+    from trainer.checkpoint import MODEL_METADATA_INPUT
+
+    if batch_size < 1:
+        raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
+    backbone, network, embedding_size = load_backbone(weights, network, embedding_size)
+    metadata = {
+        "network": network,
+        "embedding_size": str(embedding_size),
+        "input": MODEL_METADATA_INPUT,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "opset": str(opset),
+        "source": weights.name,
+        "producer": "arcface-accelerate",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        export_onnx(backbone, tmp, opset, batch_size, metadata)
+        worst = check_parity(backbone, tmp, [batch_size, batch_size + 3], tolerance, name=out)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info(
+        "%s -> %s (%s, %d-d, opset %d): max abs difference %.3g (tolerance %g)",
+        weights,
+        out,
+        network,
+        embedding_size,
+        opset,
+        worst,
+        tolerance,
+    )
+    return worst
+
+
+def safetensors_command(checkpoint: Path, out: Path) -> None:
+    """Copy a checkpoint's `model.safetensors` (metadata included) after verifying the checkpoint's checksums."""
+    from trainer.checkpoint import CheckpointError, verify_manifest
+
+    try:
+        verify_manifest(checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    source = checkpoint / "model.safetensors"
+    if not source.is_file():
+        raise ExportError(f"{checkpoint}: no model.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, out)
+    logger.info("%s -> %s", source, out)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    onnx = commands.add_parser("onnx", help="model.safetensors -> model.onnx, with an onnxruntime parity check")
+    onnx.add_argument("--weights", type=Path, required=True, help="a model.safetensors")
+    onnx.add_argument("--network", help="backbone name (default: the file's metadata)")
+    onnx.add_argument("--embedding-size", type=int, help="default: the file's metadata")
+    onnx.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
+    onnx.add_argument("--batch-size", type=int, default=2, help="example batch for tracing and parity (default: 2)")
+    onnx.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="largest accepted |onnxruntime - PyTorch| (default: %(default)g)",
+    )
+    weights = commands.add_parser("safetensors", help="a checkpoint's model.safetensors, checksums verified")
+    weights.add_argument("--checkpoint", type=Path, required=True, help="runs/x/checkpoints/step-XXXXXXXX")
+    weights.add_argument("--out", type=Path, required=True, help="the model.safetensors to write")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "onnx":
+            onnx_command(
+                args.weights, args.out, args.network, args.embedding_size, args.opset, args.batch_size, args.tolerance
+            )
+        else:
+            safetensors_command(args.checkpoint, args.out)
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
