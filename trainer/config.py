@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from data.faces import FacesConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO_ROOT / "launch" / "recipes" / "default.yaml"
 
@@ -58,17 +60,6 @@ class HeadConfig:
 
 
 @dataclass
-class GeneratedFacesConfig:
-    """The embedded default dataset (`data.faces`): generated on first use into a cache folder."""
-
-    num_identities: int = 300
-    images_per_identity: int = 30
-    num_val_identities: int = 60
-    num_val_pairs: int = 1200
-    seed: int = 0
-
-
-@dataclass
 class DataConfig:
     """Where the images come from.
 
@@ -90,7 +81,7 @@ class DataConfig:
     random_flip: bool = True
     # A corrupt image is replaced by another sample and counted; past this fraction (per rank) the run stops.
     max_bad_fraction: float = 0.01
-    generated: GeneratedFacesConfig = field(default_factory=GeneratedFacesConfig)
+    generated: FacesConfig = field(default_factory=FacesConfig)  # data.faces: the generator's own settings
 
 
 @dataclass
@@ -233,7 +224,10 @@ def from_dict(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> 
     for name in fields:
         if name in raw:
             kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", source)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section that validates itself (e.g. data.generated)
+        raise ConfigError(f"{source}: {prefix.rstrip('.')}: {exc}") from None
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:

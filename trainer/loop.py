@@ -59,9 +59,9 @@ def build_dataset(cfg: ExperimentConfig) -> tuple[Any, int, list[str]]:
         folder = ImageFolderDataset(data.root, num_classes=num_classes, random_flip=data.random_flip, output="uint8")
         return folder, folder.num_classes, bins
     if data.source == "generated":
-        from data.faces import FacesConfig, ensure_dataset
+        from data.faces import ensure_dataset
 
-        root = ensure_dataset(FacesConfig(**to_dict(data.generated)))
+        root = ensure_dataset(data.generated)
         bins.append(str(root / "val.bin"))
     else:
         root = Path(data.root)
