@@ -271,7 +271,10 @@ def verify_manifest(path: Path) -> dict[str, Any]:
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / "trainer_state.json").read_text())
+    try:
+        return json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable trainer_state.json ({exc})") from None
 
 
 def load_checkpoint(
@@ -284,13 +287,17 @@ def load_checkpoint(
     backbone_group: GroupRef | None,
     head_group: GroupRef,
     engine: Any = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Restore backbone, head rows of this rank's class range, optimizer state and RNG; return trainer_state.
+
+    `verify=False` skips the checksums when the caller has just verified them (hashing large files twice).
 
     Under DeepSpeed (`engine`), the engine loads its own state when the world size is unchanged; otherwise the
     backbone gets the fp32 weights of `model.safetensors` and a fresh optimizer, which is logged.
     """
-    verify_manifest(path)
+    if verify:
+        verify_manifest(path)
     state = read_trainer_state(path)
     same_world = state["world_size"] == world_size
     if engine is not None and (path / "deepspeed").is_dir() and same_world:

@@ -399,6 +399,7 @@ class Trainer:
         if not found:
             raise ckpt.CheckpointError(f"--resume: no checkpoint in {self.output / ckpt.CHECKPOINTS}")
         path = found[-1]
+        ckpt.verify_manifest(path)  # before trusting anything in it
         saved = ckpt.read_trainer_state(path)
         mine = self.state_dict()
         for key in STRUCTURAL_KEYS:
@@ -421,6 +422,7 @@ class Trainer:
             backbone_group=self.stepper.backbone_group,
             head_group=self.stepper.head_group,
             engine=getattr(self.stepper, "engine", None),
+            verify=False,
         )
         if self.accelerator.scaler is not None and state["scaler"]:
             self.accelerator.scaler.load_state_dict(state["scaler"])

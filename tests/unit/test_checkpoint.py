@@ -1,0 +1,238 @@
+"""trainer.checkpoint on tiny modules: round trip, re-split by class range, crash safety, pruning, checksums."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from heads import PartialFC
+from trainer import checkpoint as ckpt
+
+EMBEDDING = 4
+
+
+class Parts:
+    """A backbone, a Partial FC shard and one SGD optimizer with a group each, as the trainer builds them."""
+
+    def __init__(self, num_classes: int = 6, rank: int = 0, world_size: int = 1) -> None:
+        self.backbone = nn.Sequential(nn.Linear(8, EMBEDDING), nn.BatchNorm1d(EMBEDDING))
+        self.head = PartialFC(EMBEDDING, num_classes, rank=rank, world_size=world_size)
+        self.optimizer = torch.optim.SGD(
+            [{"params": list(self.backbone.parameters())}, {"params": list(self.head.parameters())}],
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=5e-4,
+        )
+
+    def step(self) -> None:
+        """One optimizer step on random gradients: momentum buffers that differ from the weights."""
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.randn_like(param)
+        self.optimizer.step()
+
+    def save(
+        self, output: Path, step: int, keep: int = 3, rank: int = 0, world_size: int = 1, barrier: Any = lambda: None
+    ) -> Path:
+        return ckpt.save_checkpoint(
+            output,
+            step=step,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+            backbone=self.backbone,
+            head=self.head,
+            backbone_group=(self.optimizer, 0),
+            head_group=(self.optimizer, 1),
+            trainer_state={"step": step, "epoch": 0},
+            metadata=ckpt.model_metadata("tiny", EMBEDDING),
+            keep=keep,
+        )
+
+    def load(self, path: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        return ckpt.load_checkpoint(
+            path,
+            rank=rank,
+            world_size=world_size,
+            backbone=self.backbone,
+            head=self.head,
+            backbone_group=(self.optimizer, 0),
+            head_group=(self.optimizer, 1),
+        )
+
+    def momentum(self, param: nn.Parameter) -> torch.Tensor:
+        return self.optimizer.state[param]["momentum_buffer"]
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_restores_weights_optimizer_state_and_rng(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    saved = Parts()
+    saved.step()
+    saved.step()
+    path = saved.save(tmp_path, step=7)
+    after_save = torch.rand(3)  # the RNG state was captured before this draw
+
+    torch.manual_seed(1)
+    loaded = Parts()
+    state = loaded.load(path)
+    assert state["step"] == 7 and state["world_size"] == 1
+    assert torch.equal(torch.rand(3), after_save)
+    for (name, a), b in zip(saved.backbone.state_dict().items(), loaded.backbone.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(loaded.head.weight, saved.head.weight)
+    for mine, theirs in zip(loaded.optimizer.param_groups, saved.optimizer.param_groups, strict=True):
+        for p, q in zip(mine["params"], theirs["params"], strict=True):
+            assert torch.equal(loaded.momentum(p), saved.momentum(q))
+    assert ckpt.list_checkpoints(tmp_path) == [path]
+    assert path.name == "step-00000007"
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_shards_of_two_ranks_load_on_any_number_of_ranks(tmp_path: Path, new_world: int) -> None:
+    """Two ranks (threads sharing a barrier) save 7 classes as 4 + 3; 1 or 3 ranks get their rows and momentum."""
+    num_classes = 7
+    table = torch.randn(num_classes, EMBEDDING)
+    momentum = torch.randn(num_classes, EMBEDDING)
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def save_rank(rank: int) -> None:
+        try:
+            parts = Parts(num_classes, rank=rank, world_size=2)
+            start, stop = parts.head.class_start, parts.head.class_start + parts.head.num_local
+            with torch.no_grad():
+                parts.head.weight.copy_(table[start:stop])
+            parts.optimizer.state[parts.head.weight] = {"momentum_buffer": momentum[start:stop].clone()}
+            parts.save(tmp_path, step=3, rank=rank, world_size=2, barrier=lambda: barrier.wait(timeout=30))
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=save_rank, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    path = ckpt.list_checkpoints(tmp_path)[-1]
+    assert sorted(p.name for p in path.glob("head-*")) == [
+        "head-rank00000-of-00002.safetensors",
+        "head-rank00001-of-00002.safetensors",
+    ]
+
+    starts = []
+    for rank in range(new_world):
+        parts = Parts(num_classes, rank=rank, world_size=new_world)
+        parts.load(path, rank=rank, world_size=new_world)
+        start, stop = parts.head.class_start, parts.head.class_start + parts.head.num_local
+        starts.append((start, stop))
+        assert torch.equal(parts.head.weight.detach(), table[start:stop])
+        assert torch.equal(parts.momentum(parts.head.weight), momentum[start:stop])
+    assert starts == ([(0, 7)] if new_world == 1 else [(0, 3), (3, 5), (5, 7)])  # 3 ranks straddle both shards
+
+
+def test_wrong_class_count_is_refused(tmp_path: Path) -> None:
+    path = Parts(6).save(tmp_path, step=1)
+    with pytest.raises(ckpt.CheckpointError, match=r"head-rank00000-of-00001.safetensors has num_classes=6"):
+        Parts(7).load(path)
+
+
+@pytest.mark.parametrize("fail_on", ["head-rank", "rng-rank", "model", "optimizer", "rename"])
+def test_crash_while_saving_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_on: str
+) -> None:
+    torch.manual_seed(0)
+    parts = Parts()
+    parts.step()
+    first = parts.save(tmp_path, step=1)
+    before = _files(first)
+    parts.step()
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise OSError(f"simulated crash writing {fail_on}")
+
+    if fail_on == "rename":
+        monkeypatch.setattr(ckpt.os, "rename", crash)  # everything written, manifest too: only the rename fails
+    else:
+        real_save_file = ckpt.save_file
+
+        def save_file(tensors: dict[str, torch.Tensor], filename: str, *args: Any, **kwargs: Any) -> None:
+            if Path(filename).name.lstrip(".").startswith(fail_on):
+                crash()
+            real_save_file(tensors, filename, *args, **kwargs)
+
+        monkeypatch.setattr(ckpt, "save_file", save_file)
+    with pytest.raises(OSError, match="simulated crash"):
+        parts.save(tmp_path, step=2)
+    monkeypatch.undo()
+
+    root = tmp_path / ckpt.CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step-00000002", "step-00000001"]
+    assert ckpt.list_checkpoints(tmp_path) == [first]  # resume ignores the half-written folder
+    assert _files(first) == before
+    ckpt.verify_manifest(first)
+    assert Parts().load(first)["step"] == 1
+
+    # The next save, at another step (e.g. an interruption's), removes the leftover.
+    third = parts.save(tmp_path, step=3)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000003"]
+    assert ckpt.list_checkpoints(tmp_path) == [first, third]
+
+
+def test_keeps_the_newest_checkpoints(tmp_path: Path) -> None:
+    parts = Parts()
+    for step in (2, 4, 6, 8, 10):
+        parts.save(tmp_path, step=step, keep=2)
+    root = tmp_path / ckpt.CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000008", "step-00000010"]
+    # Steps sort as numbers, not strings, past eight digits too.
+    parts.save(tmp_path, step=100_000_000, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000010", "step-100000000"]
+
+
+def test_folder_without_manifest_is_not_a_checkpoint(tmp_path: Path) -> None:
+    parts = Parts()
+    first = parts.save(tmp_path, step=1)
+    second = parts.save(tmp_path, step=2)
+    (second / "manifest.json").unlink()
+    assert ckpt.list_checkpoints(tmp_path) == [first]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "head-rank00000-of-00001.safetensors", "trainer_state.json"])
+def test_corrupted_file_is_named(tmp_path: Path, name: str) -> None:
+    path = Parts().save(tmp_path, step=1)
+    data = bytearray((path / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit: the file still parses, only the checksum can tell
+    (path / name).write_bytes(bytes(data))
+    message = rf"step-00000001: {name} does not match its checksum in manifest.json"
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.verify_manifest(path)
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        Parts().load(path)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path = Parts().save(tmp_path, step=1)
+    (path / "optimizer.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer.safetensors is listed in manifest.json but missing"):
+        Parts().load(path)
+
+
+def test_manifest_lists_every_file_and_unreadable_manifest_is_an_error(tmp_path: Path) -> None:
+    path = Parts().save(tmp_path, step=1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(f for f in os.listdir(path) if f != "manifest.json")
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="unreadable manifest.json"):
+        ckpt.verify_manifest(path)
