@@ -242,3 +242,33 @@ def test_rank_with_another_batch_size(tmp_path: Path, face_cache: Path) -> None:
     err = outputs[0][1]
     assert "train.batch_size differs between ranks (rank 0: 8, rank 1: 4)" in err
     assert "step 1/" not in outputs[0][0]
+
+
+def test_deepspeed_gradient_accumulation_matches_one_process(
+    single: list[float], tmp_path: Path, face_cache: Path
+) -> None:
+    """ZeRO-2, 2 ranks x batch 4 x 2 accumulation steps = the 1-process global batch of 16: the head's gradients,
+    divided by the engine's accumulation, must be the mean over the group as the backbone's are."""
+    proc = launch(
+        [*EQUIV, "--output", str(tmp_path), "--train.batch_size", "4", "--train.gradient_accumulation_steps", "2"],
+        face_cache,
+        config="cpu_ds_zero2_bf16",
+    )
+    _ok(proc)
+    # Rank r's two micro-batches hold global entries r, r+2, ..., r+14: over both ranks exactly the 16 samples of
+    # the one-process step, and the logged loss is the mean of the two micro-batch losses.
+    assert losses(tmp_path) == pytest.approx(single, rel=3e-2)
+
+
+def test_zero3_is_refused_at_start(tmp_path: Path, face_cache: Path) -> None:
+    ds = tmp_path / "zero3.json"
+    ds.write_text((REPO / "ds_configs" / "zero2_bf16.json").read_text().replace('"stage": 2', '"stage": 3'))
+    proc = launch(
+        ["--config", str(TINY), "--output", str(tmp_path / "run")],
+        face_cache,
+        config="cpu_ds_zero2_bf16",
+        launcher=["--main_process_port", str(free_port()), "--deepspeed_config_file", str(ds)],
+    )
+    assert proc.returncode != 0
+    assert "DeepSpeed ZeRO-3 is not supported" in proc.stderr
+    assert "step 1/" not in proc.stdout
