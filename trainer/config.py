@@ -96,6 +96,8 @@ class OptimConfig:
     eps: float = 1e-8
     # The backbone's learning rate is lr x backbone_lr_scale (e.g. 0.1 when fine-tuning a pretrained backbone).
     backbone_lr_scale: float = 1.0
+    # torch's fused optimizer kernels (CPU and CUDA); the DeepSpeed engine's own optimizer is left unfused.
+    fused: bool = True
 
 
 @dataclass

@@ -24,13 +24,21 @@ from torch import nn
 from trainer.config import ConfigError, OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, *parts: tuple[nn.Module, float]) -> torch.optim.Optimizer:
-    """One parameter group per (module, lr scale), in order. Frozen parameters are left out."""
+def build_optimizer(cfg: OptimConfig, *parts: tuple[nn.Module, float], fused: bool = False) -> torch.optim.Optimizer:
+    """One parameter group per (module, lr scale), in order. Frozen parameters are left out.
+
+    `fused`: one kernel for the whole update instead of several passes over every tensor (less time, and no
+    weight-decay temporary the size of the class-center table: it matters at millions of classes).
+    """
     groups = [{"params": _trainable(m.parameters()), "lr_scale": scale} for m, scale in parts]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None
+        )
     betas = (cfg.betas[0], cfg.betas[1])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
+    )
 
 
 def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -63,7 +71,7 @@ class AccelerateStep:
     ) -> None:
         self.accelerator = accelerator
         self.clip_grad_norm = clip_grad_norm
-        optimizer = build_optimizer(cfg, (backbone, cfg.backbone_lr_scale), (head, 1.0))
+        optimizer = build_optimizer(cfg, (backbone, cfg.backbone_lr_scale), (head, 1.0), fused=cfg.fused)
         self.backbone, self.optimizer = accelerator.prepare(backbone, optimizer)
         # Where each part's parameters live, for checkpoints: (torch optimizer, group index).
         self.backbone_group: tuple[torch.optim.Optimizer, int] | None = (self.optimizer.optimizer, 0)
@@ -82,7 +90,7 @@ class AccelerateStep:
             # Unscales every group of the one optimizer (backbone and head) before clipping the backbone's.
             self.accelerator.clip_grad_norm_(self.backbone.parameters(), self.clip_grad_norm)
         self.optimizer.step()  # skipped by the GradScaler on fp16 overflow, for both groups
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=True)  # no zeroing pass; backward writes fresh gradients
         return not self.accelerator.optimizer_step_was_skipped
 
 
@@ -123,7 +131,7 @@ class DeepSpeedStep:
                 ) from None
             raise
         self.engine = self.backbone
-        self.head_optimizer = build_optimizer(cfg, (head, 1.0))
+        self.head_optimizer = build_optimizer(cfg, (head, 1.0), fused=cfg.fused)  # the engine's stays unfused
         self.head_params = [p for g in self.head_optimizer.param_groups for p in g["params"]]
         self.backbone_group = None  # DeepSpeed checkpoints its own (partitioned) optimizer state
         self.head_group = (self.head_optimizer, 0)
@@ -147,5 +155,5 @@ class DeepSpeedStep:
                     if param.grad is not None:
                         param.grad.div_(self.scale)
             self.head_optimizer.step()
-        self.head_optimizer.zero_grad(set_to_none=False)
+        self.head_optimizer.zero_grad(set_to_none=True)
         return applied

@@ -119,7 +119,7 @@ def test_deepspeed_fp16_skips_overflow_for_head_and_backbone(tmp_path: Path, fac
         ],
         face_cache,
         config=str(CONFIGS / "cpu_ds_zero2_bf16.yaml").replace("bf16.yaml", "bf16.yaml"),
-        script=REPO / "tests" / "dist" / "ds_fp16_entry.py",
+        script=REPO / "tests" / "distributed" / "ds_fp16_entry.py",
         launcher=[
             "--main_process_port",
             str(free_port()),
@@ -148,7 +148,7 @@ def test_deepspeed_config_quirk_ranks(face_cache: Path) -> None:
     seen = {}
     for which in ("plain", "ours"):
         proc = launch(
-            [which], face_cache, config="cpu_ds_zero2_bf16", script=REPO / "tests" / "dist" / "probe_ranks.py"
+            [which], face_cache, config="cpu_ds_zero2_bf16", script=REPO / "tests" / "distributed" / "probe_ranks.py"
         )
         _ok(proc)
         seen[which] = sorted(line for line in proc.stdout.splitlines() if line.startswith(which))

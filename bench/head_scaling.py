@@ -1,0 +1,370 @@
+"""Partial FC step time and peak memory against the number of classes, beside a plain full FC.
+
+    python bench/head_scaling.py --out head-scaling.json                      # 1e4, 1e5, 1e6 classes
+    python bench/head_scaling.py --classes 10000 100000 2000000 --threads 1
+    python bench/head_scaling.py --tiny                                       # seconds: what the test suite runs
+
+The head alone: random embeddings (a leaf with gradient, as the backbone's output would be) and random labels go
+through forward + backward + ``torch.optim.SGD`` step (momentum 0.9, weight decay 5e-4, as the recipes) + the
+trainer's ``zero_grad(set_to_none=False)`` (``--grad-to-none`` for ``set_to_none=True``). Heads:
+
+* ``partial_fc``: ``heads.PartialFC`` (ArcFace margin, fp32 softmax) at each ``--sample-rates`` value;
+* ``full_fc``: ``nn.Linear(embedding_size, num_classes, bias=False)`` over L2-normalized embeddings +
+  ``F.cross_entropy``: the plain softmax classifier.
+
+Each configuration runs in its own process (``--in-process`` to share one), so its memory is measured from a clean
+start. Peak memory is what the head adds to the process:
+
+* CPU: resident memory (RSS). The kernel's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs``
+  once the batch exists, and the peak is ``VmHWM`` after the steps minus ``VmRSS`` before the head was built.
+  Pages count once touched, which is what a tensor costs once written (tracemalloc sees none of torch's memory).
+* CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` before the head was built.
+
+Memory per class is compared with the minimum a trained class needs: its center plus SGD's momentum buffer,
+``embedding_size * 4 bytes * 2``. A configuration whose estimated need exceeds 70 % of the available memory is
+skipped, not attempted (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python bench/head_scaling.py` puts bench/ first on sys.path, where bench/data.py would shadow the `data` package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from torch import nn  # noqa: E402
+
+from heads import PartialFC  # noqa: E402
+
+console = Console() if sys.stdout.isatty() else Console(width=130)
+
+DEFAULT_CLASSES = [10_000, 100_000, 1_000_000]
+BYTES_FP32 = 4
+
+
+class FullFC(nn.Module):
+    """The plain softmax classifier: a linear layer over L2-normalized embeddings, cross-entropy over all classes."""
+
+    def __init__(self, embedding_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(embedding_size, num_classes, bias=False)
+        nn.init.normal_(self.linear.weight, 0.0, 0.01)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.linear(F.normalize(embeddings)), labels)
+
+
+def minimum_bytes_per_class(embedding_size: int) -> int:
+    """A class's center plus its SGD momentum buffer, fp32."""
+    return embedding_size * BYTES_FP32 * 2
+
+
+def estimated_bytes(config: dict[str, Any]) -> int:
+    """A rough upper bound of what one configuration needs (fp32): centers, gradient, momentum and the dense
+    gradient backward builds before adding it to the kept one (4 x C x E); the sampled centers, their normalized
+    copy and its gradient (3 x S x E, S the classes scored per step); ~12 (B x S) logit-sized temporaries."""
+    classes, embedding = config["num_classes"], config["embedding_size"]
+    sampled = max(1, int(classes * config["sample_rate"]))
+    return (4 * classes * embedding + 3 * sampled * embedding + 12 * config["batch_size"] * sampled) * BYTES_FP32
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc (None where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark of this process (Linux >= 4.0); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class MemoryProbe:
+    """What the code between ``start()`` and ``stop()`` adds to the process: peak and what stays."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated - memory_allocated before the head"
+            return
+        self.base = psutil.Process().memory_info().rss
+        if _reset_peak_rss() and _proc_status_bytes("VmHWM") is not None:
+            self.method = "VmHWM (reset through /proc/self/clear_refs) - VmRSS before the head"
+        else:
+            self.method = "sampled RSS after each step - RSS before the head (no VmHWM reset here: a lower bound)"
+        self.sampled = self.base
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            self.sampled = max(self.sampled, psutil.Process().memory_info().rss)
+
+    def stop(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            now = torch.cuda.memory_allocated(self.device)
+        else:
+            now = psutil.Process().memory_info().rss
+            peak = _proc_status_bytes("VmHWM") if self.method.startswith("VmHWM") else None
+            peak = max(peak or 0, self.sampled, now)
+        return {"peak_bytes": peak - self.base, "resident_after_bytes": now - self.base, "memory_method": self.method}
+
+
+def build_head(config: dict[str, Any], device: torch.device) -> nn.Module:
+    # Built on the device: 10M centers initialized on a CPU would take minutes, then a copy.
+    with device:
+        if config["head"] == "full_fc":
+            return FullFC(config["embedding_size"], config["num_classes"])
+        return PartialFC(config["embedding_size"], config["num_classes"], sample_rate=config["sample_rate"])
+
+
+def run_one(config: dict[str, Any]) -> dict[str, Any]:
+    """Time ``config``'s head (warm-up + timed steps) and measure the memory it adds."""
+    device = torch.device(config["device"])
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch, embedding, classes = config["batch_size"], config["embedding_size"], config["num_classes"]
+    embeddings = torch.randn(batch, embedding, device=device, generator=generator).requires_grad_()
+    labels = torch.randint(0, classes, (batch,), device=device, generator=generator)
+    # One step of a small copy first: the kernels' code pages, thread pools and allocator caches are then counted
+    # in the baseline, not in the head's memory.
+    small = build_head({**config, "num_classes": min(classes, 1000)}, device)
+    small(embeddings, labels.remainder(min(classes, 1000))).backward()
+    del small
+    embeddings.grad = None
+    probe = MemoryProbe(device)
+    probe.start()
+    head = build_head(config, device)
+    fused = True if config["fused"] else None  # None: torch's default (a for-loop on CPU, foreach on CUDA)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+    times = []
+    for step in range(config["warmup"] + config["steps"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        loss = head(embeddings, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=config["grad_to_none"])
+        embeddings.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= config["warmup"]:
+            times.append(time.perf_counter() - start)
+        probe.sample()
+    memory = probe.stop()
+    median = statistics.median(times)
+    return {
+        **config,
+        "step_s_median": median,
+        "step_s_min": min(times),
+        "samples_per_s": batch / median,
+        "loss": float(loss.detach()),
+        **memory,
+        "peak_bytes_per_class": memory["peak_bytes"] / classes,
+        "peak_vs_minimum": memory["peak_bytes"] / (classes * minimum_bytes_per_class(embedding)),
+    }
+
+
+def run_isolated(config: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``run_one`` in a fresh process: memory measured from a clean start, a failure (out of memory) contained."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(config)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**config, "error": f"timed out after {timeout:.0f} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        reason = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {**config, "error": f"exit {proc.returncode}: {reason}"}
+    return json.loads(lines[-1])
+
+
+def configurations(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    heads = [("partial_fc", rate) for rate in args.sample_rates] + ([] if args.no_full_fc else [("full_fc", 1.0)])
+    return [
+        {
+            "head": head,
+            "sample_rate": rate,
+            "num_classes": classes,
+            "embedding_size": args.embedding_size,
+            "batch_size": args.batch_size,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "grad_to_none": args.grad_to_none,
+            "fused": args.fused,
+            "device": str(device),
+            "threads": args.threads,
+        }
+        for classes in args.classes
+        for head, rate in heads
+    ]
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    return psutil.virtual_memory().available
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--classes", type=int, nargs="+", default=DEFAULT_CLASSES,
+                        help="numbers of classes (default: 1e4 1e5 1e6, what a 2-core, 24 GB CPU machine runs)")
+    parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1], help="Partial FC sample rates")
+    parser.add_argument("--no-full-fc", action="store_true", help="leave out the plain Linear + cross-entropy head")
+    parser.add_argument("--batch-size", type=int, default=128, help="embeddings per step (default 128)")
+    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=1, help="steps not counted (default 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
+    parser.add_argument("--grad-to-none", action="store_true",
+                        help="zero_grad(set_to_none=True) instead of the trainer's set_to_none=False")
+    parser.add_argument("--fused", action="store_true",
+                        help="SGD(fused=True): no weight-decay temporary as large as the centers (default: torch's)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every configuration in this process (faster; memory figures then less exact)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration (default 600)")
+    parser.add_argument("--tiny", action="store_true", help="a few seconds, for the test suite")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print its JSON
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return 0
+    if args.tiny:
+        args.classes, args.batch_size, args.embedding_size = [1000, 4000], 16, 32
+        args.warmup, args.steps, args.in_process = 1, 1, True
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for config in configurations(args, device):
+        need, free = estimated_bytes(config), available_bytes(device)
+        if need > 0.7 * free:
+            why = f"skipped: needs ~{need / 2**30:.1f} GiB (estimate), {free / 2**30:.1f} GiB available, 70 % allowed"
+            rows.append({**config, "skipped": why})
+        elif args.in_process:
+            rows.append(run_one(config))
+        else:
+            rows.append(run_isolated(config, args.timeout))
+        _progress(rows[-1])
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(device),
+        "command": " ".join(sys.argv),
+        "isolated": not args.in_process,
+        "minimum_bytes_per_class": minimum_bytes_per_class(args.embedding_size),
+        "results": rows,
+    }
+    _print(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        console.print(f"wrote {args.out}")
+    return 0
+
+
+def _label(row: dict[str, Any]) -> str:
+    return "full FC" if row["head"] == "full_fc" else f"Partial FC {row['sample_rate']:g}"
+
+
+def _progress(row: dict[str, Any]) -> None:
+    done = row.get("skipped") or row.get("error") or f"{row['step_s_median'] * 1e3:.1f} ms"
+    console.print(f"{_label(row)}, {row['num_classes']} classes: {done}", markup=False)
+
+
+def _print(results: dict[str, Any]) -> None:
+    rows = results["results"]
+    first = rows[0]
+    title = (
+        f"head step (forward + backward + SGD), batch {first['batch_size']}, {first['embedding_size']}-d, "
+        f"{first['device']}; minimum {results['minimum_bytes_per_class']} B/class (center + momentum)"
+    )
+    table = Table(title=title)
+    for column in ("head", "classes", "step ms", "samples/s", "peak MiB", "B/class", "x minimum"):
+        table.add_column(column, justify="left" if column == "head" else "right")
+    for row in rows:
+        if "step_s_median" not in row:
+            why = row.get("skipped") or row.get("error")
+            table.add_row(_label(row), f"{row['num_classes']:,}", why, "", "", "", "")
+            continue
+        table.add_row(
+            _label(row),
+            f"{row['num_classes']:,}",
+            f"{row['step_s_median'] * 1e3:.1f}",
+            f"{row['samples_per_s']:.0f}",
+            f"{row['peak_bytes'] / 2**20:.0f}",
+            f"{row['peak_bytes_per_class']:.0f}",
+            f"{row['peak_vs_minimum']:.2f}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

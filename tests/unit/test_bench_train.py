@@ -1,0 +1,196 @@
+"""The training benchmarks (train_step, head_scaling, gpu_bench, plot) in their `--tiny` modes: every field the docs
+and the plot read is there and consistent. Figures depend on the machine: no timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from models import build_backbone, count_flops
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _run(script: str, folder: Path, *args: str, out: str | None = None) -> dict[str, Any]:
+    """Run ``bench/<script>`` from ``folder`` (as a user would, outside the project) and read its JSON."""
+    out_path = folder / (out or f"{Path(script).stem}.json")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--out", str(out_path)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out_path.read_text())
+
+
+def _load(script: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", BENCH / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-train")
+
+
+@pytest.fixture(scope="module")
+def train_step(folder: Path) -> dict[str, Any]:
+    return _run("train_step.py", folder, "--tiny", "--profile")
+
+
+@pytest.fixture(scope="module")
+def head_scaling(folder: Path) -> dict[str, Any]:
+    return _run("head_scaling.py", folder, "--tiny")
+
+
+@pytest.fixture(scope="module")
+def gpu_bench(folder: Path) -> dict[str, Any]:
+    return _run("gpu_bench.py", folder, "--tiny", "--peak-tflops", "2.0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train_step.py
+
+
+def test_train_step_reports_bare_step_and_loop_per_precision(train_step: dict[str, Any]) -> None:
+    rows = train_step["results"]
+    assert [(row["network"], row["precision"]) for row in rows] == [("r_lite", "fp32"), ("r_lite", "bf16")]
+    assert [row["effective_precision"] for row in rows] == ["fp32", "bf16"]
+    for row in rows:
+        for part in ("bare", "trainer_step", "trainer_loop"):
+            timing = row[part]
+            assert timing["samples_per_s"] == pytest.approx(row["batch_size"] / timing["step_s_median"])
+            assert 0 < timing["step_s_min"] <= timing["step_s_median"]
+        for part in ("step", "loop"):
+            overhead = row["overhead"][part]
+            assert set(overhead) == {"median", "median_s", "q1", "q3", "of_medians"}
+            assert overhead["q1"] <= overhead["median"] <= overhead["q3"]
+        assert row["within_target"] == (row["overhead"]["step"]["median"] <= train_step["target_overhead"])
+        assert row["timed_steps"] == 1 and row["warmup_steps"] == 1
+        # The same backbone the trainer built (r_lite, 64-d in --tiny), counted independently here.
+        assert row["forward_macs_per_sample"] == count_flops(build_backbone("r_lite", num_features=64))
+    assert "--tiny" in train_step["command"] and train_step["machine"]["cpu_model"]
+
+
+def test_train_step_profile_finds_the_trainers_extra_work(train_step: dict[str, Any]) -> None:
+    extra = {row["op"]: row for row in train_step["results"][0]["profile"]["extra_ops"]}
+    # Both steps drop their gradients (set_to_none=True): no zeroing pass is extra work of the trainer's.
+    assert "aten::zero_" not in extra or extra["aten::zero_"]["calls_trainer"] <= extra["aten::zero_"]["calls_bare"]
+    # The trainer reads the loss back (`.item()`); the bare step never does.
+    assert extra["aten::item"]["calls_trainer"] == 1 and extra["aten::item"]["calls_bare"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# head_scaling.py
+
+
+def test_head_scaling_covers_every_head_and_size(head_scaling: dict[str, Any]) -> None:
+    rows = head_scaling["results"]
+    seen = {(row["head"], row["sample_rate"], row["num_classes"]) for row in rows}
+    assert seen == {(head, rate, classes) for classes in (1000, 4000)
+                    for head, rate in (("partial_fc", 1.0), ("partial_fc", 0.1), ("full_fc", 1.0))}
+    assert head_scaling["minimum_bytes_per_class"] == 32 * 4 * 2  # --tiny: 32-d, fp32 center + momentum
+    for row in rows:
+        minimum = row["num_classes"] * head_scaling["minimum_bytes_per_class"]
+        assert row["peak_vs_minimum"] == pytest.approx(row["peak_bytes"] / minimum)
+        assert row["samples_per_s"] == pytest.approx(row["batch_size"] / row["step_s_median"])
+
+
+def test_head_scaling_isolated_peak_counts_the_kept_tensors(folder: Path) -> None:
+    """In its own process, the peak must hold at least centers + momentum + the kept gradient + SGD's weight-decay
+    temporary (4 center-sized tensors), and what stays after the steps at least the first three."""
+    results = _run(
+        "head_scaling.py", folder, "--classes", "50000", "--sample-rates", "0.1", "--no-full-fc",
+        "--embedding-size", "64", "--batch-size", "8", "--warmup", "1", "--steps", "1", "--threads", "1",
+        out="isolated.json",
+    )
+    assert results["isolated"]
+    (row,) = results["results"]
+    center_bytes = 50000 * 64 * 4
+    if row["memory_method"].startswith("VmHWM"):
+        assert row["peak_bytes"] >= 3.9 * center_bytes
+    assert row["resident_after_bytes"] >= 2.9 * center_bytes
+
+
+def test_head_scaling_skips_what_would_not_fit(folder: Path) -> None:
+    results = _run("head_scaling.py", folder, "--classes", "10000000000", "--sample-rates", "0.1", "--no-full-fc",
+                   "--in-process", out="huge.json")
+    (row,) = results["results"]
+    assert row["skipped"].startswith("skipped: needs ~") and "step_s_median" not in row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gpu_bench.py
+
+
+def test_gpu_bench_tiny_runs_eager_compiled_and_partial_fc(gpu_bench: dict[str, Any]) -> None:
+    rows = gpu_bench["backbones"]
+    eager = [row for row in rows if not row["compile"]]
+    compiled = [row for row in rows if row["compile"]]
+    assert {(row["precision"], row["channels_last"]) for row in eager} == {
+        (precision, channels_last) for precision in ("bf16", "fp16") for channels_last in (False, True)
+    }
+    assert all(row["status"] == "ok" for row in eager)
+    # --tiny's compile budget lets the first compiled configuration run (bf16, channels_last) and skips the rest.
+    assert [row["status"] for row in compiled][0] == "ok" and compiled[0]["precision"] == "bf16"
+    assert all(row["status"].startswith("skipped") for row in compiled[1:]) and len(compiled) == 4
+    macs = count_flops(build_backbone("r_lite", num_features=64))
+    for row in eager + compiled[:1]:
+        assert row["forward_macs_per_sample"] == macs
+        assert row["train_flops_per_sample"] == macs * 2 * 3
+        assert row["mfu"] == pytest.approx(row["samples_per_s"] * macs * 6 / 2.0e12)
+    pfc = gpu_bench["partial_fc"]
+    assert [(row["num_classes"], row["fused"], row["set_to_none"]) for row in pfc] == [
+        (1000, False, False), (1000, True, True), (10_000, False, False), (10_000, True, True)
+    ]
+    assert all(row["status"] == "ok" and row["step_s"] > 0 for row in pfc)
+    assert all(row["center_bytes"] == row["num_classes"] * 64 * 4 for row in pfc)
+
+
+def test_gpu_peak_table_by_device_name() -> None:
+    gpu_bench = _load("gpu_bench.py")
+    assert gpu_bench.peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
+    assert gpu_bench.peak_tflops("NVIDIA H100 PCIe", None) == 756.0
+    assert gpu_bench.peak_tflops("NVIDIA H200", None) == 989.0
+    assert gpu_bench.peak_tflops("NVIDIA A100-SXM4-80GB", None) == 312.0
+    assert gpu_bench.peak_tflops("NVIDIA GeForce GTX 1080", None) is None
+    assert gpu_bench.peak_tflops("NVIDIA A100-SXM4-80GB", 100.0) == 100.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plot.py
+
+
+def test_plot_draws_head_scaling_results(folder: Path, head_scaling: dict[str, Any]) -> None:
+    png = folder / "scaling.png"
+    summary = _run("plot.py", folder, str(folder / "head_scaling.json"), "--png", str(png), out="plot.json")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(summary["series"]) == {"Partial FC, sample rate 1", "Partial FC, sample rate 0.1",
+                                      "full FC (Linear + CE)"}
+    for points in summary["series"].values():
+        assert [point["num_classes"] for point in points] == [1000, 4000]
+    assert summary["left_out"] == []
+
+
+def test_plot_tiny_writes_a_png_beside_its_json(folder: Path) -> None:
+    summary = _run("plot.py", folder, "--tiny", out="plot-tiny.json")
+    assert Path(summary["png"]).read_bytes()[:4] == b"\x89PNG"
+    assert len(summary["left_out"]) == 1
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "head_scaling.py", "gpu_bench.py", "plot.py"])
+def test_help(script: str) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--tiny" in proc.stdout and "--out" in proc.stdout
