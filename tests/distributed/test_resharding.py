@@ -43,7 +43,7 @@ ARGS = [
     "--train.keep_checkpoints",
     "5",
 ]
-ENTRY = "tests.dist.test_resharding"  # run with `accelerate launch --module`: the repository root is on sys.path
+ENTRY = "tests.distributed.test_resharding"  # run with `accelerate launch --module`: the repository root is on sys.path
 CONFIG = {1: "cpu", 2: "cpu_ddp_2proc", 3: "cpu_ddp_3proc"}
 
 
