@@ -85,6 +85,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_manifest(folder: Path, step: int, world_size: int) -> None:
+    """Seal a checkpoint folder: sha256 of every file in it (sub-folders included), written last and synced."""
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    manifest = {"step": step, "world_size": world_size, "files": {f: _sha256(folder / f) for f in files}}
+    with (folder / "manifest.json").open("w") as fh:
+        json.dump(manifest, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 GroupRef = tuple[torch.optim.Optimizer, int]  # (optimizer, param-group index) holding one part's parameters
 
 
@@ -192,12 +202,7 @@ def save_checkpoint(
     barrier()  # every shard is on disk before the manifest seals the folder
 
     if rank == 0:
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = {"step": step, "world_size": world_size, "files": {f: _sha256(tmp / f) for f in files}}
-        with (tmp / "manifest.json").open("w") as fh:
-            json.dump(manifest, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_manifest(tmp, step, world_size)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

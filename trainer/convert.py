@@ -23,7 +23,6 @@ exit status 2. docs/checkpoints.md has the details.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -274,12 +273,7 @@ def convert_head(
         "converted_from": {"format": "insightface arcface_torch", "files": [f.name for f in files]},
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    manifest = {
-        "step": step,
-        "world_size": world_size,
-        "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    ckpt.write_manifest(tmp, step, world_size)
     os.rename(tmp, final)  # the folder appears complete or not at all
     logger.info(
         "%d insightface shards (%d classes, step %d, epoch %d) -> %s; resume with --output %s --resume "
@@ -292,14 +286,6 @@ def convert_head(
         out,
     )
     return final
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------
