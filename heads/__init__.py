@@ -9,37 +9,28 @@ from torch import nn
 
 from heads.margins import MarginSoftmax
 from heads.partial_fc import PartialFC
+from models.registry import Registry
 
 __all__ = ["MarginSoftmax", "PartialFC", "build_head", "list_heads", "register_head"]
 
-HeadFactory = Callable[..., nn.Module]
-F = TypeVar("F", bound=HeadFactory)
+HeadFactory = TypeVar("HeadFactory", bound=Callable[..., nn.Module])
 
-_HEADS: dict[str, HeadFactory] = {}
+_HEADS: Registry[nn.Module] = Registry("head")
 
 
-def register_head(name: str) -> Callable[[F], F]:
+def register_head(name: str) -> Callable[[HeadFactory], HeadFactory]:
     """Decorator registering a head class or factory under ``name`` (used by ``build_head``)."""
-
-    def decorator(factory: F) -> F:
-        if name in _HEADS:
-            raise ValueError(f"head {name!r} is already registered (by {_HEADS[name]!r})")
-        _HEADS[name] = factory
-        return factory
-
-    return decorator
+    return _HEADS.register(name)
 
 
 def build_head(name: str, **kwargs: object) -> nn.Module:
     """Build the head registered as ``name`` with ``kwargs``."""
-    if name not in _HEADS:
-        raise ValueError(f"unknown head {name!r}; registered heads: {', '.join(list_heads()) or '(none)'}")
-    return _HEADS[name](**kwargs)
+    return _HEADS.build(name, **kwargs)
 
 
 def list_heads() -> list[str]:
     """Names of the registered heads, sorted."""
-    return sorted(_HEADS)
+    return _HEADS.names()
 
 
 register_head("partial_fc")(PartialFC)

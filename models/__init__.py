@@ -7,35 +7,28 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from models.registry import Registry
+
 __all__ = ["IResNet", "build_backbone", "count_flops", "list_backbones", "register_backbone"]
 
 BackboneFactory = TypeVar("BackboneFactory", bound=Callable[..., nn.Module])
 
-_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+_BACKBONES: Registry[nn.Module] = Registry("backbone")
 
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
     """Decorator: register a class or function returning an ``nn.Module`` under ``name``."""
-
-    def decorator(factory: BackboneFactory) -> BackboneFactory:
-        if name in _BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered (by {_BACKBONES[name].__qualname__})")
-        _BACKBONES[name] = factory
-        return factory
-
-    return decorator
+    return _BACKBONES.register(name)
 
 
 def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Build the backbone registered as ``name``; ``kwargs`` go to its constructor (e.g. ``num_features``)."""
-    if name not in _BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; registered backbones: {', '.join(list_backbones())}")
-    return _BACKBONES[name](**kwargs)
+    return _BACKBONES.build(name, **kwargs)
 
 
 def list_backbones() -> list[str]:
     """Names of all registered backbones, sorted."""
-    return sorted(_BACKBONES)
+    return _BACKBONES.names()
 
 
 # Imported last: the module registers its backbones with the decorator above, so the registry must exist first.
