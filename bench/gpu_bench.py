@@ -6,9 +6,11 @@ millions of classes. What `bench/gpu.sh` runs.
     python bench/gpu_bench.py --tiny                      # CPU, seconds: what the test suite runs
 
 Backbones (``--networks``, default r50 r100) x ``--precisions`` (bf16, fp16) x channels_last off/on x
-``torch.compile`` off/on. A step is what the trainer computes: backbone forward under ``torch.autocast``, Partial FC
-(fp32, ``--head-classes`` classes, sample rate 1), backward (fp16 through a ``GradScaler``), gradient clipping at
-5, SGD (momentum 0.9, weight decay 5e-4; torch's default foreach implementation), ``zero_grad``. Synthetic
+``torch.compile`` off/on, both applied by ``trainer.loop.apply_speed``, the trainer's code path for the recipe's
+``speed.channels_last`` and ``speed.compile`` (NHWC weights and inputs; compiled in place, mode default). A step is
+what the trainer computes: backbone forward under ``torch.autocast``, Partial FC (fp32, ``--head-classes`` classes,
+sample rate 1), backward (fp16 through a ``GradScaler``), gradient clipping at 5, SGD (momentum 0.9, weight decay
+5e-4; torch's default foreach implementation), ``zero_grad``. Synthetic
 112x112 images already on the GPU: no data loading. Per configuration: ``--warmup`` untimed steps (cuDNN autotuning,
 compilation), then ``--steps`` steps timed between two synchronizations.
 
@@ -57,6 +59,8 @@ from torch import nn  # noqa: E402
 
 from heads import PartialFC  # noqa: E402
 from models import build_backbone, count_flops  # noqa: E402
+from trainer.config import SpeedConfig  # noqa: E402
+from trainer.loop import apply_speed  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=140)
 
@@ -143,11 +147,12 @@ def backbone_config(
 def run_backbone(config: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Throughput, MFU and peak memory of one (network, precision, channels_last, compile) training step."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[config["precision"]]
-    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     base = _memory_base(device)
-    backbone = build_backbone(config["network"], num_features=args.embedding_size)
-    backbone = backbone.to(device, memory_format=memory_format)
+    backbone = build_backbone(config["network"], num_features=args.embedding_size).to(device)
     macs = count_flops(backbone)
+    # The trainer's own code path for the recipe's `speed.channels_last` and `speed.compile` (in place).
+    speed = SpeedConfig(channels_last=config["channels_last"], compile=config["compile"])
+    memory_format = apply_speed(backbone, speed, compile_backend=args.compile_backend)
     with device:
         head = PartialFC(args.embedding_size, args.head_classes)
     trainable = [p for p in backbone.parameters() if p.requires_grad]
@@ -155,9 +160,6 @@ def run_backbone(config: dict[str, Any], args: argparse.Namespace, device: torch
         [{"params": trainable}, {"params": list(head.parameters())}], lr=0.1, momentum=0.9, weight_decay=5e-4
     )
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    model: nn.Module = backbone
-    if config["compile"]:
-        model = torch.compile(backbone, backend=args.compile_backend)  # type: ignore[assignment]
     generator = torch.Generator(device=device).manual_seed(0)
     images = (torch.rand(args.batch_size, 3, 112, 112, device=device, generator=generator) * 2 - 1).contiguous(
         memory_format=memory_format
@@ -166,7 +168,7 @@ def run_backbone(config: dict[str, Any], args: argparse.Namespace, device: torch
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype):
-            embeddings = model(images)
+            embeddings = backbone(images)
         loss = head(embeddings, labels)  # fp32 inside, autocast off
         if scaler is None:
             loss.backward()

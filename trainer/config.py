@@ -101,6 +101,44 @@ class OptimConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Switches that change how fast a step runs, not what it computes (up to float rounding).
+
+    All off by default: each helps on some hardware only, and each has its price (compile time, a layout
+    conversion, compressed gradients). Figures and what they mean: docs/benchmarks.md, "Speed features (CPU)". The
+    run logs the resolved choices at start (`speed: ...`). (`optim.fused` is the optimizer's own switch.)
+    """
+
+    # Backbone weights and input batches in NHWC memory layout: what cuDNN's fastest convolutions want on tensor-core
+    # GPUs (a transpose per layer otherwise). The uint8 batches come from the dataset NHWC-strided already, so only
+    # the normalization pass touches them. Refused under DeepSpeed (its engine needs contiguous parameters).
+    channels_last: bool = False
+    # torch.compile the backbone in place (`nn.Module.compile`): state_dict keys and checkpoints stay as they are.
+    # The first step compiles (20-30 s for r_lite or r18 on the 2-core CPU of docs/benchmarks.md, longer for deeper
+    # networks), and evaluation its own graph on first use. Under DDP dynamo splits the graph at DDP's buckets, so
+    # the all-reduce still overlaps the backward. Works in one process, under DDP and under DeepSpeed ZeRO-1/2.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # DDP only (Accelerate's DistributedDataParallelKwargs). Under DeepSpeed or with one process there is no DDP:
+    # non-default values are logged as ignored, not refused, so that one recipe runs on any launch topology.
+    # Gradients are all-reduced in buckets of this many MiB, each launched as soon as its gradients are ready: small
+    # buckets overlap more of the backward but pay a latency each; large ones the reverse.
+    ddp_bucket_cap_mb: int = 25
+    # Gradient compression before the all-reduce: `fp16`/`bf16` halve the bytes (rounding each gradient to 16 bits);
+    # `power_sgd` sends a rank-`ddp_power_sgd_rank` approximation with error feedback. `bf16` needs the NCCL or XCCL
+    # backend (refused at start on gloo, where torch refuses the hook).
+    ddp_comm_hook: Literal["none", "fp16", "bf16", "power_sgd"] = "none"
+    # `.grad` tensors are views into DDP's buckets: one gradient-sized copy less per step, and less peak memory. With
+    # `compile`, torch warns "Grad strides do not match bucket view strides": inductor lays some gradients out
+    # otherwise, and those are copied as without this option (correct, just not faster).
+    ddp_gradient_as_bucket_view: bool = False
+    # PowerSGD: rank of the approximation, and how many optimizer steps use the plain all-reduce before it compresses
+    # (the PowerSGD paper's warm-up). Its error-feedback state is not checkpointed: a resumed run warms up again.
+    ddp_power_sgd_rank: int = 1
+    ddp_power_sgd_warmup_steps: int = 1000
+
+
+@dataclass
 class ScheduleConfig:
     """Linear warm-up, then polynomial decay to 0, stepped per optimizer step."""
 
@@ -145,6 +183,7 @@ class ExperimentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -293,6 +332,8 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         "train.log_every": cfg.train.log_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "eval.batch_size": cfg.eval.batch_size,
+        "speed.ddp_bucket_cap_mb": cfg.speed.ddp_bucket_cap_mb,
+        "speed.ddp_power_sgd_rank": cfg.speed.ddp_power_sgd_rank,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -321,6 +362,12 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         raise ConfigError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
     if not 0.0 <= cfg.network.dropout < 1.0:
         raise ConfigError(f"network.dropout must be in [0, 1), got {cfg.network.dropout}")
+    if cfg.speed.ddp_power_sgd_warmup_steps < 2:
+        # torch's PowerSGDState: error feedback and warm start need two plain all-reduce steps first.
+        raise ConfigError(
+            f"speed.ddp_power_sgd_warmup_steps must be >= 2 (PowerSGD needs two plain all-reduce steps first), "
+            f"got {cfg.speed.ddp_power_sgd_warmup_steps}"
+        )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
     data = cfg.data

@@ -6,6 +6,7 @@ Nothing here runs at import time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -15,16 +16,39 @@ from types import FrameType
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    KwargsHandler,
+    ProjectConfiguration,
+)
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, SpeedConfig
 
 logger = logging.getLogger(__name__)
 
+_COMM_HOOKS = {
+    "none": DDPCommunicationHookType.NO,
+    "fp16": DDPCommunicationHookType.FP16,
+    "bf16": DDPCommunicationHookType.BF16,
+    "power_sgd": DDPCommunicationHookType.POWER_SGD,
+}
+# The process-group backends whose all-reduce takes bf16 tensors; torch refuses its bf16 hook on any other (gloo).
+_BF16_BACKENDS = ("nccl", "xccl")
 
-def build_accelerator(output: str, gradient_accumulation_steps: int, tensorboard: bool) -> Accelerator:
-    """The Accelerator for this run; precision and backend come from the `accelerate launch` config file only."""
-    kwargs_handlers = []
+
+def build_accelerator(
+    output: str, gradient_accumulation_steps: int = 1, tensorboard: bool = False, speed: SpeedConfig | None = None
+) -> Accelerator:
+    """The Accelerator for this run; precision and backend come from the `accelerate launch` config file only.
+
+    `speed`: the recipe's DDP choices (`speed.ddp_*`), handed to Accelerate for when it wraps the backbone in DDP.
+    The Trainer checks them against the backend the launch chose (`check_speed_choices`), once logging is set up.
+    """
+    speed = speed or SpeedConfig()
+    kwargs_handlers: list[KwargsHandler] = [ddp_kwargs(speed)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # Several processes on CPUs. The launcher does not always tell Accelerate so: a torchrun-launched config
         # (`distributed_type: MULTI_GPU`, needed on CPU since MULTI_CPU means mpirun across machines) leaves it
@@ -40,6 +64,59 @@ def build_accelerator(output: str, gradient_accumulation_steps: int, tensorboard
         project_config=ProjectConfiguration(project_dir=output, logging_dir=os.path.join(output, "tensorboard")),
         kwargs_handlers=kwargs_handlers,
     )
+
+
+def ddp_kwargs(speed: SpeedConfig) -> DistributedDataParallelKwargs:
+    """The recipe's `speed.ddp_*` as Accelerate's DDP arguments (used only where Accelerate wraps the model in DDP)."""
+    state = {}
+    if speed.ddp_comm_hook == "power_sgd":
+        state = {
+            "matrix_approximation_rank": speed.ddp_power_sgd_rank,
+            "start_powerSGD_iter": speed.ddp_power_sgd_warmup_steps,
+        }
+    return DistributedDataParallelKwargs(
+        bucket_cap_mb=speed.ddp_bucket_cap_mb,
+        gradient_as_bucket_view=speed.ddp_gradient_as_bucket_view,
+        comm_hook=_COMM_HOOKS[speed.ddp_comm_hook],
+        comm_state_option=state,
+    )
+
+
+def uses_ddp(accelerator: Accelerator) -> bool:
+    """Whether `accelerator.prepare` wraps a model in DDP (Accelerate's own rule; DeepSpeed has its engine)."""
+    return accelerator.multi_device or accelerator.distributed_type == DistributedType.MULTI_CPU
+
+
+def check_speed_choices(speed: SpeedConfig, accelerator: Accelerator) -> None:
+    """Before anything is prepared: refuse a speed choice this launch cannot run (`ConfigError`, not a failure
+    inside `accelerator.prepare` or the first backward), and say which DDP choices it ignores (no DDP)."""
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if speed.channels_last and deepspeed:
+        # DeepSpeed broadcasts each parameter as `p.view(torch.uint8)` and flattens them into contiguous buffers:
+        # an NHWC conv weight (innermost stride != 1) fails in deepspeed.initialize.
+        raise ConfigError(
+            "speed.channels_last true is not supported under DeepSpeed (its engine needs contiguous parameters): "
+            "set it false, or train with DDP"
+        )
+    changed = {
+        f"speed.{f.name}": getattr(speed, f.name)
+        for f in dataclasses.fields(SpeedConfig)
+        if f.name.startswith("ddp_") and getattr(speed, f.name) != f.default
+    }
+    if not uses_ddp(accelerator):
+        if changed:
+            shown = ", ".join(f"{key}={value!r}" for key, value in changed.items())
+            why = "the DeepSpeed engine reduces the gradients" if deepspeed else "one process"
+            logger.warning("%s: ignored, this run has no DDP (%s)", shown, why)
+        return
+    if (accelerator.ddp_handler or DistributedDataParallelKwargs()) != ddp_kwargs(speed):  # a caller's bug
+        raise ValueError("the Accelerator's DDP arguments are not the recipe's: use build_accelerator(speed=...)")
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    if speed.ddp_comm_hook == "bf16" and not any(name in backend for name in _BF16_BACKENDS):
+        raise ConfigError(
+            f"speed.ddp_comm_hook 'bf16' needs the NCCL or XCCL backend (GPUs); this run's is {backend}: "
+            "use 'fp16', 'power_sgd' or 'none'"
+        )
 
 
 def effective_precision(accelerator: Accelerator) -> str:

@@ -39,8 +39,23 @@ from heads import build_head
 from heads.margins import MarginSoftmax
 from models import build_backbone
 from trainer import checkpoint as ckpt
-from trainer.config import STRUCTURAL_KEYS, ConfigError, ExperimentConfig, flatten, save_config, to_dict
-from trainer.distributed import StopSignal, check_same_on_every_rank, effective_precision, seed_everything
+from trainer.config import (
+    STRUCTURAL_KEYS,
+    ConfigError,
+    ExperimentConfig,
+    SpeedConfig,
+    flatten,
+    save_config,
+    to_dict,
+)
+from trainer.distributed import (
+    StopSignal,
+    check_same_on_every_rank,
+    check_speed_choices,
+    effective_precision,
+    seed_everything,
+    uses_ddp,
+)
 from trainer.optim import AccelerateStep, DeepSpeedStep, lr_factor, set_lr
 from trainer.reporting import ProgressBar, Throughput, print_summary
 
@@ -121,6 +136,46 @@ def freeze_batchnorm(module: nn.Module) -> None:
             bn.register_forward_pre_hook(lambda m, _: setattr(m, "training", False))
 
 
+def apply_speed(backbone: nn.Module, speed: SpeedConfig, compile_backend: str = "inductor") -> torch.memory_format:
+    """`speed.channels_last` and `speed.compile` on a bare backbone, before `accelerator.prepare`; returns the memory
+    format its input batches must have. (`bench/gpu_bench.py` goes through here too, with its own backend.)
+
+    Before prepare: DDP's buckets and DeepSpeed's flat buffers are laid out from the parameters' strides, and every
+    backend then runs the same compiled module: DDP calls it inside its forward, where dynamo splits the graph at
+    DDP's buckets (each bucket's all-reduce still overlaps the backward); a DeepSpeed engine calls it as its module.
+    Compiled in place (`nn.Module.compile`): state_dict keys, checkpoints and `unwrap_model` stay as they are, where
+    a `torch.compile(module)` wrapper would prefix every key with `_orig_mod.`. Compilation happens at the first
+    step, and again at the first evaluation (eval mode, another batch size).
+    """
+    memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
+    backbone.to(memory_format=memory_format)  # type: ignore[call-overload]  # torch's stubs lack memory_format
+    if speed.compile:
+        backbone.compile(mode=speed.compile_mode, backend=compile_backend)
+    return memory_format
+
+
+def describe_speed(speed: SpeedConfig, accelerator: Accelerator, fused_optimizer: bool) -> str:
+    """The resolved speed choices, logged at start."""
+    on_off = {True: "on", False: "off"}
+    fused = on_off[fused_optimizer]
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fused += " (head only; the engine keeps its own)"
+    parts = [
+        f"channels_last {on_off[speed.channels_last]}",
+        f"compile {speed.compile_mode if speed.compile else 'off'}",
+        f"fused optimizer {fused}",
+    ]
+    if uses_ddp(accelerator):
+        hook: str = speed.ddp_comm_hook
+        if hook == "power_sgd":
+            hook += f" (rank {speed.ddp_power_sgd_rank}, after {speed.ddp_power_sgd_warmup_steps} plain steps)"
+        view = on_off[speed.ddp_gradient_as_bucket_view]
+        parts.append(f"DDP buckets {speed.ddp_bucket_cap_mb} MiB, comm hook {hook}, gradient as bucket view {view}")
+    else:
+        parts.append("no DDP")
+    return ", ".join(parts)
+
+
 class Trainer:
     """Owns the run's state: step, epoch, sampler position, and the objects that train."""
 
@@ -140,6 +195,7 @@ class Trainer:
 
         if cfg.data.decode == "gpu" and accelerator.device.type != "cuda":
             raise ConfigError(f"data.decode 'gpu' needs a CUDA device; this run is on {accelerator.device.type}")
+        check_speed_choices(cfg.speed, accelerator)
         with accelerator.main_process_first():  # the generated dataset is written once, then read by every rank
             self.dataset, self.num_classes, bins = build_dataset(cfg)
         check_same_on_every_rank(
@@ -182,6 +238,7 @@ class Trainer:
             load_pretrained(backbone, Path(cfg.network.init_weights))
         if cfg.network.freeze_batchnorm:
             freeze_batchnorm(backbone)
+        self.memory_format = apply_speed(backbone, cfg.speed)  # channels_last, compile: before prepare
         margin = MarginSoftmax(s=cfg.head.s, m1=cfg.head.m1, m2=cfg.head.m2, m3=cfg.head.m3)
         self.head = build_head(
             cfg.head.name,
@@ -234,6 +291,7 @@ class Trainer:
             self.global_batch,
             self.precision,
         )
+        logger.info("speed: %s", describe_speed(cfg.speed, accelerator, cfg.optim.fused))
 
     @property
     def global_batch(self) -> int:
@@ -299,14 +357,16 @@ class Trainer:
         return mean_loss
 
     def to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images normalized on the device in the backbone's input dtype, labels, bad keys on the CPU)."""
+        """(images normalized on the device in the backbone's input dtype and memory format, labels, bad keys on the
+        CPU)."""
         device, dtype = self.accelerator.device, self.stepper.input_dtype()
         if self.cfg.data.decode == "gpu":
             from data.gpu_decode import decode_batch
 
-            return decode_batch(batch, device, dtype)
+            images, labels, bad_keys = decode_batch(batch, device, dtype)
+            return images.contiguous(memory_format=self.memory_format), labels, bad_keys
         images, labels, bad_keys = batch
-        images = normalize_images(images.to(device, non_blocking=True), dtype)
+        images = normalize_images(images.to(device, non_blocking=True), dtype, self.memory_format)
         return images, labels.to(device, non_blocking=True), bad_keys
 
     def lr(self) -> float:

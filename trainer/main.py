@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.loop import run
     from trainer.reporting import setup_logging
 
-    accelerator = build_accelerator(cfg.output, cfg.train.gradient_accumulation_steps, cfg.train.tensorboard)
+    accelerator = build_accelerator(
+        cfg.output, cfg.train.gradient_accumulation_steps, cfg.train.tensorboard, speed=cfg.speed
+    )
     setup_logging(Path(cfg.output), accelerator.is_main_process)
     try:
         run(cfg, accelerator, resume=args.resume)

@@ -1,5 +1,5 @@
-"""The training benchmarks (train_step, head_scaling, gpu_bench, plot) in their `--tiny` modes: every field the docs
-and the plot read is there and consistent. Figures depend on the machine: no timing is asserted."""
+"""The training benchmarks (train_step, speed, head_scaling, gpu_bench, plot) in their `--tiny` modes: every field the
+docs and the plot read is there and consistent. Figures depend on the machine: no timing is asserted."""
 
 from __future__ import annotations
 
@@ -51,6 +51,11 @@ def train_step(folder: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def speed(folder: Path) -> dict[str, Any]:
+    return _run("speed.py", folder, "--tiny")
+
+
+@pytest.fixture(scope="module")
 def head_scaling(folder: Path) -> dict[str, Any]:
     return _run("head_scaling.py", folder, "--tiny")
 
@@ -90,6 +95,34 @@ def test_train_step_profile_finds_the_trainers_extra_work(train_step: dict[str, 
     assert "aten::zero_" not in extra or extra["aten::zero_"]["calls_trainer"] <= extra["aten::zero_"]["calls_bare"]
     # The trainer reads the loss back (`.item()`); the bare step never does.
     assert extra["aten::item"]["calls_trainer"] == 1 and extra["aten::item"]["calls_bare"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# speed.py
+
+
+def test_speed_measures_each_switch_against_the_default(speed: dict[str, Any]) -> None:
+    single = {row["variant"]: row for row in speed["single"]}
+    assert list(single) == ["default", "channels_last", "unfused optimizer"]
+    assert single["channels_last"]["overrides"] == {"speed.channels_last": True}
+    assert single["unfused optimizer"]["overrides"] == {"optim.fused": False}
+    ddp = {row["variant"]: row for row in speed["ddp"]}
+    assert list(ddp) == ["default (25 MiB, no hook)", "fp16 hook", "bf16 hook"]
+    # gloo cannot run torch's bf16 hook: the trainer refuses it before the first step, and the bench says so.
+    assert ddp["bf16 hook"]["status"].startswith("refused: speed.ddp_comm_hook 'bf16' needs the NCCL or XCCL backend")
+    measured = [row for row in speed["single"] + speed["ddp"] if row["status"] == "ok"]
+    assert len(measured) == 5
+    for row in measured:
+        assert row["processes"] == (2 if row in speed["ddp"] else 1) and row["precision"] == "fp32"
+        assert len(row["step_s"]) == 1 and row["step_s_median"] == row["step_s"][0]
+        # --tiny: batch 16 per process; samples/s counts every process's samples.
+        assert row["samples_per_s"] == pytest.approx(16 * row["processes"] / row["step_s_median"])
+        assert row["speedup"]["q1"] <= row["speedup"]["median"] <= row["speedup"]["q3"]
+    # The baselines are their own reference; every other row is paired with its part's baseline, step by step.
+    assert single["default"]["speedup"]["median"] == ddp["default (25 MiB, no hook)"]["speedup"]["median"] == 1.0
+    base = single["default"]["step_s"][0]
+    assert single["channels_last"]["speedup"]["median"] == pytest.approx(base / single["channels_last"]["step_s"][0])
+    assert speed["machine"]["cpus"] and "--tiny" in speed["command"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +223,7 @@ def test_plot_tiny_writes_a_png_beside_its_json(folder: Path) -> None:
     assert len(summary["left_out"]) == 1
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "head_scaling.py", "gpu_bench.py", "plot.py"])
+@pytest.mark.parametrize("script", ["train_step.py", "speed.py", "head_scaling.py", "gpu_bench.py", "plot.py"])
 def test_help(script: str) -> None:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--tiny" in proc.stdout and "--out" in proc.stdout

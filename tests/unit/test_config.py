@@ -85,6 +85,41 @@ def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_speed_section_parses_and_defaults_off(tmp_path: Path) -> None:
+    default = load_config(None).speed
+    assert (default.channels_last, default.compile, default.ddp_comm_hook) == (False, False, "none")
+    assert (default.ddp_bucket_cap_mb, default.ddp_gradient_as_bucket_view) == (25, False)
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text(
+        "speed:\n  channels_last: true\n  compile: true\n  compile_mode: max-autotune\n"
+        "  ddp_bucket_cap_mb: 100\n  ddp_comm_hook: power_sgd\n  ddp_power_sgd_rank: 4\n"
+    )
+    speed = load_config(recipe, ["--speed.ddp_gradient_as_bucket_view", "true"], check_files=False).speed
+    assert (speed.channels_last, speed.compile, speed.compile_mode) == (True, True, "max-autotune")
+    assert (speed.ddp_bucket_cap_mb, speed.ddp_comm_hook, speed.ddp_power_sgd_rank) == (100, "power_sgd", 4)
+    assert speed.ddp_gradient_as_bucket_view is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--speed.channels_last", "yes please"], "speed.channels_last expects true/false, got 'yes please'"),
+        (["--speed.compile_mode", "turbo"], "speed.compile_mode must be one of 'default', 'reduce-overhead'"),
+        (["--speed.ddp_comm_hook", "int8"], "speed.ddp_comm_hook must be one of 'none', 'fp16', 'bf16', 'power_sgd'"),
+        (["--speed.ddp_bucket_cap_mb", "0"], "speed.ddp_bucket_cap_mb must be > 0, got 0"),
+        (["--speed.ddp_bucket_cap_mb", "2.5"], "speed.ddp_bucket_cap_mb expects an integer, got 2.5"),
+        (["--speed.ddp_power_sgd_rank", "0"], "speed.ddp_power_sgd_rank must be > 0"),
+        (["--speed.ddp_power_sgd_warmup_steps", "1"], "speed.ddp_power_sgd_warmup_steps must be >= 2"),
+        (["--speed.fast", "true"], "unknown key 'speed.fast'"),
+    ],
+)
+def test_bad_speed_keys_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_missing_data_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data.root: .*nowhere/train.rec does not exist"):
         load_config(None, ["--data.source", "recordio", "--data.root", str(tmp_path / "nowhere")])

@@ -330,6 +330,20 @@ def test_normalize_images_is_exact() -> None:
     assert torch.equal(normalize_images(reference), reference)  # float passes through
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalize_images_channels_last_same_values(dtype: torch.dtype) -> None:
+    """`speed.channels_last`: the same numbers in NHWC strides, from the datasets' NHWC-strided uint8 batches (a
+    permute of (B, H, W, 3)) as from NCHW ones, and from float input."""
+    hwc = torch.randint(0, 256, (4, 112, 112, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = hwc.permute(0, 3, 1, 2)  # what FaceDataset.__getitems__ hands on
+    reference = normalize_images(batch, dtype)
+    assert reference.is_contiguous() and not batch.is_contiguous()  # the default still transposes: as before
+    for images in (batch, batch.contiguous(), reference.float()):
+        nhwc = normalize_images(images, dtype, torch.channels_last)
+        assert nhwc.is_contiguous(memory_format=torch.channels_last) and nhwc.dtype == dtype
+        assert torch.equal(nhwc, reference)
+
+
 def test_loader_with_workers_shares_the_batch_tensor(tmp_path: Path) -> None:
     dataset = RecordFaceDataset(_face_folder(tmp_path / "d", [0, 1, 1, 2]), output="uint8")
     sampler = DistributedEpochSampler(len(dataset), rank=0, world_size=1, seed=1, with_seeds=True)
