@@ -1,4 +1,4 @@
-"""Input-path throughput: images/s of read + decode + flip + normalize + collate through a DataLoader, for 0..N
+"""Input-path throughput: images/s of read + decode + flip + normalize + collate through a loader, for 0..N
 workers, beside the raw decode speed of the same JPEG bytes in a tight loop.
 
     python bench/data.py --out bench-data.json            # generates a 112x112 .rec with data.faces
@@ -15,6 +15,10 @@ ships the batch through shared memory). Paths:
 * ``float/per-sample``: ``__getitem__`` per image + ``default_collate`` (the plain DataLoader contract).
 * ``float/batched``: ``__getitems__`` decodes a batch into one tensor + ``collate_faces`` (no copy), float32 out.
 * ``uint8/batched``: the same, uint8 out (4x fewer bytes between processes); normalize on the device.
+* ``uint8/FaceLoader``: the same batch path in :class:`data.loader.FaceLoader`'s workers, which decode into
+  shared-memory slots allocated once (DataLoader allocates a new segment per batch).
+* ``uint8/FaceLoader, flip on device``: what the trainer runs: the workers read and decode, the flip is applied
+  with the normalization on the device; that device-side cost is timed apart, per image.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import simplejpeg  # noqa: E402
@@ -46,8 +50,16 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from data.dataset import DistributedEpochSampler, FaceSample, RecordFaceDataset, collate_faces  # noqa: E402
+from data.dataset import (  # noqa: E402
+    IMAGE_SIZE,
+    DistributedEpochSampler,
+    FaceSample,
+    RecordFaceDataset,
+    collate_faces,
+    normalize_images,
+)
 from data.faces import FacesConfig, generate  # noqa: E402
+from data.loader import FaceLoader  # noqa: E402
 
 # Wide enough for the tables when the output goes to a file or a pipe (rich would wrap them at 80 columns).
 console = Console() if sys.stdout.isatty() else Console(width=130)
@@ -122,31 +134,52 @@ def _process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def _loader_cpu(loader: DataLoader[Any]) -> float | None:
-    iterator = loader._iterator  # persistent workers: the iterator (and its worker processes) outlive an epoch
-    workers = getattr(iterator, "_workers", None)
+def _loader_cpu(loader: DataLoader[Any] | FaceLoader) -> float | None:
+    if isinstance(loader, FaceLoader):
+        workers = loader._workers
+    else:  # persistent workers: the iterator (and its worker processes) outlive an epoch
+        workers = getattr(loader._iterator, "_workers", None)
     if not workers:
         return time.process_time()
     seconds = [_process_cpu_seconds(worker.pid) for worker in workers]
     return None if any(value is None for value in seconds) else sum(seconds)  # type: ignore[misc]
 
 
-def measure_loader(
-    dataset: Dataset[Any], workers: int, batch_size: int, epochs: int, collate: Callable[..., Any] | None
-) -> dict[str, float | None]:
+class LoaderPath(NamedTuple):
+    """One way of turning the .rec into batches: DataLoader with a collate function, or FaceLoader."""
+
+    dataset: Dataset[Any]
+    collate: Callable[..., Any] | None = None  # DataLoader; None = default_collate
+    face_loader: bool = False
+    flip_on_device: bool = False  # FaceLoader only: workers read + decode, the flip goes with normalization
+
+    def build(self, sampler: DistributedEpochSampler, workers: int, batch_size: int) -> DataLoader[Any] | FaceLoader:
+        if self.face_loader:
+            return FaceLoader(
+                self.dataset,  # type: ignore[arg-type]
+                batch_size,
+                sampler,
+                num_workers=workers,
+                prefetch=4,
+                flip_on_device=self.flip_on_device,
+            )
+        return DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=self.collate,
+            drop_last=True,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
+            multiprocessing_context="fork" if workers else None,
+        )
+
+
+def measure_loader(path: LoaderPath, workers: int, batch_size: int, epochs: int) -> dict[str, float | None]:
     """images/s (wall) and images per CPU-second of the loading processes, over ``epochs`` after a warm-up."""
-    sampler = DistributedEpochSampler(len(dataset), rank=0, world_size=1, seed=0, with_seeds=True)  # type: ignore[arg-type]
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        drop_last=True,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
-        multiprocessing_context="fork" if workers else None,
-    )
+    sampler = DistributedEpochSampler(len(path.dataset), rank=0, world_size=1, seed=0, with_seeds=True)  # type: ignore[arg-type]
+    loader = path.build(sampler, workers, batch_size)
     images = 0
     for epoch in range(epochs + 1):
         sampler.set_epoch(epoch)
@@ -158,6 +191,8 @@ def measure_loader(
     wall = time.perf_counter() - start_wall
     end_cpu = _loader_cpu(loader)
     cpu = None if start_cpu is None or end_cpu is None else end_cpu - start_cpu
+    if isinstance(loader, FaceLoader):
+        loader.close()
     del loader  # ends the workers
     return {"images_per_s": images / wall, "images_per_cpu_s": images / cpu if cpu else None}
 
@@ -180,6 +215,34 @@ def measure_dataset(dataset: RecordFaceDataset, batch_size: int, epochs: int) ->
         torch.set_num_threads(threads)
     images = len(items) // batch_size * batch_size
     return {"images_per_cpu_s": images / max(best, 1e-9)}
+
+
+def measure_device_side(batch_size: int, device: torch.device, repeats: int = 20) -> dict[str, float]:
+    """What the trainer does with a uint8 batch on its device: ``normalize_images`` alone, and with the flips the
+    loader left to the device (half the images), in microseconds per image (best of ``repeats``)."""
+    generator = torch.Generator().manual_seed(0)
+    hwc = torch.randint(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, generator=generator)
+    images = hwc.to(device).permute(0, 3, 1, 2)
+    flips = (torch.arange(batch_size) % 2).bool()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as the other CPU figures: one core
+    results = {}
+    try:
+        for name, mask in (("normalize", None), ("normalize_and_flip", flips)):
+            best = float("inf")
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                normalize_images(images, torch.float32, flips=mask)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            results[f"{name}_us_per_image"] = best / batch_size * 1e6
+    finally:
+        torch.set_num_threads(threads)
+    return results
 
 
 def measure_gpu(root: Path, workers: Sequence[int], batch_size: int, epochs: int) -> dict[str, Any]:
@@ -268,10 +331,14 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     jpegs = [reference.encoded(index)[0] for index in range(len(reference))]
     decoders = measure_decoders(jpegs, args.repeats)
     raw = decoders["simplejpeg"]
-    paths: dict[str, tuple[Dataset[Any], Callable[..., Any] | None]] = {
-        "float/per-sample": (_PerSample(RecordFaceDataset(root, output="float")), None),
-        "float/batched": (RecordFaceDataset(root, output="float"), collate_faces),
-        "uint8/batched": (RecordFaceDataset(root, output="uint8"), collate_faces),
+    paths = {
+        "float/per-sample": LoaderPath(_PerSample(RecordFaceDataset(root, output="float"))),
+        "float/batched": LoaderPath(RecordFaceDataset(root, output="float"), collate_faces),
+        "uint8/batched": LoaderPath(RecordFaceDataset(root, output="uint8"), collate_faces),
+        "uint8/FaceLoader": LoaderPath(RecordFaceDataset(root, output="uint8"), face_loader=True),
+        "uint8/FaceLoader, flip on device": LoaderPath(
+            RecordFaceDataset(root, output="uint8"), face_loader=True, flip_on_device=True
+        ),
     }
     in_process = {
         output: measure_dataset(RecordFaceDataset(root, output=output), args.batch_size, args.epochs + 1)  # type: ignore[arg-type]
@@ -281,10 +348,10 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         values["cpu_vs_raw"] = values["images_per_cpu_s"] / raw["images_per_cpu_s"]
     workers = list(range(args.max_workers + 1))
     loaders: dict[str, dict[str, Any]] = {}
-    for name, (dataset, collate) in paths.items():
+    for name, path in paths.items():
         loaders[name] = {}
         for count in workers:
-            result = measure_loader(dataset, count, args.batch_size, args.epochs, collate)
+            result = measure_loader(path, count, args.batch_size, args.epochs)
             per_worker = result["images_per_s"] / max(count, 1)  # type: ignore[operator]
             result["per_worker_vs_raw"] = per_worker / raw["images_per_s"]
             cpu_rate = result["images_per_cpu_s"]
@@ -292,6 +359,9 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             loaders[name][str(count)] = result
             one = loaders[name].get("1")
             result["scaling_vs_1_worker"] = result["images_per_s"] / one["images_per_s"] if one else None
+    device_side = {"cpu": measure_device_side(args.batch_size, torch.device("cpu"))}
+    if args.gpu and torch.cuda.is_available():
+        device_side["cuda"] = measure_device_side(args.batch_size, torch.device("cuda"))
     results = {
         "date": datetime.date.today().isoformat(),
         "machine": {
@@ -309,6 +379,7 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "raw_decode": decoders,
         "dataset_in_process": in_process,
         "loader": loaders,
+        "device_side": device_side,
     }
     if args.gpu:
         gpu_workers = [count for count in workers if count > 0] or [0]
@@ -350,6 +421,13 @@ def _print(results: dict[str, Any]) -> None:
                 fmt(values["scaling_vs_1_worker"], "{:.2f}x"),
             )
     console.print(table)
+    side = Table(title="on the device, per image (normalize_images; the flip when the loader leaves it there)")
+    for column in ("device", "normalize us", "normalize + flip us"):
+        side.add_column(column, justify="left" if column == "device" else "right")
+    for device, values in results["device_side"].items():
+        plain, flipped = values["normalize_us_per_image"], values["normalize_and_flip_us_per_image"]
+        side.add_row(device, f"{plain:.1f}", f"{flipped:.1f}")
+    console.print(side)
     if "gpu" in results:
         console.print(f"GPU decode: {results['gpu']}", markup=False)
 

@@ -109,6 +109,7 @@ def normalize_images(
     images: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.contiguous_format,
+    flips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A batch from any face dataset as ``dtype`` in ``[-1, 1]``, laid out in ``memory_format``: uint8 pixels are
     normalized (``(x - 127.5) / 127.5``, bit-identical to the float path's ``(x / 255 - 0.5) / 0.5``), float passes
@@ -116,17 +117,24 @@ def normalize_images(
 
     Meant for the device: ``normalize_images(images.to(device, non_blocking=True))`` moves 4x fewer bytes.
     ``torch.channels_last`` (the trainer's ``speed.channels_last``) keeps the uint8 batches' NHWC strides, so the
-    normalization pass is the only one; the default, contiguous NCHW, transposes them on the way.
+    normalization pass is the only one; the default, contiguous NCHW, transposes them on the way. ``flips`` (bool,
+    one per image) applies the random flip here instead of in the loader's workers.
     """
     if images.dtype == torch.uint8:
         # Normalize in float32 for exactness, then cast: same values as the float path for every dtype.
         images = images.to(dtype=torch.float32, memory_format=memory_format).sub_(127.5).div_(127.5)
-    return images.to(dtype=dtype, memory_format=memory_format)
+    images = images.to(dtype=dtype, memory_format=memory_format)
+    if flips is not None:
+        # The random flip, when the loader left it to the device: `flips[i]` mirrors image i left-right. Exact, so
+        # the batch equals the one flipped in the workers (FaceLoader(flip_on_device=True), docs/benchmarks.md).
+        mask = flips.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
+        images = torch.where(mask, images.flip(3), images).contiguous(memory_format=memory_format)
+    return images
 
 
-def split_item(item: int | tuple[int, int]) -> tuple[int, int | None]:
-    """``(index, augmentation seed or None)`` of a dataset item."""
-    if isinstance(item, tuple):
+def split_item(item: int | tuple[int, int] | list[int]) -> tuple[int, int | None]:
+    """``(index, augmentation seed or None)`` of a dataset item (a pair may also come as a list)."""
+    if isinstance(item, (tuple, list)):
         return int(item[0]), int(item[1])
     return int(item), None
 
@@ -249,13 +257,7 @@ class FaceDataset(Dataset[FaceSample]):
                 self._scratch = np.empty(shape, dtype=np.uint8)
             pixels = self._scratch[:count]
             hwc = torch.from_numpy(pixels)
-        labels = np.empty(count, dtype=np.int64)
-        bad_keys = np.empty(count, dtype=np.int64)
-        for slot, item in enumerate(items):
-            index, seed = split_item(item)
-            _, labels[slot], bad_keys[slot] = self._load(index, pixels[slot])
-            if self._flip(seed):
-                _flip_in_place(pixels[slot])
+        labels, bad_keys = self.fill_batch(items, pixels)
         images = hwc.permute(0, 3, 1, 2)  # (B, 3, H, W) with channels-last strides
         if self.output == "float":
             normalized = _batch_tensor((count, 3, IMAGE_SIZE, IMAGE_SIZE), torch.float32)
@@ -266,6 +268,39 @@ class FaceDataset(Dataset[FaceSample]):
                 np.take(_PIXEL_TO_UNIT, pixels.transpose(0, 3, 1, 2), out=normalized.numpy())
                 images = normalized
         return FaceBatch(images, torch.from_numpy(labels), torch.from_numpy(bad_keys))
+
+    def fill_batch(
+        self, items: Sequence[Any], pixels: np.ndarray, flip: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode (and, with ``flip``, flip) the samples ``items`` into ``pixels[:len(items)]``, a
+        ``(>= B, 112, 112, 3)`` uint8 array; returns their ``(labels, bad_keys)`` as int64 arrays. The one batch
+        path: ``__getitems__`` and :class:`data.loader.FaceLoader`'s reusable shared-memory slots both go through
+        it. ``flip=False`` leaves the flip to the device (see :meth:`flips` and :func:`normalize_images`)."""
+        labels, bad_keys = [], []
+        for slot, item in enumerate(items):
+            index, seed = split_item(item)
+            out = pixels[slot]
+            try:  # the common case inline: this loop is most of a data worker's time besides decoding
+                data, label = self.encoded(index)
+                decode_face(data, out)
+                bad_key = -1
+            except BadSampleError:
+                _, label, bad_key = self._load(index, out)  # logs it, finds the replacement
+            labels.append(label)
+            bad_keys.append(bad_key)
+            if flip and self._flip(seed):
+                _flip_in_place(out)
+        return np.array(labels, dtype=np.int64), np.array(bad_keys, dtype=np.int64)
+
+    def flips(self, items: Sequence[Any]) -> np.ndarray:
+        """Which of ``items`` are mirrored (bool), from their augmentation seeds alone: what :meth:`fill_batch`
+        with ``flip=True`` would do to them, replacements of bad samples included. Needs ``(index, seed)`` items."""
+        if not self.random_flip or not len(items):
+            return np.zeros(len(items), dtype=bool)
+        seeds = np.asarray(items, dtype=np.int64)
+        if seeds.ndim != 2 or seeds.shape[1] != 2:
+            raise ValueError("flips need (index, augmentation seed) items: DistributedEpochSampler(with_seeds=True)")
+        return ((seeds[:, 1] >> _FLIP_BIT) & 1).astype(bool)
 
 
 class FaceBatch(Sequence[FaceSample]):
@@ -398,7 +433,7 @@ class RecordFaceDataset(FaceDataset):
     def encoded(self, index: int) -> tuple[bytes, int]:
         key = int(self.image_keys[index])
         try:
-            header, payload = self.reader.unpack_idx(key)
+            header, payload = self.reader.read_record(key)
         except RecordIOError as error:
             raise BadSampleError(f"unreadable record: {error}") from None
         return payload, self._label(key, header, self.num_classes)

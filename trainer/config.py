@@ -77,7 +77,12 @@ class DataConfig:
     num_classes: int = 0
     # `synthetic` only: how many samples an epoch has.
     num_images: int = 0
+    # Processes that read and decode (data.loader.FaceLoader; 0 = in the training process), and how many batches
+    # each decodes ahead of the step.
     num_workers: int = 2
+    prefetch: int = 2
+    # On a CUDA machine, page-lock the loader's batch slots once, so each batch's copy to the GPU is asynchronous.
+    pin_memory: bool = True
     random_flip: bool = True
     # A corrupt image is replaced by another sample and counted; past this fraction (per rank) the run stops.
     max_bad_fraction: float = 0.01
@@ -333,6 +338,7 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "eval.batch_size": cfg.eval.batch_size,
         "speed.ddp_bucket_cap_mb": cfg.speed.ddp_bucket_cap_mb,
+        "data.prefetch": cfg.data.prefetch,
         "speed.ddp_power_sgd_rank": cfg.speed.ddp_power_sgd_rank,
     }
     for key, value in positive.items():

@@ -28,12 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 from data.dataset import (
     BadDataTracker,
     DistributedEpochSampler,
+    FaceDataset,
     RecordFaceDataset,
     collate_faces,
     normalize_images,
     seed_worker,
 )
 from data.image_folder import ImageFolderDataset
+from data.loader import FaceLoader
 from data.synthetic import SyntheticDataset
 from heads import build_head
 from heads.margins import MarginSoftmax
@@ -90,9 +92,30 @@ def build_dataset(cfg: ExperimentConfig) -> tuple[Any, int, list[str]]:
     return dataset, dataset.num_classes, bins
 
 
-def build_loader(cfg: ExperimentConfig, dataset: Dataset, sampler: DistributedEpochSampler) -> DataLoader:
+def build_loader(
+    cfg: ExperimentConfig, dataset: Dataset, sampler: DistributedEpochSampler, rank: int, device: torch.device
+) -> FaceLoader | DataLoader:
+    """Face images decoded on the CPU go through `data.loader.FaceLoader` (batch slots in shared memory, allocated
+    once: about twice DataLoader's images/s per worker, docs/benchmarks.md); the synthetic source and GPU decoding
+    (which ships JPEG bytes, not pixels) through DataLoader. Both yield the same batches for the same sampler.
+
+    On a GPU the random flip is left to the device, where it is one pass with the normalization, and the workers
+    only read and decode; on a CPU device a worker flips the uint8 image more cheaply than the device the float
+    one (measured in docs/benchmarks.md)."""
+    data = cfg.data
+    if isinstance(dataset, FaceDataset) and data.decode == "cpu":
+        return FaceLoader(
+            dataset,
+            cfg.train.batch_size,
+            sampler,
+            num_workers=data.num_workers,
+            prefetch=data.prefetch,
+            pin_memory=data.pin_memory,
+            seed=cfg.train.seed + 1000 * rank,  # only for samplers without augmentation seeds
+            flip_on_device=device.type == "cuda",
+        )
     collate: Callable[..., Any] = collate_faces
-    if cfg.data.decode == "gpu":
+    if data.decode == "gpu":
         from data.gpu_decode import collate_jpeg
 
         collate = collate_jpeg
@@ -100,12 +123,13 @@ def build_loader(cfg: ExperimentConfig, dataset: Dataset, sampler: DistributedEp
         dataset,
         batch_size=cfg.train.batch_size,
         sampler=sampler,
-        num_workers=cfg.data.num_workers,
+        num_workers=data.num_workers,
         collate_fn=collate,
         worker_init_fn=seed_worker,
-        pin_memory=torch.cuda.is_available() and cfg.data.decode == "cpu",
+        pin_memory=data.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=data.prefetch if data.num_workers else None,
         drop_last=True,
-        persistent_workers=cfg.data.num_workers > 0,
+        persistent_workers=data.num_workers > 0,
     )
 
 
@@ -217,7 +241,7 @@ class Trainer:
         self.sampler = DistributedEpochSampler(
             len(self.dataset), rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, with_seeds=True
         )
-        self.loader = build_loader(cfg, self.dataset, self.sampler)
+        self.loader = build_loader(cfg, self.dataset, self.sampler, self.rank, accelerator.device)
         self.bad_data = BadDataTracker(
             cfg.data.max_bad_fraction, source=getattr(self.dataset, "source", cfg.data.source)
         )
@@ -365,8 +389,9 @@ class Trainer:
 
             images, labels, bad_keys = decode_batch(batch, device, dtype)
             return images.contiguous(memory_format=self.memory_format), labels, bad_keys
-        images, labels, bad_keys = batch
-        images = normalize_images(images.to(device, non_blocking=True), dtype, self.memory_format)
+        images, labels, bad_keys, *flips = batch  # FaceLoader adds the flips it left to the device
+        images = images.to(device, non_blocking=True)
+        images = normalize_images(images, dtype, self.memory_format, flips[0] if flips else None)
         return images, labels.to(device, non_blocking=True), bad_keys
 
     def lr(self) -> float:
@@ -507,6 +532,8 @@ class Trainer:
             tmp = model_path.with_name(f".{model_path.name}.tmp")
             shutil.copyfile(final, tmp)
             os.replace(tmp, model_path)
+        if isinstance(self.loader, FaceLoader):
+            self.loader.close()  # its workers; DataLoader's end with the iterator
         accelerator.wait_for_everyone()
         accelerator.end_training()
         if torch.distributed.is_initialized():

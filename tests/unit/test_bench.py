@@ -41,7 +41,8 @@ def test_bench_script_runs_tiny(script: Path, tmp_path: Path, request: pytest.Fi
 
 def test_data_bench_reports_every_path(data_results: dict[str, Any]) -> None:
     assert set(data_results["raw_decode"]) >= {"simplejpeg", "pillow"}
-    assert set(data_results["loader"]) == {"float/per-sample", "float/batched", "uint8/batched"}
+    assert set(data_results["loader"]) == {"float/per-sample", "float/batched", "uint8/batched", "uint8/FaceLoader"}
+    assert set(data_results["loader"]["uint8/FaceLoader"]) == {"0", "1"}
     assert set(data_results["loader"]["uint8/batched"]) == {"0", "1"}
     assert set(data_results["dataset_in_process"]) == {"float", "uint8"}
     rates = [value["images_per_s"] for by_workers in data_results["loader"].values() for value in by_workers.values()]

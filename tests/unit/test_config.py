@@ -74,6 +74,8 @@ def test_int_is_accepted_for_float() -> None:
         (["--network.name", "r9000"], "network.name: unknown backbone 'r9000'"),
         (["--head.sample_rate", "0"], "head.sample_rate must be in (0, 1]"),
         (["--train.batch_size", "0"], "train.batch_size must be > 0"),
+        (["--data.prefetch", "0"], "data.prefetch must be > 0"),
+        (["--data.pin_memory", "sometimes"], "data.pin_memory expects true/false"),
         (["--optim.lr"], "override --optim.lr has no value"),
         (["positional"], "unexpected argument 'positional'"),
     ],

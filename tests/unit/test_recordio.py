@@ -96,6 +96,22 @@ def test_reads_mxnet_fixture_as_mxnet_does(name: str) -> None:
         assert reader.read_header(key).flag == header.flag
 
 
+@pytest.mark.parametrize("name", SETS)
+def test_mapped_read_record_equals_unpack_idx(name: str) -> None:
+    # The loader's fast path (a memory map, unsplit records only) must agree with the checked path on MXNet's
+    # own files: scalar and array labels, and split records (magic), which take the fallback.
+    reader = _fixture_reader(name)
+    for entry in EXPECTED[name]["records"]:
+        if "flag" not in entry:
+            continue
+        key = entry["key"]
+        fast_header, fast_payload = reader.read_record(key)
+        header, payload = reader.unpack_idx(key)
+        assert bytes(fast_payload) == payload and (fast_header.flag, fast_header.id) == (header.flag, header.id)
+        assert np.array_equal(np.asarray(fast_header.label), np.asarray(header.label))
+        assert type(fast_header.label) is type(header.label)
+
+
 def test_magic_fixture_exercises_continuation_frames() -> None:
     # Guards the fixture itself: without split records the byte-identity test below would prove little.
     flags = [entry["first_cflag"] for entry in EXPECTED["magic"]["records"]]
@@ -299,6 +315,21 @@ def test_wrong_magic_in_a_middle_record_fails_on_read(tmp_path: Path) -> None:
     assert reader.read_idx(2) == b"c" * 10
     with pytest.raises(RecordIOError, match=rf"data\.rec: key 1 \(record at byte offset {offset}\): expected the"):
         reader.read_idx(1)
+
+
+def test_read_record_reports_damage_as_unpack_idx_does(tmp_path: Path) -> None:
+    payloads = [bytes([97 + key]) * 30 for key in range(3)]
+    rec, idx = _write(tmp_path, [(key, pack(IRHeader(0, key, key, 0), payloads[key])) for key in range(3)])
+    offset = RecordReader(rec, idx).offset(1)
+    data = bytearray(rec.read_bytes())
+    data[offset] ^= 0xFF
+    rec.write_bytes(bytes(data))
+    reader = RecordReader(rec, idx)
+    assert reader.read_record(2) == (IRHeader(0, 2.0, 2, 0), payloads[2])
+    with pytest.raises(RecordIOError, match=rf"data\.rec: key 1 \(record at byte offset {offset}\): expected the"):
+        reader.read_record(1)
+    clone = pickle.loads(pickle.dumps(reader))  # the map is per process, like the descriptor
+    assert clone._map is None and clone.read_record(0)[1] == payloads[0]
 
 
 def test_wrong_magic_in_last_record_fails_at_open(tmp_path: Path) -> None:
