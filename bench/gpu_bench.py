@@ -22,10 +22,11 @@ optimizer are not counted (they run, so MFU is slightly conservative). The peak 
 rate of the device, from ``PEAK_TFLOPS`` by device name, or ``--peak-tflops``.
 
 Partial FC (``--pfc-classes``, default 1M and 10M, sample rate ``--pfc-sample-rate`` 0.1, batch ``--pfc-batch``
-embeddings of 512-d) alone: step time and peak memory, first as the trainer runs it (SGD default +
-``zero_grad(set_to_none=False)``), then with ``SGD(fused=True)`` + ``set_to_none=True``. The first keeps four
-center-sized fp32 tensors at the peak (centers, momentum, the kept gradient and a new one, or the foreach weight
-decay's temporary), the second three. Out of memory is a result, not a failure.
+embeddings of 512-d) alone: step time and peak memory, first as the trainer runs it (``optim.fused: true``:
+``SGD(fused=True)`` + ``zero_grad(set_to_none=True)``), then with ``optim.fused: false`` as the trainer ran before
+(SGD's default foreach path + ``set_to_none=False``). The first keeps three center-sized fp32 tensors at the peak
+(centers, momentum, gradient), the second four (the kept gradient and a new one, or the foreach weight decay's
+temporary). Out of memory is a result, not a failure.
 
 Order and time bound (``--budget-s``): eager backbones, then Partial FC, then the compiled backbones by priority
 (bf16 and channels_last first) while the time lasts; a configuration that would not fit the time left is skipped
@@ -271,10 +272,10 @@ def plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str,
             "batch_size": args.pfc_batch,
             "fused": fused,
             "set_to_none": fused,
-            "optimizer": "SGD(fused=True), set_to_none=True" if fused else "trainer's: SGD, set_to_none=False",
+            "optimizer": "trainer's: SGD(fused=True), set_to_none=True" if fused else "SGD, set_to_none=False",
         }
         for classes in args.pfc_classes
-        for fused in (False, True)
+        for fused in (True, False)
     ]
     return eager, pfc, compiled
 

@@ -365,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{result.xnorm:.4f}",
             )
     except (WeightsError, BinFormatError) as err:
-        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        # One line, never wrapped at the terminal's width: the path in it stays copyable.
+        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 1
     Console().print(table)
     return 0

@@ -41,8 +41,11 @@ def test_bench_script_runs_tiny(script: Path, tmp_path: Path, request: pytest.Fi
 
 def test_data_bench_reports_every_path(data_results: dict[str, Any]) -> None:
     assert set(data_results["raw_decode"]) >= {"simplejpeg", "pillow"}
-    assert set(data_results["loader"]) == {"float/per-sample", "float/batched", "uint8/batched", "uint8/FaceLoader"}
-    assert set(data_results["loader"]["uint8/FaceLoader"]) == {"0", "1"}
+    face_loader = {"uint8/FaceLoader", "uint8/FaceLoader, flip on device"}
+    assert set(data_results["loader"]) == {"float/per-sample", "float/batched", "uint8/batched"} | face_loader
+    assert all(set(data_results["loader"][name]) == {"0", "1"} for name in face_loader)
+    cpu = data_results["device_side"]["cpu"]
+    assert 0 < cpu["normalize_us_per_image"] and 0 < cpu["normalize_and_flip_us_per_image"]
     assert set(data_results["loader"]["uint8/batched"]) == {"0", "1"}
     assert set(data_results["dataset_in_process"]) == {"float", "uint8"}
     rates = [value["images_per_s"] for by_workers in data_results["loader"].values() for value in by_workers.values()]
