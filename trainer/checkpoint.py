@@ -319,6 +319,8 @@ def load_checkpoint(
         weights = load_file(str(path / "model.safetensors"))
         own = backbone.state_dict()
         backbone.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in weights.items()}, strict=True)
+        if engine is not None:
+            _set_engine_master_weights(backbone, weights)
         if backbone_group is not None and (path / "optimizer.safetensors").is_file():
             _restore_group(backbone_group, backbone, load_file(str(path / "optimizer.safetensors")))
     head_tensors = _load_head_rows(path, head)
@@ -343,6 +345,20 @@ def load_checkpoint(
             world_size,
         )
     return state
+
+
+def _set_engine_master_weights(backbone: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Under ZeRO the engine's optimizer steps its own fp32 master copy of each parameter (this rank's partition)
+    and writes it back into the bf16/fp16 module after every step: loading the module alone would be undone by the
+    first step. Set each master partition from the fp32 weights too (DeepSpeed's tensor-fragment API)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    for name, param in backbone.named_parameters():
+        value = weights[name].to(param.device, torch.float32)
+        safe_set_full_fp32_param(param, value)
+        master = safe_get_full_fp32_param(param)
+        if master is not None and not torch.equal(master.float(), value):
+            raise CheckpointError(f"DeepSpeed did not take the fp32 weights of {name} from the checkpoint")
 
 
 def _restore_group(ref: GroupRef, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

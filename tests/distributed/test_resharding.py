@@ -47,25 +47,31 @@ ENTRY = "tests.distributed.test_resharding"  # run with `accelerate launch --mod
 CONFIG = {1: "cpu", 2: "cpu_ddp_2proc", 3: "cpu_ddp_3proc"}
 
 
-def _run(out: Path, world_size: int, max_steps: int, cache: Path, resave_to: Path | None = None) -> str:
-    """Launch the CLI; return its `train.log` (the console wraps long lines, the log file does not)."""
+def _run(
+    out: Path, world_size: int, max_steps: int, cache: Path, resave_to: Path | None = None, config: str = ""
+) -> str:
+    """Launch the CLI (with `config`, else the DDP config for `world_size`); return its `train.log` (the console
+    wraps long lines, the log file does not)."""
     from tests.launching import TINY, free_port, launch
 
+    config = config or CONFIG[world_size]
     args = ["--config", str(TINY), *ARGS, "--output", str(out), "--schedule.max_steps", str(max_steps)]
     launcher = ["--main_process_port", str(free_port())] if world_size > 1 else []
     if resave_to is not None:
         args += ["--resume", "--resave-to", str(resave_to)]
-        proc = launch(args, cache, config=CONFIG[world_size], script=Path(ENTRY), launcher=["--module", *launcher])
+        proc = launch(args, cache, config=config, script=Path(ENTRY), launcher=["--module", *launcher])
     else:
-        proc = launch(args, cache, config=CONFIG[world_size], launcher=launcher or None)
+        proc = launch(args, cache, config=config, launcher=launcher or None)
     assert proc.returncode == 0, proc.stdout[-2500:] + proc.stderr[-2500:]
     return (out / "train.log").read_text()
 
 
-def _resume(source: Path, out: Path, world_size: int, max_steps: int, cache: Path) -> tuple[Path, str]:
+def _resume(
+    source: Path, out: Path, world_size: int, max_steps: int, cache: Path, config: str = ""
+) -> tuple[Path, str]:
     """Copy one checkpoint into a fresh output folder, resume it on `world_size` ranks; return the re-saved copy."""
     shutil.copytree(source, out / "checkpoints" / source.name)
-    log = _run(out, world_size, max_steps, cache, resave_to=out / "resaved")
+    log = _run(out, world_size, max_steps, cache, resave_to=out / "resaved", config=config)
     return out / "resaved" / "checkpoints" / source.name, log
 
 
@@ -166,6 +172,29 @@ def test_one_rank_to_two_and_two_to_three(
     _assert_same_state(resaved_23, _step(two_ranks, 3), world_size=3)
     # From (nearly) the same state at step 3, the 2-rank and the 3-rank run take the same step 4.
     _assert_close_state(_step(tmp_path / "w2to3", 4), _step(tmp_path / "w1to2", 4))
+
+
+def test_deepspeed_two_ranks_to_three(tmp_path: Path, face_cache: Path) -> None:
+    """ZeRO partitions the backbone's optimizer state by rank: on another rank count the backbone resumes from the
+    checkpoint's fp32 weights with a fresh optimizer. The weights must reach the engine's fp32 master copies, which
+    ZeRO steps and writes back into the bf16 module: loading the module alone would be undone by the first step."""
+    from tests.launching import CONFIGS
+
+    three = tmp_path / "cpu_ds_zero2_bf16_3proc.yaml"
+    three.write_text((CONFIGS / "cpu_ds_zero2_bf16.yaml").read_text().replace("num_processes: 2", "num_processes: 3"))
+    two_ranks = tmp_path / "w2"
+    _run(two_ranks, 2, 2, face_cache, config="cpu_ds_zero2_bf16")
+    resaved, log = _resume(_step(two_ranks, 2), tmp_path / "w2to3", 3, 3, face_cache, config=str(three))
+    assert "cannot move from 2 to 3 ranks" in log and "made with 2 ranks, this run has 3" in log
+    original = _step(two_ranks, 2)
+    # The model file of a DeepSpeed checkpoint is the engine's fp32 master weights (zero_to_fp32): exactly the
+    # checkpoint's after the move.
+    mine, theirs = load_file(str(resaved / "model.safetensors")), load_file(str(original / "model.safetensors"))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    head, metas = _head(resaved)
+    original_head, _ = _head(original)
+    assert len(metas) == 3 and all(torch.equal(head[k], original_head[k]) for k in original_head)
+    assert (_step(tmp_path / "w2to3", 3) / "model.safetensors").is_file()  # and it trains on
 
 
 def _resave_after_resume() -> int:
