@@ -165,8 +165,11 @@ class FaceLoader:
                     else:
                         free.append(held)
                     held = None
-                while copying and copying[0][1].query():
-                    free.append(copying.pop(0)[0])
+                # Reclaim pinned slots whose copy has run; with none free, wait for the oldest (the GPU is behind).
+                while copying and (not free or copying[0][1].query()):
+                    slot, event = copying.pop(0)
+                    event.synchronize()
+                    free.append(slot)
                 dispatch()
                 if yielded == sent and exhausted:
                     return
