@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-SCRIPTS = sorted(BENCH.glob("*.py"))
+# Scripts whose --tiny run tests/unit/test_bench_train.py makes and checks field by field: not run twice.
+CHECKED_IN_BENCH_TRAIN = {"train_step.py", "speed.py", "head_scaling.py", "gpu_bench.py", "plot.py"}
+SCRIPTS = sorted(path for path in BENCH.glob("*.py") if path.name not in CHECKED_IN_BENCH_TRAIN)
 
 
 def _run_tiny(script: Path, folder: Path) -> dict[str, Any]:
@@ -37,6 +39,12 @@ def data_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_bench_script_runs_tiny(script: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     # data.py's run is shared with the test below; the figures themselves depend on the machine.
     assert request.getfixturevalue("data_results") if script.name == "data.py" else _run_tiny(script, tmp_path)
+
+
+def test_every_bench_script_runs_tiny_somewhere() -> None:
+    source = (Path(__file__).parent / "test_bench_train.py").read_text()
+    for name in CHECKED_IN_BENCH_TRAIN:
+        assert (BENCH / name).is_file() and f'_run("{name}", folder, "--tiny"' in source, name
 
 
 def test_data_bench_reports_every_path(data_results: dict[str, Any]) -> None:
