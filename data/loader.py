@@ -127,10 +127,17 @@ class FaceLoader:
         return batch
 
     def _iterate_here(self) -> Iterator[Batch]:
-        pixels = self.slots[0].numpy()
-        for items in self._chunks():
-            labels, bad_keys = self.dataset.fill_batch(items, pixels, flip=not self.flip_on_device)
-            yield self._batch(0, items, labels, bad_keys)
+        pixels = self.slots.numpy()
+        copied: list[Any] = [None] * len(self.slots)  # pinned: the CUDA event after the last copy from each slot
+        for number, items in enumerate(self._chunks()):
+            slot = number % len(self.slots)
+            if copied[slot] is not None:
+                copied[slot].synchronize()  # an asynchronous copy from this slot may still run
+            labels, bad_keys = self.dataset.fill_batch(items, pixels[slot], flip=not self.flip_on_device)
+            yield self._batch(slot, items, labels, bad_keys)
+            if self.pin_memory:  # the consumer asked for the next batch: its copy of this one is queued
+                copied[slot] = torch.cuda.Event()
+                copied[slot].record()
 
     def _iterate_workers(self, iteration: int) -> Iterator[Batch]:
         free = list(range(len(self.slots)))

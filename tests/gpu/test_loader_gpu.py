@@ -15,14 +15,15 @@ from data.loader import FaceLoader
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_pinned_slots_reach_the_device_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pinned_slots_reach_the_device_unchanged(tmp_path: Path, workers: int) -> None:
     cfg = FacesConfig(num_identities=8, images_per_identity=8, num_val_identities=2, num_val_pairs=10)
     dataset = RecordFaceDataset(generate(tmp_path / "faces", cfg), output="uint8")
 
     def batches(pin: bool) -> list[torch.Tensor]:
         sampler = DistributedEpochSampler(len(dataset), rank=0, world_size=1, seed=1, with_seeds=True)
         # As the trainer on a GPU: pinned slots, the flip left to the device.
-        loader = FaceLoader(dataset, 8, sampler, num_workers=2, pin_memory=pin, flip_on_device=pin)
+        loader = FaceLoader(dataset, 8, sampler, num_workers=workers, pin_memory=pin, flip_on_device=pin)
         try:
             out = []
             for images, _, _, *flips in loader:
