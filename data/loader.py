@@ -88,8 +88,9 @@ class FaceLoader:
         self.slots = torch.empty((count, self.batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8)
         if self.num_workers:
             self.slots.share_memory_()
-        if self.pin_memory:
-            _register_host_memory(self.slots)
+        if self.pin_memory and _register_host_memory(self.slots):
+            # Unpinned when the loader goes, while the slots still exist (a pinned range must not outlive them).
+            weakref.finalize(self, _unregister_host_memory, self.slots.data_ptr())
         self._pool: _WorkerPool | None = None
         self._finalizer: Any = None
         self._tasks: Any = None
@@ -315,8 +316,13 @@ def _worker_loop(
             results.put((iteration, number, slot, None, (kind, text)))
 
 
-def _register_host_memory(tensor: torch.Tensor) -> None:
+def _register_host_memory(tensor: torch.Tensor) -> bool:
     """Page-lock ``tensor``'s memory in place, so host-to-device copies from it are asynchronous."""
     code = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
     if int(code) != 0:
         logger.warning("could not pin the loader's %d MB of slots (CUDA error %s)", tensor.nbytes >> 20, int(code))
+    return int(code) == 0
+
+
+def _unregister_host_memory(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
