@@ -39,7 +39,7 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterable, Sequence  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -270,18 +270,7 @@ def measure_gpu(root: Path, workers: Sequence[int], batch_size: int, epochs: int
             persistent_workers=count > 0,
             prefetch_factor=4 if count else None,
         )
-        images = 0
-        for epoch in range(epochs + 1):
-            sampler.set_epoch(epoch)
-            if epoch == 1:
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-            for batch in loader:
-                decoded, _, _ = decode_batch(batch, device)
-                if epoch >= 1:
-                    images += len(decoded)
-        torch.cuda.synchronize()
-        results[str(count)] = {"images_per_s": images / (time.perf_counter() - start)}
+        results[str(count)] = _gpu_rate(loader, sampler, epochs, lambda batch: decode_batch(batch, device)[0])
     results["device"] = torch.cuda.get_device_name()
     results["face_loader_pinned"] = measure_face_loader_to_gpu(root, workers, batch_size, epochs, device)
     return results
@@ -297,20 +286,32 @@ def measure_face_loader_to_gpu(
     for count in workers:
         sampler = DistributedEpochSampler(len(dataset), rank=0, world_size=1, seed=0, with_seeds=True)
         loader = FaceLoader(dataset, batch_size, sampler, num_workers=count, pin_memory=True, flip_on_device=True)
-        images = 0
-        for epoch in range(epochs + 1):
-            sampler.set_epoch(epoch)
-            if epoch == 1:
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-            for pixels, _, _, flips in loader:
-                batch = normalize_images(pixels.to(device, non_blocking=True), flips=flips.to(device))
-                if epoch >= 1:
-                    images += len(batch)
-        torch.cuda.synchronize()
-        results[str(count)] = {"images_per_s": images / (time.perf_counter() - start)}
+
+        def to_gpu(batch: Any) -> torch.Tensor:
+            pixels, _, _, flips = batch
+            return normalize_images(pixels.to(device, non_blocking=True), flips=flips.to(device))
+
+        results[str(count)] = _gpu_rate(loader, sampler, epochs, to_gpu)
         loader.close()
     return results
+
+
+def _gpu_rate(
+    loader: Iterable[Any], sampler: DistributedEpochSampler, epochs: int, to_gpu: Callable[[Any], torch.Tensor]
+) -> dict[str, float]:
+    """images/s of ``to_gpu`` over each batch of ``loader``, for ``epochs`` after a warm-up epoch, synchronized."""
+    images = 0
+    for epoch in range(epochs + 1):
+        sampler.set_epoch(epoch)
+        if epoch == 1:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        for batch in loader:
+            count = len(to_gpu(batch))
+            if epoch >= 1:
+                images += count
+    torch.cuda.synchronize()
+    return {"images_per_s": images / (time.perf_counter() - start)}
 
 
 def build_parser() -> argparse.ArgumentParser:
