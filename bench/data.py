@@ -36,7 +36,6 @@ import datetime  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterable, Sequence  # noqa: E402
@@ -60,6 +59,7 @@ from data.dataset import (  # noqa: E402
 )
 from data.faces import FacesConfig, generate  # noqa: E402
 from data.loader import FaceLoader  # noqa: E402
+from trainer.reporting import machine_info  # noqa: E402
 
 # Wide enough for the tables when the output goes to a file or a pipe (rich would wrap them at 80 columns).
 console = Console() if sys.stdout.isatty() else Console(width=130)
@@ -392,14 +392,7 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         device_side["cuda"] = measure_device_side(args.batch_size, torch.device("cuda"))
     results = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "simplejpeg": simplejpeg.__version__,
-        },
+        "machine": {**machine_info(), "simplejpeg": simplejpeg.__version__},
         "command": " ".join(sys.argv),
         "images": len(jpegs),
         "mean_jpeg_bytes": float(np.mean([len(data) for data in jpegs])),

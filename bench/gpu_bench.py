@@ -47,8 +47,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -62,6 +60,7 @@ from heads import PartialFC  # noqa: E402
 from models import build_backbone, count_flops  # noqa: E402
 from trainer.config import SpeedConfig  # noqa: E402
 from trainer.loop import apply_speed  # noqa: E402
+from trainer.reporting import machine_info  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=140)
 
@@ -285,11 +284,8 @@ def run(args: argparse.Namespace, device: torch.device, write: Callable[[dict[st
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "machine": {
+            **machine_info(device),
             "device": args.device_name,
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         },

@@ -38,8 +38,6 @@ sys.path.insert(0, str(_HERE.parent))
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -54,6 +52,7 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
 from heads import PartialFC  # noqa: E402
+from trainer.reporting import machine_info  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=130)
 
@@ -242,30 +241,6 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "memory_bytes": psutil.virtual_memory().total,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
-    return info
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -317,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress(rows[-1])
     results = {
         "date": datetime.date.today().isoformat(),
-        "machine": machine(device),
+        "machine": machine_info(device),
         "command": " ".join(sys.argv),
         "isolated": not args.in_process,
         "minimum_bytes_per_class": minimum_bytes_per_class(args.embedding_size),

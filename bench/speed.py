@@ -37,7 +37,6 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -54,6 +53,7 @@ from models import list_backbones  # noqa: E402
 from trainer.config import ConfigError, load_config  # noqa: E402
 from trainer.distributed import build_accelerator  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
+from trainer.reporting import machine_info  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=130)
 REPO = _HERE.parent
@@ -92,13 +92,8 @@ TINY_DDP = ("default (25 MiB, no hook)", "fp16 hook", "bf16 hook")
 
 
 def machine() -> dict[str, Any]:
-    """What lscpu and /proc say about this machine, and how busy it was (load averages)."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+    """`trainer.reporting.machine_info`, with what lscpu says of the CPU's layout and bf16 instructions."""
+    info = machine_info()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
@@ -108,11 +103,6 @@ def machine() -> dict[str, Any]:
         flags = fields.get("Flags", "").split()
         info["bf16_instructions"] = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
     except (OSError, subprocess.SubprocessError):
-        info["model_name"] = platform.processor() or platform.machine()
-    try:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        info["memory_gib"] = round(int(meminfo[0].split()[1]) / 2**20, 1)
-    except (OSError, IndexError, ValueError):
         pass
     return info
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -89,3 +93,31 @@ def print_summary(rows: list[tuple[str, str]]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """What ran a measurement, for the benchmarks' JSON: platform, CPU model and count, memory, Python and torch
+    versions, and the GPU (of ``device``, else the current one when CUDA is there)."""
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return info
