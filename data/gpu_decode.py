@@ -154,6 +154,4 @@ def decode_batch(
             if bad_keys[slot] < 0:
                 bad_keys[slot] = batch.keys[slot]
     images = torch.stack([image for image in decoded if image is not None])
-    flips = batch.flips.to(device, non_blocking=True).view(-1, 1, 1, 1)
-    images = torch.where(flips, images.flip(3), images)
-    return normalize_images(images, dtype), labels.to(device, non_blocking=True), bad_keys
+    return normalize_images(images, dtype, flips=batch.flips), labels.to(device, non_blocking=True), bad_keys
