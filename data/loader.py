@@ -93,8 +93,6 @@ class FaceLoader:
             weakref.finalize(self, _unregister_host_memory, self.slots.data_ptr())
         self._pool: _WorkerPool | None = None
         self._finalizer: Any = None
-        self._tasks: Any = None
-        self._results: Any = None
         self._iteration = 0
 
     def __len__(self) -> int:
@@ -141,6 +139,8 @@ class FaceLoader:
                 copied[slot].record()
 
     def _iterate_workers(self, iteration: int) -> Iterator[Batch]:
+        assert self._pool is not None  # started by __iter__
+        tasks, results = self._pool.tasks, self._pool.results
         free = list(range(len(self.slots)))
         held: int | None = None  # the slot of the batch the consumer has
         copying: list[tuple[int, Any]] = []  # (slot, CUDA event): pinned slots whose device copy may still run
@@ -159,7 +159,7 @@ class FaceLoader:
                     exhausted = True
                     return
                 # One int64 array pickles in microseconds; a list of 128 tuples costs a worker ~2 % of a batch.
-                self._tasks.put((iteration, sent, free.pop(), np.asarray(items, dtype=np.int64)))
+                tasks.put((iteration, sent, free.pop(), np.asarray(items, dtype=np.int64)))
                 batch_items[sent] = items
                 sent += 1
 
@@ -182,7 +182,7 @@ class FaceLoader:
                 if yielded == sent and exhausted:
                     return
                 while yielded not in ready:  # batches come back in any order and are yielded in order
-                    number, slot, rows, error = self._receive(iteration)
+                    number, slot, rows, error = self._receive(results, iteration)
                     received += 1
                     if error is not None:
                         self._raise(number, error)
@@ -197,16 +197,16 @@ class FaceLoader:
             # the next pass starts with an empty result queue. Its slots are simply forgotten with `free`.
             while received < sent and self._workers:
                 try:
-                    self._receive(iteration)
+                    self._receive(results, iteration)
                 except RuntimeError:  # a worker died: nothing more will come
                     break
                 received += 1
 
-    def _receive(self, iteration: int) -> tuple[int, int, np.ndarray, Any]:
+    def _receive(self, results: Any, iteration: int) -> tuple[int, int, np.ndarray, Any]:
         """The next result of this pass: ``(batch number, slot, [labels, bad_keys], error)``."""
         while True:
             try:
-                message = self._results.get(timeout=_POLL_SECONDS)
+                message = results.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 self._check_workers()
                 continue
@@ -233,7 +233,6 @@ class FaceLoader:
             self._check_workers()
             return
         self._pool = _WorkerPool(self.dataset, self.slots, self.num_workers, self.seed, not self.flip_on_device)
-        self._tasks, self._results = self._pool.tasks, self._pool.results
         # Stopped at garbage collection or interpreter exit, before multiprocessing's own exit handler would
         # terminate() workers that ignore SIGTERM (and wait for them forever).
         self._finalizer = weakref.finalize(self, self._pool.close)
@@ -252,7 +251,7 @@ class FaceLoader:
         """Stop the workers (the next iteration starts new ones)."""
         if self._pool is not None:
             self._finalizer()  # runs _WorkerPool.close once
-            self._pool = self._tasks = self._results = None
+            self._pool = None
 
 
 class _WorkerPool:

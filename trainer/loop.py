@@ -93,7 +93,7 @@ def build_dataset(cfg: ExperimentConfig) -> tuple[Any, int, list[str]]:
 
 
 def build_loader(
-    cfg: ExperimentConfig, dataset: Dataset, sampler: DistributedEpochSampler, rank: int, device: torch.device
+    cfg: ExperimentConfig, dataset: Dataset, sampler: DistributedEpochSampler, device: torch.device
 ) -> FaceLoader | DataLoader:
     """Face images decoded on the CPU go through `data.loader.FaceLoader` (batch slots in shared memory, allocated
     once: about twice DataLoader's images/s per worker, docs/benchmarks.md); the synthetic source and GPU decoding
@@ -111,7 +111,6 @@ def build_loader(
             num_workers=data.num_workers,
             prefetch=data.prefetch,
             pin_memory=data.pin_memory,
-            seed=cfg.train.seed + 1000 * rank,  # only for samplers without augmentation seeds
             flip_on_device=device.type == "cuda",
         )
     collate: Callable[..., Any] = collate_faces
@@ -241,7 +240,7 @@ class Trainer:
         self.sampler = DistributedEpochSampler(
             len(self.dataset), rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, with_seeds=True
         )
-        self.loader = build_loader(cfg, self.dataset, self.sampler, self.rank, accelerator.device)
+        self.loader = build_loader(cfg, self.dataset, self.sampler, accelerator.device)
         self.bad_data = BadDataTracker(
             cfg.data.max_bad_fraction, source=getattr(self.dataset, "source", cfg.data.source)
         )

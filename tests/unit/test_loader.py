@@ -218,7 +218,7 @@ def test_the_trainer_leaves_the_flip_to_a_gpu_only(faces: Path) -> None:
     cfg = load_config(None, ["--data.source", "recordio", "--data.root", str(faces), "--train.batch_size", "8"])
     dataset = RecordFaceDataset(faces, output="uint8")
     for device, on_device in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
-        loader = build_loader(cfg, dataset, _sampler(len(dataset)), 0, device)
+        loader = build_loader(cfg, dataset, _sampler(len(dataset)), device)
         assert isinstance(loader, FaceLoader) and loader.flip_on_device is on_device
         assert loader.num_workers == cfg.data.num_workers and loader.prefetch == cfg.data.prefetch
         loader.close()
