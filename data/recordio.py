@@ -50,8 +50,6 @@ _CFLAG_WHOLE, _CFLAG_FIRST, _CFLAG_MIDDLE, _CFLAG_LAST = 0, 1, 2, 3
 # A record is read with one pread sized by the gap to the next indexed offset, capped so an .idx that lists only a
 # few records of a huge .rec does not make us read gigabytes; longer records take a second pread.
 _READ_AHEAD_BYTES = 1 << 20
-# Enough for the frame header, the IRHeader and a few array-label floats: read_header() needs nothing more.
-_HEADER_PEEK_BYTES = 128
 
 
 class RecordIOError(ValueError):
@@ -425,26 +423,36 @@ class RecordReader:
         work besides the decode itself). Anything else (split records, damage) goes through
         :meth:`unpack_idx`, which reads, checks and names the problem. A ``.rec`` must not be truncated while a
         reader maps it (the map would fault); replacing it with a new file is safe."""
-        position = self._position(int(key))
-        offset = int(self._offsets[position])
+        found = self._mapped_record(int(key))
+        if found is None:
+            return self.unpack_idx(key)
+        header, payload_start, end = found
+        assert self._map is not None  # _mapped_record found the record in it
+        return header, self._map[payload_start:end]
+
+    def _mapped_record(self, key: int) -> tuple[IRHeader, int, int] | None:
+        """``(header, payload start, record end)`` of an unsplit, well-framed record in the memory map, else None."""
+        offset = int(self._offsets[self._position(key)])
         mapped = self._mapped()
-        if mapped is not None:
-            magic, lrecord = _FRAME_HEADER.unpack_from(mapped, offset)
-            length, start = lrecord & _LENGTH_MASK, offset + _FRAME_HEADER.size
-            if (
-                magic == RECORD_MAGIC
-                and lrecord >> 29 == _CFLAG_WHOLE
-                and IR_HEADER_SIZE <= length
-                and start + ((length + 3) & ~3) <= self._rec_size
-            ):
-                flag, label, record_id, record_id2 = _IR_HEADER.unpack_from(mapped, start)
-                head = start + IR_HEADER_SIZE
-                if flag == 0:
-                    return IRHeader(0, label, record_id, record_id2), mapped[head : start + length]
-                if IR_HEADER_SIZE + 4 * flag <= length:
-                    labels = np.frombuffer(mapped, dtype="<f4", count=flag, offset=head).astype(np.float32)
-                    return IRHeader(flag, labels, record_id, record_id2), mapped[head + 4 * flag : start + length]
-        return self.unpack_idx(key)
+        if mapped is None:
+            return None
+        magic, lrecord = _FRAME_HEADER.unpack_from(mapped, offset)
+        length, start = lrecord & _LENGTH_MASK, offset + _FRAME_HEADER.size
+        if (
+            magic != RECORD_MAGIC
+            or lrecord >> 29 != _CFLAG_WHOLE
+            or length < IR_HEADER_SIZE
+            or start + ((length + 3) & ~3) > self._rec_size
+        ):
+            return None
+        flag, label, record_id, record_id2 = _IR_HEADER.unpack_from(mapped, start)
+        head = start + IR_HEADER_SIZE
+        if flag == 0:
+            return IRHeader(0, label, record_id, record_id2), head, start + length
+        if IR_HEADER_SIZE + 4 * flag > length:
+            return None
+        labels = np.frombuffer(mapped, dtype="<f4", count=flag, offset=head).astype(np.float32)
+        return IRHeader(flag, labels, record_id, record_id2), head + 4 * flag, start + length
 
     def unpack_idx(self, key: int) -> tuple[IRHeader, bytes]:
         """:func:`unpack` of ``key``'s record, with errors naming the file and key."""
@@ -455,22 +463,10 @@ class RecordReader:
             raise RecordIOError(f"{self.rec_path}: key {key} (byte offset {self.offset(key)}): {error}") from None
 
     def read_header(self, key: int) -> IRHeader:
-        """Only the IRHeader of ``key``'s record: one small read instead of the whole record."""
-        key = int(key)
-        position = self._position(key)
-        offset = int(self._offsets[position])
-        peek = os.pread(self._descriptor(), _HEADER_PEEK_BYTES, offset)
-        if len(peek) >= _FRAME_HEADER.size + IR_HEADER_SIZE:
-            magic, lrecord = _FRAME_HEADER.unpack_from(peek)
-            length = lrecord & _LENGTH_MASK
-            if magic == RECORD_MAGIC and lrecord >> 29 == _CFLAG_WHOLE and length >= IR_HEADER_SIZE:
-                flag = _IR_HEADER.unpack_from(peek, _FRAME_HEADER.size)[0]
-                needed = IR_HEADER_SIZE + 4 * flag
-                if needed <= min(length, len(peek) - _FRAME_HEADER.size):
-                    data = peek[_FRAME_HEADER.size : _FRAME_HEADER.size + needed]
-                    return unpack(data)[0]
-        # Split, short or corrupt records: the full read gives the exact answer or the precise error.
-        return self.unpack_idx(key)[0]
+        """Only the IRHeader of ``key``'s record, from the memory map without touching the payload (the checked
+        full read for split or damaged records)."""
+        found = self._mapped_record(int(key))
+        return found[0] if found is not None else self.unpack_idx(key)[0]
 
     def verify(self) -> int:
         """Read every record (checking magic, framing and bounds); returns the number of records."""
