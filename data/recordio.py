@@ -250,9 +250,9 @@ def _parse_idx_lines(idx_path: Path, data: bytes) -> tuple[np.ndarray, np.ndarra
 class RecordReader:
     """Random access to an indexed RecordIO pair (``MXIndexedRecordIO(idx, rec, 'r')`` without MXNet).
 
-    Reads go through ``os.pread`` (or, in :meth:`read_record`, a read-only memory map) opened lazily by each
-    process, so the reader pickles (descriptor and map are not pickled) and is safe in forked or spawned DataLoader
-    workers: no file offset is shared.
+    Reads go through ``os.pread`` (or, in :meth:`read_record` and :meth:`read_header`, a read-only memory map)
+    opened lazily by each process, so the reader pickles (descriptor and map are not pickled) and is safe in forked
+    or spawned DataLoader workers: no file offset is shared.
     At open it checks that both files exist, that every ``.idx`` offset lies inside the ``.rec``, and that the
     first and last records of the ``.rec`` are well framed (a cut-off file shows up there); every read checks
     the framing of its record. :meth:`verify` checks every record.
