@@ -92,15 +92,15 @@ class FacesConfig:
 
     def __post_init__(self) -> None:
         if self.num_identities < 1 or self.images_per_identity < 1:
-            raise ValueError("FacesConfig: num_identities and images_per_identity must be >= 1")
+            raise ValueError("num_identities and images_per_identity must be >= 1")
         if self.num_val_identities < 2:
-            raise ValueError("FacesConfig: num_val_identities must be >= 2 (different-identity pairs need two)")
+            raise ValueError("num_val_identities must be >= 2 (different-identity pairs need two)")
         if self.num_val_pairs < 2 or self.num_val_pairs % 2:
-            raise ValueError("FacesConfig: num_val_pairs must be an even number >= 2 (half same, half different)")
+            raise ValueError("num_val_pairs must be an even number >= 2 (half same, half different)")
         if not 1 <= self.jpeg_quality_min <= self.jpeg_quality <= 100:
-            raise ValueError("FacesConfig: need 1 <= jpeg_quality_min <= jpeg_quality <= 100")
+            raise ValueError("jpeg_quality_min must be in [1, jpeg_quality] and jpeg_quality <= 100")
         if self.variation < 0:
-            raise ValueError("FacesConfig: variation must be >= 0")
+            raise ValueError("variation must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,21 @@ class PartialFC(nn.Module):
             "world_size": self.world_size,
         }
 
+    def row_tensors(self) -> dict[str, Tensor]:
+        """The class centers (class as dim 0); what checkpoints shard and reshard (heads.base.Head)."""
+        return {"weight": self.weight}
+
+    def global_tensors(self) -> dict[str, Tensor]:
+        """No running statistics: the combined margin is stateless."""
+        return {}
+
+    def load_global_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"{type(self).__name__} keeps no global state, got {sorted(tensors)}")
+
+    def start_epoch(self, epoch: int) -> None:
+        """Nothing changes with the epoch."""
+
     def _sample_centers(self, local_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Pick the centers to score this step; return (sampled row indices, labels remapped to them)."""
         with torch.no_grad():

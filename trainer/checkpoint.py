@@ -40,14 +40,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from heads.base import Head
+from models.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+GLOBAL_PREFIX = "global::"  # a head's global state in its shard files
 MODEL_METADATA_INPUT = "RGB 112x112, (x/255 - 0.5) / 0.5"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and file."""
 
 
@@ -148,7 +152,7 @@ def save_checkpoint(
     world_size: int,
     barrier: Any,
     backbone: nn.Module,
-    head: nn.Module,
+    head: Head,
     backbone_group: GroupRef | None,
     head_group: GroupRef,
     trainer_state: dict[str, Any],
@@ -171,10 +175,15 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()  # the folder exists before any rank writes into it
 
+    # The head's rows (heads.base.Head: class as dim 0) and their optimizer state, sliced by class range on load;
+    # its global state ("global::<name>", identical on every rank) is taken from any shard.
     head_names = {id(p): n for n, p in head.named_parameters()}
-    head_tensors = {n: p.detach().to("cpu").contiguous() for n, p in head.named_parameters()}
+    head_tensors = {n: t.detach().to("cpu").contiguous() for n, t in head.row_tensors().items()}
     head_tensors.update(_state_tensors(head_group, head_names))
-    shard = head.shard_info()  # type: ignore[operator]
+    head_tensors.update(
+        {f"{GLOBAL_PREFIX}{n}": t.detach().to("cpu").contiguous() for n, t in head.global_tensors().items()}
+    )
+    shard = head.shard_info()
     save_file(
         head_tensors,
         str(tmp / f"head-rank{rank:05d}-of-{world_size:05d}.safetensors"),
@@ -288,7 +297,7 @@ def load_checkpoint(
     rank: int,
     world_size: int,
     backbone: nn.Module,
-    head: nn.Module,
+    head: Head,
     backbone_group: GroupRef | None,
     head_group: GroupRef,
     engine: Any = None,
@@ -324,9 +333,12 @@ def load_checkpoint(
         if backbone_group is not None and (path / "optimizer.safetensors").is_file():
             _restore_group(backbone_group, backbone, load_file(str(path / "optimizer.safetensors")))
     head_tensors = _load_head_rows(path, head)
+    head.load_global_tensors(
+        {k[len(GLOBAL_PREFIX) :]: head_tensors.pop(k) for k in list(head_tensors) if k.startswith(GLOBAL_PREFIX)}
+    )
     with torch.no_grad():
-        for name, param in head.named_parameters():
-            param.copy_(head_tensors.pop(name))
+        for name, tensor in head.row_tensors().items():
+            tensor.copy_(head_tensors.pop(name))
     _restore_group(head_group, head, head_tensors)
     for part, ref in (("backbone", backbone_group), ("head", head_group)):
         saved = state["optimizer_param_groups"].get(part)
@@ -376,9 +388,9 @@ def _restore_group(ref: GroupRef, module: nn.Module, tensors: dict[str, torch.Te
             optimizer.state[param] = {k: v if v.dim() == 0 else v.to(param.device) for k, v in saved.items()}
 
 
-def _load_head_rows(path: Path, head: nn.Module) -> dict[str, torch.Tensor]:
+def _load_head_rows(path: Path, head: Head) -> dict[str, torch.Tensor]:
     """Assemble this rank's rows [class_start, class_start + num_local) from every overlapping shard."""
-    info = head.shard_info()  # type: ignore[operator]
+    info = head.shard_info()
     start, stop = int(info["class_start"]), int(info["class_start"]) + int(info["num_local"])
     shards = sorted(path.glob("head-rank*-of-*.safetensors"))
     if not shards:
@@ -399,8 +411,8 @@ def _load_head_rows(path: Path, head: nn.Module) -> dict[str, torch.Tensor]:
             lo, hi = max(start, s_start), min(stop, s_stop)
             for key in fh.keys():
                 sl = fh.get_slice(key)
-                if len(sl.get_shape()) == 0:
-                    scalars[key] = fh.get_tensor(key)  # e.g. Adam's step count: the same on every shard
+                if len(sl.get_shape()) == 0 or key.startswith(GLOBAL_PREFIX):
+                    scalars[key] = fh.get_tensor(key)  # Adam's step count, global state: the same on every shard
                 elif lo < hi:
                     rows.setdefault(key, []).append((lo, sl[lo - s_start : hi - s_start]))
             if lo < hi:

@@ -21,12 +21,14 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from data.faces import FacesConfig
+from heads.config import HeadConfig
+from models.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO_ROOT / "launch" / "recipes" / "default.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A recipe or command-line override that cannot be used; the message names the key or path."""
 
 
@@ -42,21 +44,6 @@ class NetworkConfig:
     # Fine-tuning: start the backbone from this model.safetensors (this project's, or converted from insightface
     # with `python -m trainer.convert`); the head is new, for this run's classes.
     init_weights: str = ""
-
-
-@dataclass
-class HeadConfig:
-    """Margin softmax through Partial FC: target logit s*cos(m1*theta + m2) - s*m3.
-
-    ArcFace is (m1, m2, m3) = (1, 0.5, 0); CosFace is (1, 0, 0.4).
-    """
-
-    name: str = "partial_fc"
-    s: float = 64.0
-    m1: float = 1.0
-    m2: float = 0.5
-    m3: float = 0.0
-    sample_rate: float = 1.0
 
 
 @dataclass
@@ -272,8 +259,8 @@ def from_dict(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> 
             kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", source)
     try:
         return cls(**kwargs)
-    except ValueError as exc:  # a section that validates itself (e.g. data.generated)
-        raise ConfigError(f"{source}: {prefix.rstrip('.')}: {exc}") from None
+    except ValueError as exc:  # a section that validates itself (head, data.generated): "<field> must ..."
+        raise ConfigError(f"{source}: {prefix}{exc}") from None
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
@@ -330,7 +317,6 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         raise ConfigError(f"head.name: unknown head {cfg.head.name!r} (known: {', '.join(list_heads())})")
     positive = {
         "network.embedding_size": cfg.network.embedding_size,
-        "head.s": cfg.head.s,
         "optim.lr": cfg.optim.lr,
         "train.batch_size": cfg.train.batch_size,
         "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
@@ -364,8 +350,6 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         raise ConfigError("schedule.epochs and schedule.max_steps are both 0: nothing to train")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    if not 0.0 < cfg.head.sample_rate <= 1.0:
-        raise ConfigError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
     if not 0.0 <= cfg.network.dropout < 1.0:
         raise ConfigError(f"network.dropout must be in [0, 1), got {cfg.network.dropout}")
     if cfg.speed.ddp_power_sgd_warmup_steps < 2:

@@ -38,7 +38,6 @@ from data.image_folder import ImageFolderDataset
 from data.loader import FaceLoader
 from data.synthetic import SyntheticDataset
 from heads import build_head
-from heads.margins import MarginSoftmax
 from models import build_backbone
 from trainer import checkpoint as ckpt
 from trainer.config import (
@@ -262,17 +261,14 @@ class Trainer:
         if cfg.network.freeze_batchnorm:
             freeze_batchnorm(backbone)
         self.memory_format = apply_speed(backbone, cfg.speed)  # channels_last, compile: before prepare
-        margin = MarginSoftmax(s=cfg.head.s, m1=cfg.head.m1, m2=cfg.head.m2, m3=cfg.head.m3)
         self.head = build_head(
-            cfg.head.name,
+            cfg.head,
             embedding_size=cfg.network.embedding_size,
             num_classes=self.num_classes,
-            margin=margin,
-            sample_rate=cfg.head.sample_rate,
             rank=self.rank,
             world_size=self.world_size,
         )
-        self.head.reset_parameters(seed=cfg.train.seed)  # type: ignore[operator]  # the same centers for any number of ranks
+        self.head.reset_parameters(seed=cfg.train.seed)  # the same centers for any number of ranks
         self.head.to(accelerator.device)
         # The one place where backends differ: how an optimizer step is taken (trainer/optim.py).
         self.stepper: AccelerateStep | DeepSpeedStep

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads import MarginSoftmax, PartialFC, build_head, list_heads, register_head
+from heads import Head, HeadConfig, MarginSoftmax, PartialFC, build_head, list_heads, register_head
 from heads.distributed import all_gather_no_grad, all_gather_with_grad, distributed_softmax_cross_entropy, world_info
 
 DTYPE = torch.float64
@@ -253,10 +253,14 @@ def test_collectives_are_identities_in_one_process() -> None:
 
 def test_registry() -> None:
     assert "partial_fc" in list_heads()
-    head = build_head("partial_fc", embedding_size=8, num_classes=5, sample_rate=0.5)
+    head = build_head(
+        HeadConfig(name="partial_fc", sample_rate=0.5), embedding_size=8, num_classes=5, rank=0, world_size=1
+    )
     assert isinstance(head, PartialFC) and head.sample_rate == 0.5
+    assert isinstance(head, Head)  # the contract (heads.base) holds for the reference head
+    assert set(head.row_tensors()) == {"weight"} and head.global_tensors() == {}
     with pytest.raises(ValueError, match=r"unknown head 'nope'.*partial_fc"):
-        build_head("nope")
+        build_head(HeadConfig(name="nope"), embedding_size=8, num_classes=5, rank=0, world_size=1)
     with pytest.raises(ValueError, match="already registered"):
         register_head("partial_fc")(PartialFC)
 

@@ -1,0 +1,73 @@
+"""The head contract: what the trainer, checkpoints and resharding rely on, and nothing more.
+
+A head turns this rank's embeddings (N, E) and labels (N,) into the global batch's loss (a scalar, identical on
+every rank). Its class centers are sharded by class: rank r holds the contiguous range
+[class_start, class_start + num_local) of the num_classes classes. A new head is a new file in `heads/` and a
+`@register_head("name")` line; the trainer never names a head's class or its constructor arguments.
+
+State, and how it survives a checkpoint and a resume on another number of ranks:
+
+* **Row state** (`row_tensors()`): every `nn.Parameter` of the head and any per-class buffer, each with the class
+  as dim 0 (`num_local` rows on this rank; further dims are free, e.g. K sub-centers per class as (num_local, K, E)).
+  Checkpoints write each rank's rows with its `shard_info()`; a resume on W' ranks copies each rank's class range
+  out of the shards that overlap it. The optimizer state of the parameters is resharded the same way.
+* **Global state** (`global_tensors()` / `load_global_tensors()`): running statistics that every rank holds
+  identically (AdaFace's norm EMA, CurricularFace's t). Saved once, restored on every rank whatever the world size.
+  A head must keep them identical across ranks itself (compute them from the gathered global batch, or all-reduce).
+* **Randomness** comes from the global torch RNG (or a generator derived from the trainer's seed and step), which
+  the checkpoint saves per rank: a resumed run draws what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class Head(Protocol):
+    """What every registered head provides (PartialFC is the reference implementation)."""
+
+    num_classes: int
+    num_local: int  # class centers on this rank
+    class_start: int  # global id of this rank's first class
+
+    def __call__(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
+        """The global batch's mean loss; every rank must call it at the same step with the same batch size."""
+        ...
+
+    def shard_info(self) -> dict[str, int]:
+        """class_start, num_local, num_classes, rank, world_size: what a checkpoint shard records."""
+        ...
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialize; with `seed`, a class's initial center must not depend on the number of ranks."""
+        ...
+
+    def row_tensors(self) -> dict[str, Tensor]:
+        """Per-class state by name (parameters included), class as dim 0."""
+        ...
+
+    def global_tensors(self) -> dict[str, Tensor]:
+        """State identical on every rank (running statistics); empty for a stateless head."""
+        ...
+
+    def load_global_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what `global_tensors` returned."""
+        ...
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the trainer at the start of every epoch (e.g. sub-center ArcFace drops sub-centers)."""
+        ...
+
+    # nn.Module's own, which the optimizer and checkpoints use.
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        ...
+
+    def to(self, *args: object, **kwargs: object) -> nn.Module:
+        ...
