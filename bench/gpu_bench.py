@@ -15,7 +15,7 @@ sample rate 1), backward (fp16 through a ``GradScaler``), gradient clipping at 5
 compilation), then ``--steps`` steps timed between two synchronizations.
 
 Model FLOP utilization (MFU) = samples/s x FLOPs per sample / the GPU's peak. FLOPs per sample are counted once:
-``models.count_flops`` gives the forward multiply-accumulates of every conv and linear layer for one 112x112 image
+``models.count_flops`` gives the forward multiply-accumulates (convs, linear layers, attention) for one 112x112 image
 (r50: 6.31 G, r100: 12.09 G); x 2 FLOPs per multiply-accumulate; x 3 for forward + backward (the backward computes
 the gradients of the inputs and of the weights, each as costly as the forward). BatchNorm, PReLU, the head and the
 optimizer are not counted (they run, so MFU is slightly conservative). The peak is the dense bf16/fp16 tensor-core

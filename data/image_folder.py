@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from data.dataset import IMAGE_SIZE, BadSampleError, FaceDataset, Output
+from models.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(InputError, ValueError):
     """A missing or unusable image folder; the message names the path."""
 
 

@@ -19,7 +19,8 @@
 * ``scan REC_DIR``: reads and decodes every image record, lists the unusable ones (key, byte offset, reason);
   exit status 1 if there are any.
 
-Errors print one line naming the file and exit with status 2.
+Bad input, and an output that cannot be written (a full disk, a file-size limit, a path that is a folder), prints
+one line naming the file and exits with status 2; no half-written output is left behind.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from data.dataset import IMAGE_SIZE, BadSampleError, RecordFaceDataset, decode_face
-from data.image_folder import ImageFolderError, list_image_folder
+from data.image_folder import list_image_folder
 from data.recordio import (
     IRHeader,
     RecordIOError,
@@ -56,6 +57,8 @@ from data.recordio import (
     write_insightface_layout,
     write_property_file,
 )
+from models.cli import OutputError, atomic_output, output_folder, report_input_error
+from models.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ _R = TypeVar("_R")
 _CHUNK = 64
 
 
-class ToolError(Exception):
+class ToolError(InputError):
     """A user-facing failure: one line, naming the file."""
 
 
@@ -80,6 +83,8 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=error_console,
         transient=True,
+        # A bar is for a person at a terminal; captured stderr gets only the errors (one line each).
+        disable=not error_console.is_terminal,
     )
 
 
@@ -96,7 +101,7 @@ def _parallel_map(
 
 
 def _fresh_output(out_dir: Path, names: Iterable[str]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     for name in names:
         if (out_dir / name).exists():
             raise ToolError(f"{out_dir / name} already exists; choose another output folder or delete it")
@@ -152,12 +157,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
     try:
         with _progress() as progress:
             write_insightface_layout(rec, idx, samples(progress), out_dir / "property", (IMAGE_SIZE, IMAGE_SIZE))
-    except (ToolError, RecordIOError):
-        for path in (rec, idx, out_dir / "property"):
-            path.unlink(missing_ok=True)
+        lines = "".join(f"{label}\t{name}\n" for label, name in enumerate(identities))
+        with atomic_output(out_dir / "identities.txt") as tmp:
+            tmp.write_text(lines, encoding="utf-8")
+    except (InputError, OSError) as error:
+        _remove(rec, idx, out_dir / "property", out_dir / "identities.txt")
+        if isinstance(error, OSError):
+            raise OutputError(f"{out_dir}: cannot write the packed dataset ({error.strerror or error})") from None
         raise
-    lines = "".join(f"{label}\t{name}\n" for label, name in enumerate(identities))
-    (out_dir / "identities.txt").write_text(lines, encoding="utf-8")
     console.print(
         f"packed {len(paths) - len(skipped)} images of {len(identities)} identities into {rec}"
         + (f" (skipped {len(skipped)} unusable images, listed above)" if skipped else ""),
@@ -165,6 +172,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
         highlight=False,
     )
     return 0
+
+
+def _remove(*paths: Path) -> None:
+    """Delete what a failed command had started to write: no half-written output stays behind."""
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _empty_identity(image_dir: Path, name: str, skipped: list[tuple[str, str]]) -> str:
@@ -195,11 +208,13 @@ def cmd_shuffle(args: argparse.Namespace) -> int:
                 # flag 0 and a float label: record 0 must read as an image, not as an insightface layout record.
                 writer.write_idx(new_key, pack(IRHeader(0, float(label), new_key, key), payload))
                 progress.advance(task)
+        write_property_file(out_dir / "property", dataset.num_classes, (IMAGE_SIZE, IMAGE_SIZE))
     except RecordIOError as error:
-        rec.unlink(missing_ok=True)
-        idx.unlink(missing_ok=True)
+        _remove(rec, idx, out_dir / "property")
         raise ToolError(f"{error}; `python -m data.tools scan {in_dir}` lists every broken record") from None
-    write_property_file(out_dir / "property", dataset.num_classes, (IMAGE_SIZE, IMAGE_SIZE))
+    except OSError as error:
+        _remove(rec, idx, out_dir / "property")
+        raise OutputError(f"{out_dir}: cannot write the shuffled dataset ({error.strerror or error})") from None
     console.print(
         f"wrote {len(order)} images in shuffled order (seed {args.seed}, plain im2rec layout) to {rec}",
         markup=False,
@@ -285,11 +300,8 @@ def cmd_build_bin(args: argparse.Namespace) -> int:
             IMAGE_SIZE,
             IMAGE_SIZE,
         )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_output(out_path) as tmp, open(tmp, "wb") as handle:
         pickle.dump((bins, [same for _, _, same, _ in pairs]), handle, protocol=4)
-    os.replace(tmp, out_path)
     same = sum(pair[2] for pair in pairs)
     console.print(
         f"wrote {len(pairs)} pairs ({same} same, {len(pairs) - same} different) to {out_path}",
@@ -370,8 +382,8 @@ def _write_grid(dataset: RecordFaceDataset, path: Path, count: int) -> None:
         else:
             draw.rectangle((x, y, x + IMAGE_SIZE - 1, y + IMAGE_SIZE - 1), fill="darkred")
             draw.text((x + 2, y + 1), f"bad key {dataset.sample_key(index)}", fill="white")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path, format="PNG")
+    with atomic_output(path) as tmp:
+        grid.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,9 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args))
-    except (ToolError, RecordIOError, ImageFolderError, OSError) as error:
-        error_console.print(f"error: {error}", markup=False, highlight=False)
-        return 2
+    except InputError as error:
+        return report_input_error(error)
+    except OSError as error:  # reading an input: the file system's message names the path
+        return report_input_error(InputError(str(error)))
     except KeyboardInterrupt:
         error_console.print("interrupted", markup=False)
         return 130

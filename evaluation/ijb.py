@@ -8,6 +8,10 @@
 Each process aligns and embeds a contiguous share of the faces; the shares are gathered back into file order, so
 the numbers do not depend on the batch size or the number of processes (up to float rounding in the backbone).
 Layout and protocol: `evaluation.ijb_meta`, `evaluation.ijb_metrics`, docs/ijb.md.
+
+`--weights` also takes a run's output folder or a checkpoint folder (its `model.safetensors`). Bad input (a missing
+or unfitting model, a malformed meta file, an unreadable image, an output folder that cannot be written) is one line
+on stderr and exit status 2; the output files are written atomically.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.dataset import mirror_images, normalize_images
 from data.recordio import decode_image
 from evaluation.alignment import ALIGNED_SIZE, align_face
 from evaluation.ijb_meta import TARGETS, Faces, IJBFormatError, Protocol, load_protocol
@@ -37,16 +42,16 @@ from evaluation.ijb_metrics import (
     FAR_TARGETS,
     FPIR_TARGETS,
     IdentificationResult,
-    VerificationResult,
+    RocResult,
     face_features,
     identification_metrics,
     pair_scores,
     template_features,
     verification_metrics,
 )
-
-# The weight loading helpers are private to evaluation.verification; shared rather than copied.
-from evaluation.verification import WeightsError, load_backbone
+from models.cli import atomic_output, output_folder, report_input_error, setup_logging
+from models.errors import InputError
+from models.weights import WeightsError, load_backbone
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -83,7 +88,7 @@ class RunResult:
     template_ids: np.ndarray
     template_feats: np.ndarray
     scores: np.ndarray
-    verification: VerificationResult
+    verification: RocResult
     identification: list[IdentificationResult]
 
 
@@ -94,14 +99,15 @@ class RunResult:
 def load_torch_embedder(
     path: Path, network: str | None, embedding_size: int | None, device: torch.device
 ) -> tuple[Embedder, dict[str, Any]]:
-    """A backbone from a safetensors state dict; network and size from the arguments, else the file's metadata."""
-    backbone, network, embedding_size = load_backbone(path, network, embedding_size)
-    backbone = backbone.to(device).eval()
+    """A backbone from a safetensors state dict (`models.weights.load_backbone`: network and size from the
+    arguments, else the file's metadata)."""
+    backbone, metadata = load_backbone(path, network, embedding_size, device)
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
         return backbone(batch).float()
 
-    return embed, {"kind": "safetensors", "path": str(path), "network": network, "embedding_size": embedding_size}
+    description = {"kind": "safetensors", "path": str(path), "network": metadata["network"]}
+    return embed, {**description, "embedding_size": int(metadata["embedding_size"])}
 
 
 def load_onnx_embedder(path: Path, device: torch.device) -> tuple[Embedder, dict[str, Any]]:
@@ -243,8 +249,8 @@ def extract_embeddings(
             error = next((message for message in errors if message), "")
             if error:
                 break  # stop reading, but still meet the other processes below
-            batch = (images.to(device).float() / 255.0 - 0.5) / 0.5
-            views = [batch, torch.flip(batch, dims=[3])] if flip else [batch]
+            batch = normalize_images(images.to(device))
+            views = [batch, mirror_images(batch)] if flip else [batch]
             # Image and flip in one forward: in eval mode every sample is computed on its own.
             out = embed(torch.cat(views)).float().cpu().numpy()
             chunks.append(out.reshape(len(views), len(batch), -1).transpose(1, 0, 2))
@@ -404,7 +410,8 @@ def plot_roc(path: Path, target: str, runs: list[RunResult]) -> bool:
     axes.grid(linestyle="--", linewidth=0.5)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png")
     return True
 
 
@@ -473,7 +480,8 @@ def save_features(out: Path, run: RunResult) -> Path:
     }
     if run.embeddings.shape[1] > 1:
         arrays["embeddings_flip"] = run.embeddings[:, 1]
-    np.savez(path, **arrays)
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to tmp
+        np.savez(handle, **arrays)
     return path
 
 
@@ -484,10 +492,18 @@ def save_features(out: Path, run: RunResult) -> Path:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m evaluation.ijb", description=(__doc__ or "").splitlines()[0])
     models = parser.add_argument_group("models (one run each; at least one)")
-    models.add_argument("--weights", action="append", type=Path, default=[], help="backbone .safetensors (repeatable)")
+    models.add_argument(
+        "--weights",
+        action="append",
+        type=Path,
+        default=[],
+        help="backbone .safetensors, or a run or checkpoint folder holding one (repeatable)",
+    )
     models.add_argument("--onnx", action="append", type=Path, default=[], help="ONNX model, input 'data' (repeatable)")
-    models.add_argument("--network", help="backbone name for --weights (default: the file's metadata, else r50)")
-    models.add_argument("--embedding-size", type=int, help="embedding size (default: the file's metadata, else 512)")
+    models.add_argument("--network", help="backbone name for --weights (default: the file's metadata)")
+    models.add_argument(
+        "--embedding-size", type=int, help="embedding size (default: the file's metadata, else the weights' shapes)"
+    )
     parser.add_argument("--root", type=Path, required=True, help="the benchmark folder, e.g. IJB_release/IJBC")
     parser.add_argument("--target", choices=TARGETS, default="IJBC", help="which meta files to read")
     parser.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and the ROC plot")
@@ -506,24 +522,28 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _setup_logging(is_main: bool) -> None:
-    root = logging.getLogger()
-    if root.handlers:  # configured already (a test harness, an embedding program): leave it alone
-        return
-    from rich.console import Console
-    from rich.logging import RichHandler
+def build_accelerator() -> Accelerator:
+    """The Accelerator of an `accelerate launch`ed evaluation: only its process group and device are used.
 
-    root.addHandler(RichHandler(console=Console(stderr=True), show_path=False, markup=False))
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    Several processes on CPUs need what `trainer.distributed.build_accelerator` also does for them (its comment
+    says why): Accelerate told it runs on CPUs, and the gloo backend named.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(kwargs_handlers=handlers)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trainer.distributed import build_accelerator
-
     settings = Settings(flip=not args.no_flip, norm=not args.no_norm, det_score=not args.no_det_score)
-    accelerator = build_accelerator(str(args.out), 1, False)
-    _setup_logging(accelerator.is_main_process)
+    accelerator = build_accelerator()
+    setup_logging(accelerator.is_main_process)
     # Every process reads and checks the same files and so fails alike, before any collective.
+    output_folder(args.out)
     protocol = load_protocol(args.root, args.target)
     specs = model_specs(args.weights, args.onnx)
     logger.info(
@@ -551,10 +571,10 @@ def _run(args: argparse.Namespace) -> int:
         if accelerator.is_main_process:
             runs.append(score_run(spec, description, embeddings, protocol, settings))
     if accelerator.is_main_process:
-        args.out.mkdir(parents=True, exist_ok=True)
         extraction = {"batch_size": args.batch_size, "processes": accelerator.num_processes, "device": str(device)}
         document = results_json(protocol, settings, runs, extraction)
-        (args.out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+        with atomic_output(args.out / "results.json") as tmp:
+            tmp.write_text(json.dumps(document, indent=2) + "\n")
         roc_path = args.out / f"roc_{protocol.target.lower()}.png"
         if plot_roc(roc_path, protocol.target, runs):
             logger.info("ROC curve: %s", roc_path)
@@ -570,16 +590,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `python -m evaluation.ijb` CLI; returns the exit status (2 for bad input)."""
-    from rich.console import Console
-    from rich.markup import escape
-
     args = _parse_args(argv)
     try:
         return _run(args)
-    except (IJBFormatError, WeightsError) as err:
+    except InputError as err:
         # Bad input: one line naming the file (and line), no traceback.
-        Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        return 2
+        return report_input_error(err)
 
 
 if __name__ == "__main__":

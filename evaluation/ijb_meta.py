@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from models.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 Target = Literal["IJBB", "IJBC"]
@@ -36,7 +38,7 @@ GALLERY_NAMES: dict[Target, tuple[str, str]] = {"IJBB": ("S1", "S2"), "IJBC": ("
 NUM_LANDMARKS = 5
 
 
-class IJBFormatError(ValueError):
+class IJBFormatError(InputError, ValueError):
     """A missing or malformed IJB file; the message names the file (and line)."""
 
 

@@ -41,7 +41,10 @@ class RocPoint:
 
 
 @dataclass(frozen=True)
-class VerificationResult:
+class RocResult:
+    """The 1:1 ROC of a protocol's pairs: the points read at `FAR_TARGETS`, the AUC, the whole curve, the counts.
+    (The `.bin` protocol's accuracy is `evaluation.verification.VerificationResult`.)"""
+
     points: list[RocPoint]
     auc: float
     fpr: np.ndarray
@@ -127,7 +130,7 @@ def pair_scores(
 
 def verification_metrics(
     labels: np.ndarray, scores: np.ndarray, far_targets: tuple[float, ...] = FAR_TARGETS
-) -> VerificationResult:
+) -> RocResult:
     """ROC of the pair scores and the TAR read at each FAR target (the FPR closest to it; ties: the higher TAR)."""
     labels = np.asarray(labels)
     num_genuine = int((labels == 1).sum())
@@ -141,7 +144,7 @@ def verification_metrics(
         # fpr and tpr never decrease along the curve: the last of the closest points has the highest TAR.
         index = int(np.flatnonzero(gap == gap.min())[-1])
         points.append(RocPoint(target, float(fpr[index]), float(tpr[index]), float(thresholds[index])))
-    return VerificationResult(points, float(auc(fpr, tpr)), fpr, tpr, num_genuine, num_impostor)
+    return RocResult(points, float(auc(fpr, tpr)), fpr, tpr, num_genuine, num_impostor)
 
 
 def identification_metrics(

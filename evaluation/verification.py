@@ -8,16 +8,22 @@ ten fold accuracies are reported. XNorm is the mean L2 norm of the un-normalized
 
 Unpickling: `.bin` files are pickles, and pickles can run code. `load_bin` refuses every global except the few that
 real `.bin` files need: `_codecs.encode` and `bytearray` (how Python 3 writes bytes in protocol <= 2), and NumPy's
-array reconstruction (`numpy.core.multiarray._reconstruct`, `numpy.ndarray`, `numpy.dtype`, `numpy...scalar`),
-because insightface's `build_eval_pack.py` stores each image as the uint8 array returned by `cv2.imencode`. None of
-these calls user-chosen code; every element is then checked to be bytes or a uint8 array.
+array reconstruction, because insightface's `build_eval_pack.py` stores each image as the uint8 array returned by
+`cv2.imencode`: `numpy.ndarray`, `numpy.dtype`, `multiarray._reconstruct` and `multiarray.scalar` (protocols <= 4)
+and `numeric._frombuffer` (protocol 5, what `pickle.HIGHEST_PROTOCOL` gives on Python 3.8+), each under NumPy 1's
+`numpy.core` and NumPy 2's `numpy._core` name. None of these calls user-chosen code (`_frombuffer` refuses object
+arrays); every element is then checked to be bytes or a uint8 array.
 
     python -m evaluation.verification --weights model.safetensors --bin lfw.bin --bin cfp_fp.bin
+
+`--weights` also takes a run's output folder or a checkpoint folder (its `model.safetensors`). Bad input (a missing
+or unfitting weights file, an unreadable `.bin`) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import logging
 import pickle
@@ -33,7 +39,9 @@ from PIL import Image
 from sklearn.model_selection import KFold
 from torch import nn
 
+from data.dataset import mirror_images, normalize_images
 from data.recordio import decode_image
+from models.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +57,15 @@ _ALLOWED_GLOBALS = frozenset(
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 )
 
 
-class BinFormatError(ValueError):
+class BinFormatError(InputError, ValueError):
     """A `.bin` file that is missing, unsafe or not in the `(bins, issame_list)` layout; the message names the file."""
 
 
@@ -75,9 +85,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise BinFormatError(f"file {self.path}: refusing to unpickle global '{module}.{name}'")
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise BinFormatError(f"file {self.path}: refusing to unpickle global '{module}.{name}'")
+        if module.startswith(("numpy.core.", "numpy._core.")):
+            return _numpy_internal(module.split(".", 2)[2], name)
+        return super().find_class(module, name)
+
+
+def _numpy_internal(submodule: str, name: str) -> Any:
+    """A NumPy internal under either name: NumPy 2 calls the package `numpy._core` (and warns on `numpy.core`),
+    NumPy 1 `numpy.core` (1.26 has a partial `numpy._core`), so a file pickled under one loads under the other."""
+    for package in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{package}.{submodule}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"this NumPy has no {submodule}.{name}")
 
 
 def _unpickle(path: Path) -> Any:
@@ -211,10 +234,9 @@ def evaluate_backbone(
     try:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                batch = images[start : start + batch_size].to(device=device, dtype=dtype)
-                batch = (batch / 255.0 - 0.5) / 0.5
+                batch = normalize_images(images[start : start + batch_size].to(device), dtype)
                 # Originals and flips in one forward: eval-mode BatchNorm makes samples independent.
-                out = backbone(torch.cat([batch, torch.flip(batch, dims=[3])]))
+                out = backbone(torch.cat([batch, mirror_images(batch)]))
                 chunks.append(out.float().cpu().numpy().reshape(2, len(batch), -1))
     finally:
         backbone.train(was_training)
@@ -227,16 +249,15 @@ def evaluate_backbone(
 
 
 class VerificationCallback:
-    """Evaluates the backbone on each `.bin` every `every_steps` steps; call it on the main process only.
+    """Evaluates the backbone on each `.bin` when called (the training loop decides when); main process only.
 
-    The files are loaded once, here. `highest` keeps the best accuracy seen per target (`state_dict` carries it
-    across a resume).
+    The files are loaded once, here. `highest` keeps the best accuracy seen per target; `state_dict` /
+    `load_state_dict` carry it across a resume.
     """
 
-    def __init__(self, bin_paths: list[str], every_steps: int, batch_size: int) -> None:
-        if every_steps <= 0 or batch_size <= 0:
-            raise ValueError(f"every_steps and batch_size must be positive, got {every_steps} and {batch_size}")
-        self.every_steps = every_steps
+    def __init__(self, bin_paths: list[str], batch_size: int) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = batch_size
         self.targets: dict[str, tuple[torch.Tensor, list[bool]]] = {}
         for bin_path in bin_paths:
@@ -248,9 +269,7 @@ class VerificationCallback:
         self.highest: dict[str, float] = {name: 0.0 for name in self.targets}
 
     def __call__(self, step: int, backbone: nn.Module) -> dict[str, VerificationResult]:
-        """Evaluate every target when `step % every_steps == 0` (step 0 included); else return `{}`."""
-        if step % self.every_steps:
-            return {}
+        """Evaluate every target; `step` labels the log lines."""
         results: dict[str, VerificationResult] = {}
         for name, (images, issame) in self.targets.items():
             result = evaluate_backbone(backbone, images, issame, batch_size=self.batch_size)
@@ -268,94 +287,51 @@ class VerificationCallback:
         return results
 
     def state_dict(self) -> dict[str, dict[str, float]]:
+        """The best accuracy so far per target, for the trainer's checkpoint."""
         return {"highest": dict(self.highest)}
 
     def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        """Restore `highest` from `state_dict()`; targets not evaluated by this run are ignored."""
         for name, value in state.get("highest", {}).items():
             if name in self.highest:
                 self.highest[name] = float(value)
 
 
-class WeightsError(Exception):
-    """A weights file that cannot be used as a backbone; the message names the file and what is wrong."""
-
-
-def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsError(f"weights file {path} is not a readable safetensors file ({err})") from None
-
-
-def build_and_load(network: str, embedding_size: int, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
-    from models import build_backbone, list_backbones
-
-    try:
-        backbone = build_backbone(network, num_features=embedding_size, dropout=0.0)
-    except KeyError:
-        raise WeightsError(f"unknown network {network!r}; registered: {', '.join(list_backbones())}") from None
-    expected = backbone.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise WeightsError(
-            f"weights {path} do not fit network {network!r} with embedding size {embedding_size}: " + "; ".join(parts)
-        )
-    backbone.load_state_dict(state, strict=True)
-    return backbone
-
-
-def load_backbone(
-    path: Path, network: str | None = None, embedding_size: int | None = None
-) -> tuple[nn.Module, str, int]:
-    """(backbone, network, embedding size) from a `model.safetensors`; network and size from the arguments, else
-    the file's metadata (written by the trainer), else r50 / 512."""
-    state, metadata = load_weights(path)
-    network = network or metadata.get("network", "r50")
-    if embedding_size is None:
-        try:
-            embedding_size = int(metadata.get("embedding_size", 512))
-        except ValueError:
-            raise WeightsError(f"weights {path}: metadata embedding_size is not an integer") from None
-    return build_and_load(network, embedding_size, state, path), network, embedding_size
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The `python -m evaluation.verification` CLI; returns the exit status."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
+    from models.cli import report_input_error
+    from models.weights import load_backbone
+
     parser = argparse.ArgumentParser(prog="python -m evaluation.verification", description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", required=True, type=Path, help="backbone state dict (.safetensors)")
-    parser.add_argument("--network", help="backbone name (default: the file's metadata, else r50)")
-    parser.add_argument("--embedding-size", type=int, help="embedding size (default: the file's metadata, else 512)")
+    parser.add_argument(
+        "--weights", required=True, type=Path, help="a model.safetensors, or a run or checkpoint folder holding one"
+    )
+    parser.add_argument("--network", help="backbone name (default: the file's metadata)")
+    parser.add_argument(
+        "--embedding-size", type=int, help="embedding size (default: the file's metadata, else the weights' shapes)"
+    )
     parser.add_argument("--bin", dest="bins", action="append", required=True, type=Path, help="a .bin (repeatable)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
-    err_console = Console(stderr=True)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
-        backbone, network, embedding_size = load_backbone(args.weights, args.network, args.embedding_size)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        backbone.to(device)
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as err:
+            raise InputError(f"--device {args.device!r}: {err}") from None
+        backbone, metadata = load_backbone(args.weights, args.network, args.embedding_size, device)
+        network, embedding_size = metadata["network"], metadata["embedding_size"]
+        # Every file is read before the first evaluation: a bad one fails at once, not after the others ran.
+        targets = [(bin_path, *load_bin(bin_path)) for bin_path in args.bins]
         table = Table(title=f"Verification: {args.weights.name} ({network}, {embedding_size}-d)")
         for column in ("target", "pairs", "accuracy", "std", "XNorm"):
             table.add_column(column, justify="left" if column == "target" else "right")
-        for bin_path in args.bins:
-            images, issame = load_bin(bin_path)
+        for bin_path, images, issame in targets:
             result = evaluate_backbone(backbone, images, issame, batch_size=args.batch_size, device=device)
             table.add_row(
                 bin_path.stem,
@@ -364,10 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{result.std:.5f}",
                 f"{result.xnorm:.4f}",
             )
-    except (WeightsError, BinFormatError) as err:
-        # One line, never wrapped at the terminal's width: the path in it stays copyable.
-        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        return 1
+    except InputError as err:
+        return report_input_error(err)
     Console().print(table)
     return 0
 

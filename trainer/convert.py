@@ -7,7 +7,8 @@
 
 `insightface-backbone` reads a `torch.save`d IResNet state dict (`backbone.pth`, `model.pt`, also a DDP
 `module.`-prefixed one, or a training checkpoint's `state_dict_backbone`), checks it loads with `strict=True` into
-this project's backbone of that name, and writes it with this project's metadata.
+this project's backbone of that name (the checks of `models.weights`, which every weights loader shares: the first
+missing, unexpected or wrongly shaped key is named), and writes it with this project's metadata.
 
 `insightface-head` reads insightface's per-rank training checkpoints (`checkpoint_gpu_{rank}.pt`: `epoch`,
 `global_step`, `state_dict_backbone`, `state_dict_softmax_fc` with `weight` = rank r's contiguous class range,
@@ -16,8 +17,9 @@ this project's backbone of that name, and writes it with this project's metadata
 that `trainer/main.py --output <out> --resume` continues on any number of ranks. insightface's optimizer state is
 not imported (it is keyed by its own parameter order): the optimizer starts fresh, with the recipe's hyperparameters.
 
-Every file is read with `torch.load(weights_only=True)`: no pickled code runs. Bad input is one line on stderr and
-exit status 2. docs/checkpoints.md has the details.
+Every file is read with `torch.load(weights_only=True)`: no pickled code runs. Bad input, and an output that cannot be
+written (a full disk, a file-size limit, a path that is a folder), is one line on stderr and exit status 2, and leaves
+no half-written output. docs/checkpoints.md has the details.
 """
 
 from __future__ import annotations
@@ -34,15 +36,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
+
+from models.cli import OutputError, atomic_output, output_folder, report_input_error, setup_logging
+from models.errors import InputError
+from models.weights import build_with_state, check_network, infer_embedding_size
 
 logger = logging.getLogger(__name__)
 
 _GPU_CHECKPOINT = re.compile(r"^checkpoint_gpu_(\d+)\.pt$")
 
 
-class ConvertError(Exception):
+class ConvertError(InputError):
     """Input that cannot be converted; the message names the file and key."""
 
 
@@ -93,41 +100,25 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def embedding_size_of(state: dict[str, torch.Tensor]) -> int | None:
-    """IResNet's embedding size: the rows of its final Linear (`fc.weight`)."""
-    fc = state.get("fc.weight")
-    return int(fc.shape[0]) if fc is not None and fc.dim() == 2 else None
+def fit_backbone(
+    state: dict[str, torch.Tensor], network: str, embedding_size: int | None, path: Path
+) -> tuple[nn.Module, int]:
+    """`(this project's network holding state, its embedding size)`: the checks and loading of `models.weights`;
+    the embedding size, unless given, is read from the state's shapes (IResNet: the rows of `fc.weight`)."""
+    check_network(network, path)
+    embedding_size = embedding_size or infer_embedding_size(state, network) or 512
+    return build_with_state(state, network, embedding_size, path), embedding_size
 
 
-def fit_backbone(state: dict[str, torch.Tensor], network: str, embedding_size: int, path: Path) -> nn.Module:
-    """This project's `network` holding `state`, loaded with `strict=True`; errors name the first bad key."""
-    from models import build_backbone, list_backbones
+def _save_model(out: Path, backbone: nn.Module, metadata: dict[str, str]) -> None:
+    """`trainer.checkpoint.save_model` into `out` atomically; a failed write is an `OutputError` naming `out`."""
+    from trainer.checkpoint import save_model
 
-    try:
-        backbone = build_backbone(network, num_features=embedding_size)
-    except KeyError:
-        raise ConvertError(f"unknown network {network!r}; registered: {', '.join(list_backbones())}") from None
-    expected = backbone.state_dict()
-    state = dict(state)
-    for key in expected:
-        # Files from before torch 0.4.1 lack BatchNorm's step counter; it is unused in eval and by momentum BN.
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = expected[key].clone()
-    where = f"{path} does not fit network {network!r} (embedding size {embedding_size})"
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ConvertError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing)")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise ConvertError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-    for key, value in expected.items():
-        if state[key].shape != value.shape:
-            raise ConvertError(
-                f"{where}: key {key!r} has shape {list(state[key].shape)}, the network needs {list(value.shape)}"
-            )
-        state[key] = state[key].to(value.dtype)  # an fp16 export becomes fp32 like the network's own weights
-    backbone.load_state_dict(state, strict=True)
-    return backbone
+    with atomic_output(out) as tmp:
+        try:
+            save_model(tmp, backbone, metadata)
+        except SafetensorError as err:  # how safetensors reports a failed write (disk full, file too large)
+            raise OSError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,13 +127,11 @@ def fit_backbone(state: dict[str, torch.Tensor], network: str, embedding_size: i
 
 def convert_backbone(source: Path, network: str, out: Path, embedding_size: int | None = None) -> nn.Module:
     """`backbone.pth` -> `model.safetensors` with this project's metadata; returns the loaded backbone."""
-    from trainer.checkpoint import model_metadata, save_model
+    from trainer.checkpoint import model_metadata
 
     state = backbone_state_dict(load_torch_file(source), source)
-    embedding_size = embedding_size or embedding_size_of(state) or 512
-    backbone = fit_backbone(state, network, embedding_size, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(out, backbone, model_metadata(network, embedding_size))
+    backbone, embedding_size = fit_backbone(state, network, embedding_size, source)
+    _save_model(out, backbone, model_metadata(network, embedding_size))
     logger.info("%s -> %s (%s, %d-d embeddings)", source, out, network, embedding_size)
     return backbone
 
@@ -223,8 +212,7 @@ def convert_head(
     step, epoch = steps.pop()
 
     state = backbone_state_dict(loaded[0], files[0])
-    embedding_size = embedding_size or embedding_size_of(state) or 512
-    backbone = fit_backbone(state, network, embedding_size, files[0])
+    backbone, embedding_size = fit_backbone(state, network, embedding_size, files[0])
     for f, weight in zip(files, weights, strict=True):
         if weight.shape[1] != embedding_size:
             raise ConvertError(
@@ -237,44 +225,49 @@ def convert_head(
     if final.exists():
         raise ConvertError(f"{final} already exists: choose another --out")
     tmp = root / f".tmp-{final.name}"  # the trainer's own temporary name: resume ignores it, the next save removes it
+    output_folder(root)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    ckpt.save_model(tmp / "model.safetensors", backbone, ckpt.model_metadata(network, embedding_size))
-    for rank, (weight, (start, num_local)) in enumerate(zip(weights, split, strict=True)):
-        meta = {
-            "class_start": start,
-            "num_local": num_local,
+    try:
+        tmp.mkdir()
+        ckpt.save_model(tmp / "model.safetensors", backbone, ckpt.model_metadata(network, embedding_size))
+        for rank, (weight, (start, num_local)) in enumerate(zip(weights, split, strict=True)):
+            meta = {
+                "class_start": start,
+                "num_local": num_local,
+                "num_classes": num_classes,
+                "rank": rank,
+                "world_size": world_size,
+            }
+            save_file(
+                {"weight": weight.to(torch.float32).contiguous()},
+                str(tmp / f"head-rank{rank:05d}-of-{world_size:05d}.safetensors"),
+                metadata={k: str(v) for k, v in meta.items()},
+            )
+        cfg = ExperimentConfig()
+        cfg.network.name, cfg.network.embedding_size, cfg.optim.name = network, embedding_size, optimizer
+        trainer_state = {
+            "step": step,
+            "epoch": epoch,
+            # insightface saves at the end of an epoch, `epoch` being the next one: nothing of it is consumed yet.
+            "sampler": {"epoch": epoch, "position": 0},
+            "scaler": None,
             "num_classes": num_classes,
-            "rank": rank,
+            "config": {k: v for k, v in flatten(to_dict(cfg)).items() if k in STRUCTURAL_KEYS},
+            "loss_history": [],
+            "skipped_steps": 0,
+            "skipped_at": [],
+            # No optimizer state and no saved hyperparameters: the resumed run's recipe sets them, buffers start at 0.
+            "optimizer_param_groups": {},
             "world_size": world_size,
+            "converted_from": {"format": "insightface arcface_torch", "files": [f.name for f in files]},
         }
-        save_file(
-            {"weight": weight.to(torch.float32).contiguous()},
-            str(tmp / f"head-rank{rank:05d}-of-{world_size:05d}.safetensors"),
-            metadata={k: str(v) for k, v in meta.items()},
-        )
-    cfg = ExperimentConfig()
-    cfg.network.name, cfg.network.embedding_size, cfg.optim.name = network, embedding_size, optimizer
-    trainer_state = {
-        "step": step,
-        "epoch": epoch,
-        # insightface saves at the end of an epoch, `epoch` being the next one: nothing of it is consumed yet.
-        "sampler": {"epoch": epoch, "position": 0},
-        "scaler": None,
-        "num_classes": num_classes,
-        "config": {k: v for k, v in flatten(to_dict(cfg)).items() if k in STRUCTURAL_KEYS},
-        "loss_history": [],
-        "skipped_steps": 0,
-        "skipped_at": [],
-        # No optimizer state and no saved hyperparameters: the resumed run's recipe sets them, buffers start at 0.
-        "optimizer_param_groups": {},
-        "world_size": world_size,
-        "converted_from": {"format": "insightface arcface_torch", "files": [f.name for f in files]},
-    }
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    ckpt.write_manifest(tmp, step, world_size)
-    os.rename(tmp, final)  # the folder appears complete or not at all
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        ckpt.write_manifest(tmp, step, world_size)
+        os.rename(tmp, final)  # the folder appears complete or not at all
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error type
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise OutputError(f"{final}: cannot be written ({reason})") from None
     logger.info(
         "%d insightface shards (%d classes, step %d, epoch %d) -> %s; resume with --output %s --resume "
         "(optimizer state starts fresh)",
@@ -317,15 +310,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     try:
         if args.command == "insightface-backbone":
             convert_backbone(args.source, args.network, args.out, args.embedding_size)
         else:
             convert_head(args.sources, args.network, args.num_classes, args.out, args.embedding_size, args.optimizer)
-    except ConvertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except InputError as exc:
+        return report_input_error(exc)
     return 0
 
 

@@ -3,19 +3,22 @@
     python -m trainer.export onnx --weights runs/x/model.safetensors --out model.onnx [--opset 17]
     python -m trainer.export safetensors --checkpoint runs/x/checkpoints/step-00001234 --out model.safetensors
 
-`onnx`: network and embedding size come from the safetensors metadata unless given. The graph takes `data`, a
-float32 (N, 3, 112, 112) batch of RGB faces normalized as `(x / 255 - 0.5) / 0.5`, and returns `embedding`
-(N, embedding size); N is dynamic. After export, onnxruntime runs random inputs in [-1, 1] at `--batch-size` and
-at another batch size (proving the dynamic axis) and the largest absolute difference from PyTorch is reported; above
-`--tolerance` the export fails (exit 1) and no file is left. The network, embedding size, input normalization and
-opset are written into the model's metadata_props. Bad input is one line on stderr, exit 2.
+`onnx`: `--weights` is a `model.safetensors`, or a run or checkpoint folder holding one; network and embedding size
+come from its metadata unless given (`models.weights.load_backbone`). The graph takes `data`, a float32
+(N, 3, 112, 112) batch of RGB faces normalized as `(x / 255 - 0.5) / 0.5` (`data.dataset.normalize_images`), and
+returns `embedding` (N, embedding size); N is dynamic. After export, onnxruntime runs random inputs in [-1, 1] at
+`--batch-size` and at another batch size (proving the dynamic axis) and the largest absolute difference from PyTorch
+is reported. The network, embedding size, input normalization and opset are written into the model's metadata_props.
+
+Exit status: 0 done; 1 the export ran but onnxruntime disagrees with PyTorch by more than `--tolerance` (a result
+that failed its check, not bad input); 2 bad input, or an output that cannot be written (one line on stderr). Either
+failure leaves no file behind, neither a half-written output nor a temporary one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import warnings
@@ -26,6 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.cli import atomic_output, report_input_error, setup_logging
+from models.errors import InputError
+from models.weights import load_backbone
+
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "data"
@@ -34,44 +41,15 @@ DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 
 
-class ExportError(Exception):
+class ExportError(InputError):
     """Input that cannot be exported; the message names the file."""
 
 
-class ParityError(ExportError):
-    """onnxruntime and PyTorch disagree by more than the tolerance."""
+class ParityError(Exception):
+    """onnxruntime and PyTorch disagree by more than the tolerance: the export's result failed its check (exit 1).
 
-
-def load_backbone(
-    weights: Path, network: str | None = None, embedding_size: int | None = None
-) -> tuple[nn.Module, str, int]:
-    """(backbone in eval mode, network, embedding size) from a `model.safetensors`; names from its metadata."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    from trainer.convert import ConvertError, fit_backbone
-
-    if not weights.is_file():
-        raise ExportError(f"{weights}: no such file")
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ExportError(f"{weights}: not a readable safetensors file ({exc})") from None
-    network = network or metadata.get("network")
-    if not network:
-        raise ExportError(f"{weights}: no 'network' in its metadata: pass --network")
-    if embedding_size is None:
-        try:
-            embedding_size = int(metadata.get("embedding_size", "512"))
-        except ValueError:
-            raise ExportError(f"{weights}: metadata embedding_size is not an integer: pass --embedding-size") from None
-    try:
-        backbone = fit_backbone(state, network, embedding_size, weights)
-    except ConvertError as exc:
-        raise ExportError(str(exc)) from None
-    return backbone.eval(), network, embedding_size
+    Not an `InputError`: the input was fine, the exported graph computes something else (an operator exported
+    wrongly, or a `--tolerance` tighter than float rounding)."""
 
 
 def export_onnx(
@@ -164,7 +142,8 @@ def onnx_command(
 
     if batch_size < 1:
         raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
-    backbone, network, embedding_size = load_backbone(weights, network, embedding_size)
+    backbone, loaded = load_backbone(weights, network, embedding_size)
+    network, embedding_size = loaded["network"], int(loaded["embedding_size"])
     metadata = {
         "network": network,
         "embedding_size": str(embedding_size),
@@ -175,14 +154,9 @@ def onnx_command(
         "source": weights.name,
         "producer": "arcface-accelerate",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_output(out) as tmp:  # a failed check or write leaves no file
         export_onnx(backbone, tmp, opset, batch_size, metadata)
         worst = check_parity(backbone, tmp, [batch_size, batch_size + 3], tolerance, name=out)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     logger.info(
         "%s -> %s (%s, %d-d, opset %d): max abs difference %.3g (tolerance %g)",
         weights,
@@ -198,19 +172,14 @@ def onnx_command(
 
 def safetensors_command(checkpoint: Path, out: Path) -> None:
     """Copy a checkpoint's `model.safetensors` (metadata included) after verifying the checkpoint's checksums."""
-    from trainer.checkpoint import CheckpointError, verify_manifest
+    from trainer.checkpoint import verify_manifest
 
-    try:
-        verify_manifest(checkpoint)
-    except CheckpointError as exc:
-        raise ExportError(str(exc)) from None
+    verify_manifest(checkpoint)  # a CheckpointError (an InputError) names the file that does not match
     source = checkpoint / "model.safetensors"
     if not source.is_file():
         raise ExportError(f"{checkpoint}: no model.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        shutil.copyfile(source, tmp)
     logger.info("%s -> %s", source, out)
 
 
@@ -218,9 +187,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     onnx = commands.add_parser("onnx", help="model.safetensors -> model.onnx, with an onnxruntime parity check")
-    onnx.add_argument("--weights", type=Path, required=True, help="a model.safetensors")
+    onnx.add_argument(
+        "--weights", type=Path, required=True, help="a model.safetensors, or a run or checkpoint folder holding one"
+    )
     onnx.add_argument("--network", help="backbone name (default: the file's metadata)")
-    onnx.add_argument("--embedding-size", type=int, help="default: the file's metadata")
+    onnx.add_argument("--embedding-size", type=int, help="default: the file's metadata, else the weights' shapes")
     onnx.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     onnx.add_argument("--batch-size", type=int, default=2, help="example batch for tracing and parity (default: 2)")
@@ -238,7 +209,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     try:
         if args.command == "onnx":
             onnx_command(
@@ -249,9 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except InputError as exc:
+        return report_input_error(exc)
     return 0
 
 

@@ -99,7 +99,7 @@ def test_backbone(tmp_path: Path, layout: str) -> None:
             ["--network", "r_lite", "--embedding-size", "64"],
             "key 'fc.weight' has shape [32, 6272], the network needs [64, 6272]",
         ),
-        (["--network", "vit_t"], "unknown network 'vit_t'; registered: "),
+        (["--network", "r_nonexistent"], "unknown network 'r_nonexistent'; registered: "),
     ],
 )
 def test_backbone_that_does_not_fit(
@@ -292,3 +292,31 @@ def test_converted_insightface_run_resumes_with_the_real_cli(tmp_path: Path, fac
         torch.testing.assert_close(
             weights[name] + lr["backbone"] * buffer, backbone[name], rtol=1e-5, atol=1e-6, msg=name
         )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model zoo: insightface's MobileFaceNet and ViT files (keys and shapes from its own code's manifests)
+
+
+@pytest.mark.parametrize("network", ["mbf", "vit_t"])
+def test_zoo_backbone_in_insightface_layout(tmp_path: Path, network: str) -> None:
+    """A `torch.save`d state dict with insightface's keys and shapes (models/manifests, written by its get_model),
+    DDP-prefixed as its train_v2.py saves `backbone.module`'s: converted, its embedding size read from the shapes."""
+    import json
+
+    from tests.fixtures.make_zoo_manifests import seeded_images, seeded_state
+
+    manifest = json.loads((Path(__file__).parents[2] / "models" / "manifests" / f"{network}.json").read_text())
+    state = seeded_state([(key, shape) for key, shape in manifest])
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "backbone.pth")
+    out = tmp_path / "model.safetensors"
+    assert main(["insightface-backbone", str(tmp_path / "backbone.pth"), "--network", network, "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as fh:
+        assert fh.metadata() == ckpt.model_metadata(network, 512)
+    converted = load_file(str(out))
+    assert converted.keys() == state.keys()  # safetensors stores keys sorted
+    assert all(torch.equal(converted[key], value) for key, value in state.items())
+    model = build_backbone(network).eval()
+    model.load_state_dict(converted, strict=True)
+    with torch.no_grad():
+        assert model(seeded_images()).shape == (2, 512)

@@ -158,6 +158,35 @@ def test_network_from_the_command_line_when_metadata_lacks_it(
     assert "missing.safetensors: no such file" in capsys.readouterr().err
 
 
+def test_onnx_from_a_checkpoint_folder(tmp_path: Path) -> None:
+    """`--weights runs/x/checkpoints/step-N` (a folder that exists) uses its model.safetensors."""
+    backbone, head = _backbone(seed=2), PartialFC(EMBEDDING, 4, rank=0, world_size=1)
+    optimizer = torch.optim.SGD([{"params": list(backbone.parameters())}, {"params": list(head.parameters())}], lr=0.1)
+    path = ckpt.save_checkpoint(
+        tmp_path / "run",
+        step=3,
+        rank=0,
+        world_size=1,
+        barrier=lambda: None,
+        backbone=backbone,
+        head=head,
+        backbone_group=(optimizer, 0),
+        head_group=(optimizer, 1),
+        trainer_state={"step": 3},
+        metadata=ckpt.model_metadata("r_lite", EMBEDDING),
+        keep=1,
+    )
+    out = tmp_path / "model.onnx"
+    assert main(["onnx", "--weights", str(path), "--out", str(out)]) == 0
+    data = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    (actual,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"data": data.numpy()})
+    with torch.no_grad():
+        expected = backbone.eval()(data).numpy()
+    assert np.abs(actual - expected).max() < 1e-4 and np.abs(expected).max() > 1.0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["network"] == "r_lite" and props["embedding_size"] == str(EMBEDDING)
+
+
 def test_safetensors_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     backbone, head = _backbone(), PartialFC(EMBEDDING, 4, rank=0, world_size=1)
     optimizer = torch.optim.SGD([{"params": list(backbone.parameters())}, {"params": list(head.parameters())}], lr=0.1)
@@ -186,3 +215,30 @@ def test_safetensors_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFix
     (path / "model.safetensors").write_bytes(bytes(data))
     assert main(["safetensors", "--checkpoint", str(path), "--out", str(tmp_path / "other.safetensors")]) == 2
     assert "model.safetensors does not match its checksum" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("network", ["mbf", "vit_t"])
+def test_zoo_backbone_exports_with_parity(tmp_path: Path, network: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """One small member of each new family (MobileFaceNet: depthwise convs, GDC; ViT: SDPA attention, no masking
+    in eval) through the CLI, then an onnxruntime run of the file against PyTorch at another batch size."""
+    torch.manual_seed(0)
+    model = build_backbone(network, num_features=EMBEDDING)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as in _backbone
+        for name, buffer in model.named_buffers():
+            if "running_mean" in name:
+                buffer.uniform_(-0.2, 0.2)
+            elif "running_var" in name:
+                buffer.uniform_(0.5, 2.0)
+    weights = tmp_path / "model.safetensors"
+    ckpt.save_model(weights, model, ckpt.model_metadata(network, EMBEDDING))
+    out = tmp_path / "model.onnx"
+    assert main(["onnx", "--weights", str(weights), "--out", str(out)]) == 0, capsys.readouterr().err
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    data = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    (actual,) = session.run(["embedding"], {"data": data.numpy()})
+    with torch.no_grad():
+        expected = model.eval()(data).numpy()
+    assert actual.shape == (3, EMBEDDING)
+    assert np.abs(actual - expected).max() < 1e-4
+    assert np.abs(expected).max() > 0.5
