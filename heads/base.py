@@ -21,8 +21,9 @@ State, and how it survives a checkpoint and a resume on another number of ranks:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 
@@ -30,9 +31,18 @@ from torch import Tensor, nn
 class Head(Protocol):
     """What every registered head provides (PartialFC is the reference implementation)."""
 
-    num_classes: int
-    num_local: int  # class centers on this rank
-    class_start: int  # global id of this rank's first class
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def num_local(self) -> int:
+        """Class centers on this rank."""
+        ...
+
+    @property
+    def class_start(self) -> int:
+        """Global id of this rank's first class."""
+        ...
 
     def __call__(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
         """The global batch's mean loss; every rank must call it at the same step with the same batch size."""
@@ -62,12 +72,15 @@ class Head(Protocol):
         """Called by the trainer at the start of every epoch (e.g. sub-center ArcFace drops sub-centers)."""
         ...
 
-    # nn.Module's own, which the optimizer and checkpoints use.
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        ...
+    # nn.Module's own, which the optimizer, the guard and checkpoints use.
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
-        ...
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]: ...
 
-    def to(self, *args: object, **kwargs: object) -> nn.Module:
-        ...
+    def buffers(self, recurse: bool = True) -> Iterator[Tensor]: ...
+
+    def to(
+        self, device: str | torch.device | int | None = ..., dtype: torch.dtype | None = ..., non_blocking: bool = ...
+    ) -> Any: ...

@@ -105,6 +105,18 @@ def _all_reduce(tensor: Tensor, op: Any, group: ProcessGroup | None) -> None:
         dist.all_reduce(tensor, op=op, group=group)
 
 
+@torch.no_grad()
+def all_reduce_sum_no_grad(tensor: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """A copy of ``tensor`` summed over ranks, without gradient (e.g. each row's target cosine, which only the rank
+    holding the row's class knows: the others contribute zeros, so the sum is exact).
+
+    Collective: every rank must call it, in the same order, with the same shape.
+    """
+    out = tensor.detach().clone()
+    _all_reduce(out, dist.ReduceOp.SUM, group)
+    return out
+
+
 class _DistributedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, labels: Tensor, group: ProcessGroup | None) -> Tensor:

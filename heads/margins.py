@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,9 @@ def _check_finite(name: str, value: float) -> float:
     return value
 
 
+MarginGrad = Literal["exact", "constant"]
+
+
 class MarginSoftmax(nn.Module):
     r"""Combined margin ``s * (cos(m1 * theta + m2) - m3)`` on the target logit, ``s * cos(theta)`` elsewhere.
 
@@ -23,29 +27,43 @@ class MarginSoftmax(nn.Module):
 
     For the labelled column ``y`` of row ``i``, with ``theta = arccos(cos_theta[i, y])``:
 
-        target(theta) = cos(m1 * theta + m2) - m3            while m1 * theta + m2 <= pi
+        target(theta) = cos(m1 * theta + m2) - m3
 
     ArcFace is (m1, m2, m3) = (1, m, 0), CosFace (1, 0, m), SphereFace-like (m, 0, 0); any mix is allowed.
     The defaults are ArcFace with s=64, m=0.5.
 
-    Beyond ``theta_max = (pi - m2) / m1`` the formula would turn back up (cos is not monotonic past pi) and reward
-    moving away from the class center, so a fallback takes over:
+    Past ``theta_max = (pi - m2) / m1`` the formula turns back up (cos is not monotonic past pi):
 
-    * ArcFace (m1 == 1, m3 == 0): insightface's rule ``target = cos(theta) - sin(pi - m2) * m2`` (its ``th``/``mm``
-      constants: threshold ``cos(pi - m2)``). Monotonic in theta, with a downward step at ``theta_max``; kept so
-      that results are comparable with arcface_torch.
-    * any other (m1, m2, m3) with ``theta_max < pi``: ``target = cos(theta) - cos(theta_max) - 1 - m3``, the
-      no-margin curve shifted to meet the margined curve at ``theta_max`` (value ``-1 - m3``): continuous,
-      monotonic, and gradient 1 w.r.t. the cosine, like an ordinary logit.
+    * ArcFace (m1 == 1, m3 == 0), ``arcface_fallback=False`` (the default): no fallback, ``cos(theta + m2)``
+      everywhere, as insightface HEAD (its fallback was removed in late 2022; the seed-era code had none either).
+    * ArcFace, ``arcface_fallback=True``: the rule of insightface's code between those dates,
+      ``target = cos(theta) - sin(pi - m2) * m2`` past the threshold ``cos(pi - m2)``. Monotonic in theta, with a
+      downward step at ``theta_max``.
+    * any other (m1, m2, m3) with ``theta_max < pi`` (insightface refuses these): ``target = cos(theta) -
+      cos(theta_max) - 1 - m3``, the no-margin curve shifted to meet the margined curve at ``theta_max`` (value
+      ``-1 - m3``): continuous, monotonic, and gradient 1 w.r.t. the cosine, like an ordinary logit.
 
-    Gradients flow through the margin itself (``d target / d cos``), unlike arcface_torch, which edits the logits
-    under ``no_grad`` and so back-propagates as if the margin were a constant offset. ``d arccos(x)/dx`` is
-    infinite at x = +-1, so the cosine is clamped to ``[-1 + eps, 1 - eps]`` (``eps`` = the dtype's machine epsilon)
-    before ``arccos``: values past the clamp (an embedding exactly on its center) get zero gradient from the
-    margin, where the true direction is undefined anyway.
+    ``margin_grad``: ``exact`` differentiates through the margin (``d target / d cos``); ``constant`` back-propagates
+    as if the margin were a constant offset (``d target / d cos = 1``), as insightface, which edits the logits under
+    ``no_grad``. Same forward. ``d arccos(x)/dx`` is infinite at x = +-1, so the cosine is clamped to
+    ``[-1 + eps, 1 - eps]`` (``eps`` = the dtype's machine epsilon) before ``arccos``: values past the clamp get zero
+    gradient from the margin (exact mode), where the true direction is undefined anyway.
+
+    ``interclass_filtering_threshold`` > 0 (insightface's ``CombinedMarginLoss``, its WebFace12M "conflict"
+    configurations): a non-target cosine above it is taken for a mislabelled duplicate identity and set to 0, with
+    zero gradient, before the margin; rows without a target here have every column filtered that way.
     """
 
-    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0) -> None:
+    def __init__(
+        self,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        arcface_fallback: bool = False,
+        margin_grad: MarginGrad = "exact",
+        interclass_filtering_threshold: float = 0.0,
+    ) -> None:
         super().__init__()
         s, m1, m2, m3 = (_check_finite(name, v) for name, v in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3)))
         if s <= 0:
@@ -56,12 +74,20 @@ class MarginSoftmax(nn.Module):
             raise ValueError(f"m2 (additive angular margin) must be in [0, pi), got {m2!r}")
         if m3 < 0:
             raise ValueError(f"m3 (additive cosine margin) must be >= 0, got {m3!r}")
+        if margin_grad not in ("exact", "constant"):
+            raise ValueError(f"margin_grad must be 'exact' or 'constant', got {margin_grad!r}")
+        threshold = _check_finite("interclass_filtering_threshold", interclass_filtering_threshold)
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"interclass_filtering_threshold must be in [0, 1) (0 = off), got {threshold!r}")
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.arcface_fallback = bool(arcface_fallback)
+        self.margin_grad: MarginGrad = margin_grad
+        self.interclass_filtering_threshold = threshold
 
         self.theta_max = (math.pi - m2) / m1
-        # The fallback never triggers when theta_max >= pi: theta = arccos(.) never exceeds pi.
-        self.has_fallback = self.theta_max < math.pi
         self.is_arcface = m1 == 1.0 and m3 == 0.0
+        # theta = arccos(.) never exceeds pi: no fallback when theta_max >= pi; ArcFace's only when asked for.
+        self.has_fallback = self.theta_max < math.pi and (self.arcface_fallback or not self.is_arcface)
         # Threshold on the cosine: margined curve while cos_theta > cos(theta_max) (insightface's `th`).
         self.threshold = math.cos(self.theta_max) if self.has_fallback else -math.inf
         if self.is_arcface:
@@ -86,11 +112,14 @@ class MarginSoftmax(nn.Module):
             return cos_theta - self.m3
         eps = torch.finfo(cos_theta.dtype).eps
         theta = torch.arccos(cos_theta.clamp(-1.0 + eps, 1.0 - eps))
-        margined = torch.cos(self.m1 * theta + self.m2) - self.m3
-        if not self.has_fallback:
-            return margined
-        # torch.where routes zero gradient to the unselected branch; both branches are finite thanks to the clamp.
-        return torch.where(cos_theta > self.threshold, margined, cos_theta - self.fallback_offset)
+        target = torch.cos(self.m1 * theta + self.m2) - self.m3
+        if self.has_fallback:
+            # torch.where routes zero gradient to the unselected branch; both are finite thanks to the clamp.
+            target = torch.where(cos_theta > self.threshold, target, cos_theta - self.fallback_offset)
+        if self.margin_grad == "constant":
+            # insightface's backward: the value of the margined logit, the gradient of the plain cosine.
+            return cos_theta + (target - cos_theta).detach()
+        return target
 
     def forward(self, cos_theta: Tensor, labels: Tensor) -> Tensor:
         """Return scaled logits (N, C): the margin at ``labels`` (-1 = none in this row), ``s * cos`` elsewhere."""
@@ -102,6 +131,8 @@ class MarginSoftmax(nn.Module):
             # An empty shard (e.g. a rank that sampled no centers) has no target to move.
             return cos_theta * self.s
         has_target = (labels >= 0).unsqueeze(1)
+        if self.interclass_filtering_threshold > 0:
+            cos_theta = filter_interclass(cos_theta, labels, self.interclass_filtering_threshold)
         # Gather/scatter with a placeholder column for label -1 instead of boolean indexing: no data-dependent
         # shapes, hence no host sync on CUDA. Rows without a target write their own value back unchanged.
         column = labels.clamp_min(0).unsqueeze(1).long()
@@ -110,4 +141,16 @@ class MarginSoftmax(nn.Module):
         return cos_theta.scatter(1, column, new_target) * self.s
 
     def extra_repr(self) -> str:
-        return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
+        return (
+            f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, arcface_fallback={self.arcface_fallback}, "
+            f"margin_grad={self.margin_grad}, interclass_filtering_threshold={self.interclass_filtering_threshold}"
+        )
+
+
+def filter_interclass(cos_theta: Tensor, labels: Tensor, threshold: float) -> Tensor:
+    """Non-target cosines above ``threshold`` set to 0 with zero gradient (insightface's inter-class filtering);
+    ``labels`` as in `MarginSoftmax.forward` (-1: no target column in this row)."""
+    is_target = torch.zeros_like(cos_theta, dtype=torch.bool)
+    is_target.scatter_(1, labels.clamp_min(0).unsqueeze(1), (labels >= 0).unsqueeze(1))
+    dirty = (cos_theta.detach() > threshold) & ~is_target
+    return torch.where(dirty, torch.zeros_like(cos_theta), cos_theta)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from heads.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
+    all_reduce_sum_no_grad,
     distributed_softmax_cross_entropy,
     world_info,
 )
@@ -39,7 +40,16 @@ class PartialFC(nn.Module):
     Unsampled centers get an exact zero gradient (a tensor, not ``None``), so optimizers still visit them: SGD
     weight decay shrinks them (``w -= lr * wd * w``) and a momentum buffer keeps moving them
     (``buf = momentum * buf + wd * w``), exactly as in insightface's Partial FC v2.
+
+    The other heads (`heads.subcenter`, `heads.adaface`, ...) are this class with its hooks overridden: `cosine`
+    (how a row scores a class), `logits` (the margin), `extra_loss`, `register_state` / `reset_state` (their
+    buffers, named in `row_buffers` and `global_buffers` so that checkpoints find them) and `start_epoch`. Gathering,
+    sharding, sampling and the distributed cross-entropy stay here, the same for all.
     """
+
+    # Names of the buffers that are per-class state (class as dim 0) and global state (identical on every rank).
+    row_buffers: tuple[str, ...] = ()
+    global_buffers: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -75,10 +85,15 @@ class PartialFC(nn.Module):
         per_rank, remainder = divmod(num_classes, world_size)
         self._num_local = per_rank + int(rank < remainder)
         self._class_start = per_rank * rank + min(rank, remainder)
-        self.weight = nn.Parameter(torch.empty(self._num_local, embedding_size))
+        self.weight = nn.Parameter(torch.empty(self._num_local, *self.center_shape(embedding_size)))
         # Set by forward when sample_rate < 1 (rank-local, for tests and logging); None otherwise.
         self.last_sampled_index: Tensor | None = None
+        self.register_state()
         self.reset_parameters()
+
+    def register_state(self) -> None:
+        """Register the buffers named in `row_buffers` / `global_buffers` (heads that keep state override this; their
+        plain hyperparameters are set before `PartialFC.__init__`, which calls this, then `reset_parameters`)."""
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """normal(0, 0.01). Without `seed`, from the global RNG (seed ranks differently to get different shards).
@@ -88,18 +103,27 @@ class PartialFC(nn.Module):
         ranks, so a 2-process run starts from exactly the weights of a 1-process run (and a resharded resume
         of an untrained head is consistent). At most two partial chunks are drawn beyond this rank's rows.
         """
+        self.reset_state(seed)
         if seed is None:
             nn.init.normal_(self.weight, mean=0.0, std=0.01)
             return
         chunk = 1 << 14
-        rows, dim = self.weight.shape
+        rows = self.weight.shape[0]
+        rest = self.weight.shape[1:]  # (E,), or (K, E) for sub-centers: a class's whole row is drawn at once
         start = self._class_start
         with torch.no_grad():
             for c in range(start // chunk, (start + rows - 1) // chunk + 1 if rows else 0):
                 generator = torch.Generator().manual_seed(seed * 7919 + c)
-                block = torch.empty(chunk, dim).normal_(0.0, 0.01, generator=generator)
+                block = torch.empty(chunk, *rest).normal_(0.0, 0.01, generator=generator)
                 lo, hi = max(start, c * chunk), min(start + rows, (c + 1) * chunk)
                 self.weight[lo - start : hi - start].copy_(block[lo - c * chunk : hi - c * chunk])
+
+    def reset_state(self, seed: int | None) -> None:
+        """Reset running statistics and per-class buffers (heads that keep some override this)."""
+
+    def center_shape(self, embedding_size: int) -> tuple[int, ...]:
+        """One class's row of `weight` (sub-center ArcFace: (K, E))."""
+        return (embedding_size,)
 
     @property
     def num_classes(self) -> int:
@@ -124,19 +148,24 @@ class PartialFC(nn.Module):
         }
 
     def row_tensors(self) -> dict[str, Tensor]:
-        """The class centers (class as dim 0); what checkpoints shard and reshard (heads.base.Head)."""
-        return {"weight": self.weight}
+        """The class centers and any per-class buffer (class as dim 0); what checkpoints shard and reshard."""
+        return {"weight": self.weight, **{name: getattr(self, name) for name in self.row_buffers}}
 
     def global_tensors(self) -> dict[str, Tensor]:
-        """No running statistics: the combined margin is stateless."""
-        return {}
+        """Running statistics, identical on every rank (none for the stateless combined margin)."""
+        return {name: getattr(self, name) for name in self.global_buffers}
 
     def load_global_tensors(self, tensors: dict[str, Tensor]) -> None:
-        if tensors:
-            raise ValueError(f"{type(self).__name__} keeps no global state, got {sorted(tensors)}")
+        if set(tensors) != set(self.global_buffers):
+            raise ValueError(
+                f"{type(self).__name__} keeps global state {sorted(self.global_buffers)}, got {sorted(tensors)}"
+            )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                getattr(self, name).copy_(tensor)
 
     def start_epoch(self, epoch: int) -> None:
-        """Nothing changes with the epoch."""
+        """Nothing changes with the epoch (sub-center ArcFace overrides it)."""
 
     def _sample_centers(self, local_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Pick the centers to score this step; return (sampled row indices, labels remapped to them)."""
@@ -181,17 +210,48 @@ class PartialFC(nn.Module):
             in_shard = (labels >= self._class_start) & (labels < self._class_start + self._num_local)
             local_labels_global_batch = torch.where(in_shard, labels - self._class_start, -1)
 
+            index: Tensor | None = None
             if self.sample_rate < 1.0:
                 index, local_labels_global_batch = self._sample_centers(local_labels_global_batch)
                 self.last_sampled_index = index
-                # Indexing the Parameter: backward scatters into a zero tensor, so unsampled rows get exact zeros.
-                weight = self.weight[index]
-            else:
-                weight = self.weight
 
-            cos_theta = F.linear(F.normalize(embeddings), F.normalize(weight.to(compute_dtype))).clamp(-1.0, 1.0)
-            logits = self.margin(cos_theta, local_labels_global_batch)
-            return distributed_softmax_cross_entropy(logits, local_labels_global_batch)
+            cos_theta = self.cosine(F.normalize(embeddings), index, local_labels_global_batch)
+            logits = self.logits(cos_theta, local_labels_global_batch, embeddings)
+            loss = distributed_softmax_cross_entropy(logits, local_labels_global_batch)
+            extra = self.extra_loss(embeddings)
+            return loss if extra is None else loss + extra
+
+    # Hooks of the heads built on this one (each is called once per forward, on every rank, in this order).
+
+    def cosine(self, unit_embeddings: Tensor, index: Tensor | None, labels: Tensor) -> Tensor:
+        """Cosines (N, C_scored) of the gathered unit embeddings with this rank's scored centers: all of them, or the
+        sampled rows ``index``. ``labels``: each row's column here, or -1."""
+        # Indexing the Parameter: backward scatters into a zero tensor, so unsampled rows get exact zeros.
+        weight = self.weight if index is None else self.weight[index]
+        return F.linear(unit_embeddings, F.normalize(weight.to(unit_embeddings.dtype))).clamp(-1.0, 1.0)
+
+    def logits(self, cos_theta: Tensor, labels: Tensor, embeddings: Tensor) -> Tensor:
+        """Scaled, margined logits from the cosines; ``embeddings`` are the gathered ones, not normalized."""
+        return self.margin(cos_theta, labels)
+
+    def extra_loss(self, embeddings: Tensor) -> Tensor | None:
+        """A term added to the loss (MagFace's regularizer); identical on every rank. None: nothing."""
+        return None
+
+    def global_target_cosine(self, cos_theta: Tensor, labels: Tensor) -> Tensor:
+        """Every gathered row's target cosine (N,), without gradient, identical on every rank: only the rank holding
+        the row's class knows it, the others add zeros (a collective)."""
+        if cos_theta.shape[1] == 0:
+            own = cos_theta.new_zeros(labels.shape[0])
+        else:
+            own = cos_theta.detach().gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+            own = torch.where(labels >= 0, own, 0.0)
+        return all_reduce_sum_no_grad(own)
+
+    def own_rows(self, gathered: Tensor) -> Tensor:
+        """This rank's rows of a tensor computed from the gathered batch (rank-major, equal batch per rank)."""
+        per_rank = gathered.shape[0] // self.world_size
+        return gathered[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def extra_repr(self) -> str:
         info: dict[str, Any] = {

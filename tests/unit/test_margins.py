@@ -30,12 +30,73 @@ def test_arcface_closed_form() -> None:
     torch.testing.assert_close(got, torch.tensor(expected, dtype=DTYPE), rtol=1e-12, atol=1e-12)
 
 
-def test_arcface_fallback_is_insightface_rule() -> None:
+def test_arcface_default_has_no_fallback_as_insightface_head() -> None:
+    s, m = 64.0, 0.5
+    cos = [-0.88, -0.95, -0.999]  # theta + m > pi: cos(theta + m) all the same
+    expected = [s * (c * math.cos(m) - math.sqrt(1 - c * c) * math.sin(m)) for c in cos]
+    got = _apply_to_targets(MarginSoftmax.arcface(s=s, m=m), cos)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=DTYPE), rtol=1e-12, atol=1e-12)
+    assert got[2].item() / s == pytest.approx(-0.8981, abs=1e-4)  # the issue's figure for insightface HEAD
+
+
+def test_arcface_fallback_option_is_the_legacy_insightface_rule() -> None:
     s, m = 64.0, 0.5
     cos = [-0.88, -0.95, -0.999]  # theta + m > pi
     expected = [s * (c - math.sin(math.pi - m) * m) for c in cos]
-    got = _apply_to_targets(MarginSoftmax.arcface(s=s, m=m), cos)
+    got = _apply_to_targets(MarginSoftmax(s=s, m2=m, arcface_fallback=True), cos)
     torch.testing.assert_close(got, torch.tensor(expected, dtype=DTYPE), rtol=1e-12, atol=1e-12)
+    assert got[2].item() / s == pytest.approx(-1.2387, abs=1e-4)
+    # Above the threshold cos(pi - m) the option changes nothing.
+    above = [0.5, -0.3, -0.87]
+    torch.testing.assert_close(
+        _apply_to_targets(MarginSoftmax(s=s, m2=m, arcface_fallback=True), above),
+        _apply_to_targets(MarginSoftmax(s=s, m2=m), above),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("margin", [MarginSoftmax.arcface(16.0, 0.5), MarginSoftmax(16.0, 1.0, 0.3, 0.2)])
+def test_constant_margin_grad_is_insightface_backward(margin: MarginSoftmax) -> None:
+    """`margin_grad: constant`: the same logits, and d logit / d cos = s on every column (insightface edits the
+    logits under no_grad), where `exact` differentiates the margin."""
+    constant = MarginSoftmax(margin.s, margin.m1, margin.m2, margin.m3, margin_grad="constant")
+    torch.manual_seed(3)
+    cos = (torch.rand(5, 4, dtype=DTYPE) * 1.6 - 0.8).requires_grad_()
+    labels = torch.tensor([0, 3, -1, 1, 2])
+    out = constant(cos, labels)
+    torch.testing.assert_close(out, margin(cos, labels), rtol=0, atol=0)
+    out.sum().backward()
+    assert cos.grad is not None
+    torch.testing.assert_close(cos.grad, torch.full_like(cos, margin.s), rtol=0, atol=0)
+    exact = cos.detach().clone().requires_grad_()
+    margin(exact, labels).sum().backward()
+    assert exact.grad is not None and not torch.allclose(exact.grad[0, 0], cos.grad[0, 0])
+
+
+def test_interclass_filtering_matches_insightface_formula() -> None:
+    """insightface's CombinedMarginLoss: dirty = cos > threshold off the target column (every column of a row whose
+    target is elsewhere); logits = (1 - dirty) * cos, then the margin; dirty columns get no gradient."""
+    s, m, threshold = 8.0, 0.5, 0.4
+    margin = MarginSoftmax(s=s, m2=m, interclass_filtering_threshold=threshold)
+    cos = torch.tensor(
+        [[0.9, 0.5, 0.2, -0.3], [0.45, 0.1, 0.8, 0.41], [0.6, 0.39, -0.9, 0.5]], dtype=DTYPE, requires_grad=True
+    )
+    labels = torch.tensor([0, 2, -1])
+    out = margin(cos, labels)
+    c = cos.detach()
+    dirty = (c > threshold).to(DTYPE)
+    dirty[0, 0] = dirty[1, 2] = 0.0  # the targets themselves are never filtered
+    kept = (1 - dirty) * c
+    expected = s * kept.clone()
+    for row, label in ((0, 0), (1, 2)):
+        t = kept[row, label].item()
+        expected[row, label] = s * (t * math.cos(m) - math.sqrt(1 - t * t) * math.sin(m))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert cos.grad is not None
+    assert torch.equal(cos.grad[dirty.bool()], torch.zeros(int(dirty.sum()), dtype=DTYPE))
+    assert (cos.grad[~dirty.bool()] != 0).all()
 
 
 def test_cosface_closed_form() -> None:
@@ -66,8 +127,12 @@ def test_combined_closed_form_and_general_fallback(m1: float, m2: float, m3: flo
 
 @pytest.mark.parametrize(
     "margin",
-    [MarginSoftmax.arcface(1.0, 0.5), MarginSoftmax(1.0, 1.2, 0.2, 0.1), MarginSoftmax(1.0, 0.9, 0.4, 0.15)],
-    ids=["arcface", "m1>1", "m1<1"],
+    [
+        MarginSoftmax(1.0, 1.0, 0.5, arcface_fallback=True),
+        MarginSoftmax(1.0, 1.2, 0.2, 0.1),
+        MarginSoftmax(1.0, 0.9, 0.4, 0.15),
+    ],
+    ids=["arcface-legacy-fallback", "m1>1", "m1<1"],
 )
 def test_target_is_monotonic_in_theta(margin: MarginSoftmax) -> None:
     # A larger angle to the center must never give a larger target logit, fallback region included.
@@ -146,11 +211,14 @@ def test_finite_at_the_clamp_edges(dtype: torch.dtype) -> None:
         ({"m2": math.pi}, "m2"),
         ({"m3": -0.2}, "m3"),
         ({"m3": math.inf}, "m3"),
+        ({"margin_grad": "none"}, "margin_grad"),
+        ({"interclass_filtering_threshold": 1.0}, "interclass_filtering_threshold"),
+        ({"interclass_filtering_threshold": -0.1}, "interclass_filtering_threshold"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, float], name: str) -> None:
     with pytest.raises(ValueError, match=rf"^{name}\b"):
-        MarginSoftmax(**kwargs)
+        MarginSoftmax(**kwargs)  # type: ignore[arg-type]
 
 
 def test_bad_shapes() -> None:

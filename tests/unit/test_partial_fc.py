@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,13 +78,14 @@ def test_full_softmax_equals_cross_entropy(margin_name: str, dp_average: bool) -
     assert_tight(w_grad, ref_w_grad)
 
 
-def test_fallback_region_targets_match_too() -> None:
-    # Embeddings opposite to their own centers: targets sit in ArcFace's fallback region (theta + m > pi).
-    head = make_head(6, embedding_size=4)
+@pytest.mark.parametrize("fallback", [False, True], ids=["insightface-head", "legacy-fallback"])
+def test_fallback_region_targets_match_too(fallback: bool) -> None:
+    # Embeddings opposite to their own centers: targets sit where theta + m > pi (ArcFace's old fallback region).
+    head = make_head(6, embedding_size=4, margin=MarginSoftmax(s=64.0, m2=0.5, arcface_fallback=fallback))
     labels = torch.tensor([0, 1, 2, 3])
     x = -head.weight.detach()[labels] + 1e-3 * torch.randn(4, 4, dtype=DTYPE)
     cos = F.cosine_similarity(x, head.weight.detach()[labels])
-    assert (cos < head.margin.threshold).all()
+    assert (cos < math.cos(math.pi - 0.5)).all()
     loss, x_grad, w_grad = run_head(head, x, labels)
     ref_loss, ref_x_grad, ref_w_grad = reference(x, head.weight, labels, head.margin)
     assert_tight(loss, ref_loss)

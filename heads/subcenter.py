@@ -1,0 +1,99 @@
+"""Sub-center ArcFace (Deng et al., ECCV 2020) through Partial FC: K centers per class, a class scores its closest."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from heads.margins import MarginSoftmax
+from heads.partial_fc import PartialFC
+
+
+class SubCenterPartialFC(PartialFC):
+    """K sub-centers per class; a row's cosine with a class is the max over the class's sub-centers, then the
+    combined margin (`MarginSoftmax`, ArcFace by default) on the target, as insightface's `subcenter_arcface`.
+
+    ``weight`` is (num_local, K, E): class-major, so checkpoints shard and reshard it by class like any center table
+    (insightface's flat layout is the same memory, rows c*K ... c*K + K - 1).
+
+    Dropping (``drop_epoch`` > 0): during each epoch, ``subcenter_hits`` (num_local, K) counts, per class, which
+    sub-center won each of the class's samples (counted over the global batch, so the same on any number of ranks).
+    At the start of epoch ``drop_epoch`` (`start_epoch`) each class keeps only its dominant sub-center, the one
+    with the most wins in the previous epoch (the lowest index on a tie, 0 for a class never seen), and the others
+    are masked out of the max for the rest of training (``subcenter_active``, (num_local, K)); their rows stay in
+    ``weight`` (the table keeps its shape, and so do checkpoints and optimizer state) but get zero gradient.
+    The official pipeline then also drops the training images far from their dominant center and retrains; that
+    data cleaning is not done here.
+    """
+
+    row_buffers = ("subcenter_hits", "subcenter_active")
+    # The epoch whose wins `subcenter_hits` counts: `start_epoch` is idempotent for it, so calling it again after a
+    # resume in the middle of that epoch keeps the counts.
+    global_buffers = ("hits_epoch",)
+    subcenter_hits: Tensor
+    subcenter_active: Tensor
+    hits_epoch: Tensor
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        num_subcenters: int = 3,
+        drop_epoch: int = 0,
+        margin: MarginSoftmax | None = None,
+        sample_rate: float = 1.0,
+        dp_average: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if num_subcenters < 1:
+            raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters!r}")
+        if drop_epoch < 0:
+            raise ValueError(f"drop_epoch must be >= 0 (0 = never), got {drop_epoch!r}")
+        # Plain attributes before nn.Module.__init__: PartialFC.__init__ needs them (center_shape, register_state).
+        self.num_subcenters = num_subcenters
+        self.drop_epoch = drop_epoch
+        super().__init__(embedding_size, num_classes, margin, sample_rate, dp_average, rank, world_size)
+
+    def center_shape(self, embedding_size: int) -> tuple[int, ...]:
+        return (self.num_subcenters, embedding_size)
+
+    def register_state(self) -> None:
+        k = self.num_subcenters
+        self.register_buffer("subcenter_hits", torch.zeros(self.num_local, k, dtype=torch.int64))
+        self.register_buffer("subcenter_active", torch.ones(self.num_local, k, dtype=torch.bool))
+        self.register_buffer("hits_epoch", torch.zeros((), dtype=torch.int64))
+
+    def reset_state(self, seed: int | None) -> None:
+        self.subcenter_hits.zero_()
+        self.subcenter_active.fill_(True)
+        self.hits_epoch.zero_()
+
+    def start_epoch(self, epoch: int) -> None:
+        """At a new epoch: drop the non-dominant sub-centers if it is time (idempotent), then count afresh."""
+        if epoch == int(self.hits_epoch):
+            return  # the same epoch again (a resume inside it): keep counting
+        with torch.no_grad():
+            if self.drop_epoch and epoch >= self.drop_epoch:
+                # Among the active sub-centers only: once dropped, the survivor stays the dominant one.
+                hits = torch.where(self.subcenter_active, self.subcenter_hits, -1)
+                dominant = hits.argmax(dim=1)  # first maximum on ties
+                self.subcenter_active.copy_(F.one_hot(dominant, self.num_subcenters).bool())
+            self.subcenter_hits.zero_()
+            self.hits_epoch.fill_(epoch)
+
+    def cosine(self, unit_embeddings: Tensor, index: Tensor | None, labels: Tensor) -> Tensor:
+        weight = self.weight if index is None else self.weight[index]
+        active = self.subcenter_active if index is None else self.subcenter_active[index]
+        centers = F.normalize(weight.to(unit_embeddings.dtype), dim=-1)
+        # (N, C, K): every row against every sub-center; K times the logits of a plain head, for the max only.
+        cos_k = torch.einsum("ne,cke->nck", unit_embeddings, centers).clamp(-1.0, 1.0)
+        cos_k = torch.where(active.unsqueeze(0), cos_k, -2.0)  # below any cosine: a dropped one never wins
+        cos_theta, winner = cos_k.max(dim=2)  # the gradient goes to the winning sub-center only
+        with torch.no_grad():
+            rows = labels >= 0
+            columns = labels[rows]
+            classes = columns if index is None else index[columns]
+            self.subcenter_hits.index_put_((classes, winner[rows, columns]), torch.ones_like(classes), accumulate=True)
+        return cos_theta
