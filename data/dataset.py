@@ -15,9 +15,10 @@ Sample contract, shared by every face dataset (and `data.synthetic`): ``(image, 
 Items are an index, or ``(index, augmentation_seed)`` from :class:`DistributedEpochSampler` with
 ``with_seeds=True``; the horizontal flip is then bit 62 of the seed, a function of (seed, epoch, sample) alone.
 
-Fast path: ``__getitems__`` (which DataLoader calls for a whole batch) decodes every image of the batch straight
-into one batch tensor, in shared memory inside a worker, and returns a :class:`FaceBatch`; :func:`collate_faces`
-hands its tensors on without the copy ``default_collate`` makes. ``default_collate`` still works on it, slower.
+Batches: the trainer's loader (:class:`data.loader.FaceLoader`) calls :meth:`FaceDataset.fill_batch`, which decodes
+a batch straight into a slot of shared memory that is reused. ``__getitems__`` (which DataLoader calls for a whole
+batch) decodes into one new batch tensor and returns a :class:`FaceBatch`; :func:`collate_faces` hands its tensors on
+without the copy ``default_collate`` makes. Both give the same batches.
 """
 
 from __future__ import annotations
@@ -128,8 +129,14 @@ def normalize_images(
         # The random flip, when the loader left it to the device: `flips[i]` mirrors image i left-right. Exact, so
         # the batch equals the one flipped in the workers (FaceLoader(flip_on_device=True), docs/benchmarks.md).
         mask = flips.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
-        images = torch.where(mask, images.flip(3), images).contiguous(memory_format=memory_format)
+        images = torch.where(mask, mirror_images(images), images).contiguous(memory_format=memory_format)
     return images
+
+
+def mirror_images(images: torch.Tensor) -> torch.Tensor:
+    """The left-right mirror of an ``(N, C, H, W)`` batch: the training flip and the flip of flip-test evaluation
+    (verification, IJB, embedding), one definition for all."""
+    return images.flip(3)
 
 
 def split_item(item: int | tuple[int, int] | list[int]) -> tuple[int, int | None]:
@@ -355,6 +362,11 @@ class RecordFaceDataset(FaceDataset):
     of up to 64 records spread over the file is checked, so an ``.idx`` that does not belong to its ``.rec`` fails
     here, naming the file and offset (``spot_check=False`` skips this, for tools that list every broken record).
     A broken record found later is a bad sample (skipped and counted).
+
+    Data that disagrees with itself is refused at start, naming both sides: an ``.idx`` that lists fewer records
+    than the ``.rec`` holds (counted from the frame headers; ``allow_partial_index=True`` makes it a warning and
+    trains on the listed records), and a ``property`` file whose class count differs from record 0's identity
+    count or, for a plain im2rec ``.rec``, from the span of the labels (largest + 1; reading every header).
     """
 
     def __init__(
@@ -364,6 +376,7 @@ class RecordFaceDataset(FaceDataset):
         random_flip: bool = True,
         output: Output = "float",
         spot_check: bool = True,
+        allow_partial_index: bool = False,
     ) -> None:
         super().__init__(random_flip, output)
         self.root = Path(root)
@@ -374,11 +387,27 @@ class RecordFaceDataset(FaceDataset):
         self._labels: np.ndarray | None = None
         if spot_check:
             self._spot_check()
+        self._check_index_complete(allow_partial_index)
 
         known, source = layout.num_classes, f"record 0 of {self.reader.rec_path}"
         property_path = self.root / "property"
-        if known is None and property_path.is_file():
-            known, source = read_property_file(property_path)[0], str(property_path)
+        if property_path.is_file():
+            stated = read_property_file(property_path)[0]
+            if known is not None and stated != known:
+                raise RecordIOError(
+                    f"{property_path} says {stated} classes, but {source} lists {known} identities; "
+                    "fix or delete the property file"
+                )
+            if known is None:
+                # Plain im2rec: nothing but the labels themselves can confirm the property file.
+                self._labels = self._read_labels(upper=None)
+                span = int(self._labels.max()) + 1 if self._labels.size else 0
+                if span != stated:
+                    raise RecordIOError(
+                        f"{property_path} says {stated} classes, but the labels of {self.reader.rec_path} span "
+                        f"{span} (0..{span - 1}); fix or delete the property file"
+                    )
+                known, source = stated, str(property_path)
         if num_classes is not None:
             if num_classes <= 0:
                 raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -392,6 +421,23 @@ class RecordFaceDataset(FaceDataset):
             self._labels = self._read_labels(upper=None)
             self.num_classes = int(self._labels.max()) + 1 if self._labels.size else 0
         logger.info("%s: %d images, %d classes", self.root, len(self), self.num_classes)
+
+    def _check_index_complete(self, allow_partial: bool) -> None:
+        """The ``.idx`` lists every record of the ``.rec`` (a cut-short copy, or an ``.idx`` of another build of
+        the data, would otherwise train on part of it without a word)."""
+        stored, listed = self.reader.count_records(), self.reader.indexed_records
+        if stored == listed:
+            return
+        message = (
+            f"{self.reader.idx_path} lists {listed} records, but {self.reader.rec_path} holds {stored} (counted "
+            "from its frame headers)"
+        )
+        if not allow_partial:
+            raise RecordIOError(
+                f"{message}: the .idx is incomplete or belongs to another .rec; rebuild it, or set "
+                f"data.allow_partial_index: true to train on the {listed} listed records only"
+            )
+        logger.warning("%s; training on the listed records only (data.allow_partial_index)", message)
 
     def _spot_check(self) -> None:
         picks = np.unique(np.linspace(0, len(self) - 1, num=min(len(self), _SPOT_CHECKS)).astype(np.int64))
@@ -412,11 +458,14 @@ class RecordFaceDataset(FaceDataset):
         label = header.label
         value = label if isinstance(label, float) else float(np.asarray(label, dtype=np.float64).reshape(-1)[0])
         if not value.is_integer() or value < 0 or (upper is not None and value >= upper):
-            raise RecordIOError(
-                f"{self.reader.rec_path}: key {key} (byte offset {self.reader.offset(key)}) has label {value:g}, "
-                f"not a class id in [0, {upper if upper is not None else 'inf'})"
-            )
+            self._bad_label(key, value, upper)
         return int(value)
+
+    def _bad_label(self, key: int, value: float, upper: int | None) -> None:
+        raise RecordIOError(
+            f"{self.reader.rec_path}: key {key} (byte offset {self.reader.offset(key)}) has label {value:g}, "
+            f"not a class id in [0, {upper if upper is not None else 'inf'})"
+        )
 
     @property
     def labels(self) -> np.ndarray:
@@ -426,9 +475,12 @@ class RecordFaceDataset(FaceDataset):
         return self._labels
 
     def _read_labels(self, upper: int | None) -> np.ndarray:
-        keys = self.image_keys.tolist()
-        labels = (self._label(key, self.reader.read_header(key), upper) for key in keys)
-        return np.fromiter(labels, dtype=np.int64, count=len(keys))
+        values = self.reader.read_labels(self.image_keys)
+        good = (values == np.floor(values)) & (values >= 0) & (values < (np.inf if upper is None else upper))
+        if not good.all():  # NaN is not good either
+            first = int(np.flatnonzero(~good)[0])
+            self._bad_label(int(self.image_keys[first]), float(values[first]), upper)
+        return values.astype(np.int64)
 
     def encoded(self, index: int) -> tuple[bytes, int]:
         key = int(self.image_keys[index])

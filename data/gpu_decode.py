@@ -1,12 +1,14 @@
 """Batched JPEG decoding on the GPU (nvJPEG through ``torchvision.io.decode_jpeg``), reading the same ``.rec``.
 
-The CPU path decodes in DataLoader workers; here workers only read records, and the GPU decodes a whole batch in
-one call. Optional: torchvision is imported on first use (it is not a CPU dependency)::
+The CPU path decodes in the worker processes of ``data.loader.FaceLoader`` and ships uint8 pixels; here the workers
+of a ``torch.utils.data.DataLoader`` only read records and ship JPEG bytes, and the GPU decodes a whole batch in one
+call (``data.pipeline`` chooses between the two). Optional: torchvision is imported on first use (it is not a CPU
+dependency)::
 
     dataset = JpegRecordDataset(root)                       # same arguments as RecordFaceDataset, less `output`
     loader = DataLoader(dataset, batch_size=B, sampler=sampler, collate_fn=collate_jpeg, num_workers=W)
     for batch in loader:
-        images, labels, bad_keys = decode_batch(batch, device)   # float32 (B, 3, 112, 112) on device, like the CPU
+        images, labels, bad_keys = decode_batch(batch, device)   # (B, 3, 112, 112) in [-1, 1] on device, flipped
 
 Samples, flips and bad data follow the CPU contract (``data.dataset``): the flip comes from the same augmentation
 seed bit, a record that cannot be read, or whose JPEG header is broken or not 112x112, is replaced by the next
@@ -76,9 +78,20 @@ class JpegRecordDataset(RecordFaceDataset):
     __getitems__ = None  # type: ignore[assignment]
 
     def __init__(
-        self, root: str | Path, num_classes: int | None = None, random_flip: bool = True, spot_check: bool = True
+        self,
+        root: str | Path,
+        num_classes: int | None = None,
+        random_flip: bool = True,
+        spot_check: bool = True,
+        allow_partial_index: bool = False,
     ) -> None:
-        super().__init__(root, num_classes=num_classes, random_flip=random_flip, spot_check=spot_check)
+        super().__init__(
+            root,
+            num_classes=num_classes,
+            random_flip=random_flip,
+            spot_check=spot_check,
+            allow_partial_index=allow_partial_index,
+        )
 
     def __getitem__(self, item: int | tuple[int, int]) -> JpegSample:  # type: ignore[override]
         index, seed = split_item(item)

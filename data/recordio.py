@@ -35,6 +35,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
+from models.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 RECORD_MAGIC = 0xCED7230A
@@ -52,7 +54,7 @@ _CFLAG_WHOLE, _CFLAG_FIRST, _CFLAG_MIDDLE, _CFLAG_LAST = 0, 1, 2, 3
 _READ_AHEAD_BYTES = 1 << 20
 
 
-class RecordIOError(ValueError):
+class RecordIOError(InputError, ValueError):
     """A malformed or inconsistent RecordIO file; the message names the file and the key and/or byte offset."""
 
 
@@ -294,7 +296,8 @@ class RecordReader:
         # A record cannot extend past the next indexed offset: that bounds the single pread of read_idx().
         # A stable sort (timsort) is near-linear on offsets already in file order; np.unique would hash them (slow).
         starts = np.sort(offsets, kind="stable")
-        starts = starts[np.concatenate(([True], starts[1:] != starts[:-1]))]
+        starts = starts[np.concatenate(([True], starts[1:] != starts[:-1]))[: starts.size]]
+        self._starts = starts  # the distinct offsets, sorted
         self._ends = np.append(starts, self._rec_size)[np.searchsorted(starts, self._offsets, side="right")]
 
         if keys.size:
@@ -308,6 +311,11 @@ class RecordReader:
 
     def __len__(self) -> int:
         return int(self._keys.size)
+
+    @property
+    def indexed_records(self) -> int:
+        """Distinct records the ``.idx`` points at (two keys may share one offset)."""
+        return int(self._starts.size)
 
     def __contains__(self, key: object) -> bool:
         try:
@@ -468,6 +476,108 @@ class RecordReader:
         found = self._mapped_record(int(key))
         return found[0] if found is not None else self.unpack_idx(key)[0]
 
+    def _words(self, index: np.ndarray) -> np.ndarray:
+        """The little-endian uint32 words at word positions ``index`` of the ``.rec`` (a copy: no view of the map
+        outlives the call, else :meth:`close` could not unmap it)."""
+        mapped = self._mapped()
+        assert mapped is not None  # callers check the file is not empty
+        words = np.frombuffer(mapped, dtype="<u4", count=self._rec_size // 4)
+        try:
+            return words[index]
+        finally:
+            del words
+
+    def read_labels(self, keys: np.ndarray) -> np.ndarray:
+        """The class label of each record in ``keys`` (float64: the header's label, or the first value of an array
+        label), read from the headers in one vectorised gather; records that are split or damaged go through
+        :meth:`read_header`, which names the problem."""
+        keys = np.asarray(keys, dtype=np.int64)
+        missing = self.missing_keys(keys)
+        if missing.size:
+            self._position(int(missing[0]))  # raises, naming the key
+        if self._contiguous:
+            positions = keys - self._first_key
+        else:
+            assert self._sorted_keys is not None
+            positions = np.searchsorted(self._sorted_keys, keys)
+        offsets = self._offsets[positions]
+        if self._rec_size < _FRAME_HEADER.size + IR_HEADER_SIZE or keys.size == 0:
+            return np.asarray([self._first_label(self.read_header(int(k))) for k in keys], dtype=np.float64)
+        last = self._rec_size // 4 - 1
+        aligned = offsets % 4 == 0
+        word = np.where(aligned, offsets // 4, 0)
+        magic, lrecord, flag = (self._words(np.minimum(word + i, last)) for i in range(3))
+        length = (lrecord & _LENGTH_MASK).astype(np.int64)
+        fast = (
+            aligned
+            & (magic == RECORD_MAGIC)
+            & (lrecord >> 29 == _CFLAG_WHOLE)
+            & (length >= IR_HEADER_SIZE + 4 * np.minimum(flag, 1))
+            & (offsets + _FRAME_HEADER.size + length <= self._rec_size)
+        )
+        # IRHeader after the 8-byte frame header: flag (word 2), float label (word 3); with flag > 0 the float32
+        # labels follow the 24-byte IRHeader.
+        label_word = np.where(flag > 0, word + 2 + IR_HEADER_SIZE // 4, word + 3)
+        labels = self._words(np.where(fast, label_word, 0)).view("<f4").astype(np.float64)
+        for i in np.flatnonzero(~fast).tolist():
+            labels[i] = self._first_label(self.read_header(int(keys[i])))
+        return labels
+
+    @staticmethod
+    def _first_label(header: IRHeader) -> float:
+        label = header.label
+        return float(label) if isinstance(label, float) else float(np.asarray(label, np.float64).reshape(-1)[0])
+
+    def count_records(self) -> int:
+        """How many records the ``.rec`` holds, counted from its frame headers, not taken from the ``.idx``.
+
+        The ``.idx`` is only a shortcut: one vectorised gather reads the frame header at each distinct indexed
+        offset, and when that record is unsplit and ends exactly where the next indexed record starts (the usual
+        case), the gap holds nothing else. Only the other gaps (before the first indexed record, after a record the
+        ``.idx`` skips, split records) are walked frame by frame. A complete ``.idx`` costs one 8-byte read per
+        record from the memory map (one page touched per record: on a cold page cache, I/O over much of the file);
+        an ``.idx`` listing a small part of a large ``.rec`` costs a Python walk over the unlisted records.
+
+        Damage is not this method's business (the spot check at start, bad samples in training and `python -m
+        data.tools scan` report it): an indexed record counts as one record even if its header is broken, and a
+        walk stops at the first frame that is not well formed.
+        """
+        if self._rec_size == 0:
+            return 0
+        starts = self._starts  # sorted, distinct: two keys may share a record
+        misaligned = np.flatnonzero(starts % 4)
+        if misaligned.size:
+            raise RecordIOError(
+                f"{self.idx_path}: byte offset {int(starts[misaligned[0]])} is not a multiple of 4, so not the start "
+                f"of a RecordIO record in {self.rec_path}"
+            )
+        magic, lrecord = self._words(starts // 4), self._words(starts // 4 + 1)  # offset + 8 <= size: checked at open
+        framed_end = starts + _FRAME_HEADER.size + ((lrecord & _LENGTH_MASK).astype(np.int64) + 3) // 4 * 4
+        next_start = np.append(starts[1:], self._rec_size)
+        simple = (magic == RECORD_MAGIC) & (lrecord >> 29 == _CFLAG_WHOLE) & (framed_end == next_start)
+        count = int(simple.sum())
+        for i in np.flatnonzero(~simple).tolist():
+            count += max(1, self._walk(int(starts[i]), int(next_start[i])))
+        if starts.size == 0 or starts[0] > 0:
+            count += self._walk(0, int(starts[0]) if starts.size else self._rec_size)
+        return count
+
+    def _walk(self, begin: int, end: int) -> int:
+        """Well-framed records from byte ``begin`` on, up to ``end`` or the first frame that is not well formed."""
+        mapped = self._mapped()
+        assert mapped is not None
+        count, position, inside = 0, begin, False  # inside: between the first and the last frame of a split record
+        while position + _FRAME_HEADER.size <= end:
+            magic, lrecord = _FRAME_HEADER.unpack_from(mapped, position)
+            cflag = lrecord >> 29
+            position += _FRAME_HEADER.size + ((lrecord & _LENGTH_MASK) + 3) // 4 * 4
+            expected = (_CFLAG_MIDDLE, _CFLAG_LAST) if inside else (_CFLAG_WHOLE, _CFLAG_FIRST)
+            if magic != RECORD_MAGIC or cflag not in expected or position > end:
+                break
+            inside = cflag in (_CFLAG_FIRST, _CFLAG_MIDDLE)
+            count += not inside
+        return count
+
     def verify(self) -> int:
         """Read every record (checking magic, framing and bounds); returns the number of records."""
         for key in self._keys:
@@ -523,7 +633,10 @@ def read_insightface_layout(reader: RecordReader, with_identity_ranges: bool = T
     and no class count. ``with_identity_ranges=False`` skips reading the identity records (one read each).
     """
     if len(reader) == 0:
-        raise RecordIOError(f"{reader.idx_path}: the index lists no records")
+        size = reader.rec_path.stat().st_size
+        raise RecordIOError(
+            f"{reader.idx_path} lists no records ({reader.rec_path}: {size} bytes): there is nothing to train on"
+        )
     if 0 not in reader:
         return InsightFaceLayout(reader.keys.copy(), None, None)
     header0 = reader.read_header(0)

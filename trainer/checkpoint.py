@@ -3,14 +3,16 @@
 Layout of `<output>/checkpoints/step-00001234/`:
 
     model.safetensors                      backbone, plain keys (loadable without this project), metadata
-    optimizer.safetensors                  backbone optimizer state, keyed "<param name>::<state key>"
+    optimizer.safetensors                  backbone optimizer state, keyed "<param name>::<state key>" (under
+                                           DeepSpeed too: each parameter's full fp32 state, gathered from ZeRO's
+                                           partitions, so that it can move to another rank count)
     head-rank00000-of-00002.safetensors    one per rank: its class-center rows ("weight") and their optimizer
                                            state ("weight::momentum_buffer", ...); metadata: class_start, num_local
     rng-rank00000.safetensors              one per rank: Python, NumPy and torch RNG states
     trainer_state.json                     step, epoch, sampler position, scaler, optimizer hyperparameters,
                                            world size, the structural config it was made with, loss history
     deepspeed/                             DeepSpeed runs only: the engine's own (partitioned) state, DeepSpeed's
-                                           format; `optimizer.safetensors` is then absent
+                                           format, used when the rank count is unchanged
     manifest.json                          sha256 of every file above; written last
 
 Every rank writes its own head shard (Accelerate's `save_custom_state` writes on the main process only, which would
@@ -19,7 +21,15 @@ number of ranks: each rank copies the rows of its own range out of the shards th
 
 Atomicity: all files go to `.tmp-step-XXXXXXXX/`; the main process writes the manifest, then renames the folder.
 A crash while saving leaves the previous checkpoint untouched and only a `.tmp-*` folder, which the next save
-removes and which resume ignores.
+removes and which resume ignores. Deleting is crash-safe the same way: a checkpoint to delete (pruned, or replaced
+by a new save of the same step) is first renamed to `.trash-step-XXXXXXXX-<pid>`, then removed; a kill in between
+leaves a `.trash-*` folder that nothing reads and that `remove_leftovers` (each save, and the trainer at start)
+removes. Every file of a checkpoint gets the mode a plainly written file would (0666 less the umask: safetensors'
+own writer creates 0600 files).
+
+Resume: `find_resumable(output)` (the newest checkpoint, which must be complete and verify) and
+`check_resumable(path)` (a given one); when it is not usable, the error names the newest valid checkpoint and the
+`--resume <path>` that would use it.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_LEFTOVERS = (".tmp-step-*", ".trash-step-*")  # an interrupted save, an interrupted delete
 GLOBAL_PREFIX = "global::"  # a head's global state in its shard files
 MODEL_METADATA_INPUT = "RGB 112x112, (x/255 - 0.5) / 0.5"
 
@@ -74,7 +85,16 @@ def save_model(path: Path, backbone: nn.Module, metadata: dict[str, str]) -> Non
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
+
+
+def file_mode() -> int:
+    """The permissions `open(path, "w")` gives a new file here: 0666 less the process umask. safetensors' writer
+    creates its files 0600, JSON written with `open` gets this; a checkpoint's files should not differ."""
+    umask = os.umask(0)  # the only way to read it; set straight back (no file is created in between)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,7 +164,22 @@ def _set_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(
+def save_checkpoint(output: Path, **kwargs: Any) -> Path:
+    """Write a checkpoint (`_write_checkpoint`); a write that fails (a full disk, a file-size limit, a folder in the
+    way) leaves no partial folder and is a `CheckpointError` naming the checkpoint: the user's environment to fix.
+    The previous checkpoints are untouched. In a multi-process run only the rank that failed raises."""
+    step = kwargs["step"]
+    try:
+        return _write_checkpoint(output, **kwargs)
+    except (OSError, SafetensorError) as exc:
+        if kwargs["rank"] == 0:
+            shutil.rmtree(output / CHECKPOINTS / f".tmp-step-{step:08d}", ignore_errors=True)
+        reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        final = output / CHECKPOINTS / f"step-{step:08d}"
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}") from None
+
+
+def _write_checkpoint(
     output: Path,
     *,
     step: int,
@@ -170,8 +205,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:08d}"
     final = root / f"step-{step:08d}"
     if rank == 0:
-        for stale in root.glob(".tmp-step-*"):  # this step's, or the leftover of any earlier save that crashed
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_leftovers(output)  # this step's .tmp, or what any earlier save or delete left when it was killed
         tmp.mkdir(parents=True)
     barrier()  # the folder exists before any rank writes into it
 
@@ -192,8 +226,10 @@ def save_checkpoint(
     rng, rng_meta = _rng_tensors()
     save_file(rng, str(tmp / f"rng-rank{rank:05d}.safetensors"), metadata=rng_meta)
 
+    engine_optimizer: dict[str, torch.Tensor] = {}
     if engine is not None:
         engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective; writes per-rank files
+        engine_optimizer = _deepspeed_optimizer_tensors(engine, backbone)  # collective too
         barrier()
     if rank == 0:
         if engine is not None:
@@ -203,6 +239,8 @@ def save_checkpoint(
         if backbone_group is not None:
             backbone_names = {id(p): n for n, p in backbone.named_parameters()}
             save_file(_state_tensors(backbone_group, backbone_names), str(tmp / "optimizer.safetensors"))
+        elif engine is not None:
+            save_file(engine_optimizer, str(tmp / "optimizer.safetensors"))
         groups = {
             part: _hyperparameters(ref) for part, ref in (("backbone", backbone_group), ("head", head_group)) if ref
         }
@@ -211,9 +249,13 @@ def save_checkpoint(
     barrier()  # every shard is on disk before the manifest seals the folder
 
     if rank == 0:
+        mode = file_mode()
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                os.chmod(file, mode)
         write_manifest(tmp, step, world_size)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again (e.g. a resumed run): the new one replaces it
+            _delete(final)
         os.rename(tmp, final)
         _prune(root, keep)
     barrier()
@@ -253,7 +295,28 @@ def _json_default(value: Any) -> Any:
 
 def _prune(root: Path, keep: int) -> None:
     for old in list_checkpoints(root.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
+
+
+def _delete(checkpoint: Path) -> None:
+    """Remove a checkpoint folder so that a kill at any moment leaves either the whole checkpoint or none of it
+    under its name: one atomic rename out of the `step-*` namespace, then the slow part."""
+    trash = checkpoint.with_name(f".trash-{checkpoint.name}-{os.getpid()}")
+    os.rename(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_leftovers(output: Path) -> list[Path]:
+    """Delete what an interrupted save (`.tmp-step-*`) or delete (`.trash-step-*`) left in `<output>/checkpoints`;
+    return what was removed. Main process only, while no save is running (each save calls it; so should a run at
+    start, once it holds the output folder)."""
+    root = output / CHECKPOINTS
+    found = sorted(p for pattern in _LEFTOVERS for p in root.glob(pattern)) if root.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    if found:
+        logger.info("removed %d leftover folder(s) of interrupted saves or deletes in %s", len(found), root)
+    return found
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,11 +325,61 @@ def _prune(root: Path, keep: int) -> None:
 
 def list_checkpoints(output: Path) -> list[Path]:
     """Complete checkpoints (with a manifest) in step order; temporary folders are ignored."""
+    return [p for p in _step_folders(output) if (p / "manifest.json").is_file()]
+
+
+def find_resumable(output: Path) -> Path:
+    """The newest checkpoint in `<output>/checkpoints`, checked complete and verified against its manifest (the
+    caller need not hash it again). Raises `CheckpointError` when there is none, and when the newest is incomplete
+    or corrupt: an older checkpoint is never taken silently; the message names the newest valid one and the
+    `--resume <path>` that resumes from it."""
+    root = output / CHECKPOINTS
+    folders = _step_folders(output)
+    if not folders:
+        raise CheckpointError(f"no checkpoint to resume from in {root}")
+    check_resumable(folders[-1])
+    return folders[-1]
+
+
+def check_resumable(path: Path) -> dict[str, Any]:
+    """Check that `path` is a complete checkpoint whose files match its manifest; return the manifest. The error
+    (`CheckpointError`) says what is wrong and names the newest valid checkpoint beside it, if any."""
+    path = Path(path)
+    if not path.is_dir():
+        hint = " (a run's output folder: resume it with --resume auto)" if (path / CHECKPOINTS).is_dir() else ""
+        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
+    if not _STEP_DIR.match(path.name):
+        if (path / CHECKPOINTS).is_dir():
+            raise CheckpointError(f"{path} is a run's output folder, not a checkpoint: resume it with --resume auto")
+        raise CheckpointError(f"{path} is not a checkpoint folder (step-XXXXXXXX)")
+    try:
+        if not (path / "manifest.json").is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json)")
+        return verify_manifest(path)
+    except CheckpointError as problem:
+        raise CheckpointError(f"{problem}: {_newest_valid_hint(path)}") from None
+
+
+def _step_folders(output: Path) -> list[Path]:
+    """Every `step-*` folder in step order, complete or not (`.tmp-*`/`.trash-*` are not checkpoints)."""
     root = output / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found) if (p / "manifest.json").is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _newest_valid_hint(broken: Path) -> str:
+    """'the newest valid one is Y; resume from it with --resume Y', looking beside `broken`, newest first."""
+    for candidate in reversed(_step_folders(broken.parent.parent)):
+        if candidate == broken or not (candidate / "manifest.json").is_file():
+            continue
+        try:
+            verify_manifest(candidate)
+        except CheckpointError:
+            continue
+        return f"the newest valid one is {candidate}; resume from it with --resume {candidate}"
+    return f"no other checkpoint in {broken.parent} is valid"
 
 
 def verify_manifest(path: Path) -> dict[str, Any]:
@@ -275,6 +388,8 @@ def verify_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: unreadable manifest.json ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"checkpoint {path}: manifest.json has no 'files' mapping")
     for name, digest in manifest["files"].items():
         file = path / name
         if not file.is_file():
@@ -307,8 +422,10 @@ def load_checkpoint(
 
     `verify=False` skips the checksums when the caller has just verified them (hashing large files twice).
 
-    Under DeepSpeed (`engine`), the engine loads its own state when the world size is unchanged; otherwise the
-    backbone gets the fp32 weights of `model.safetensors` and a fresh optimizer, which is logged.
+    Under DeepSpeed (`engine`), the engine loads its own state when the world size is unchanged. On another rank
+    count the engine's fp32 master weights come from `model.safetensors` and its optimizer state (momentum; both
+    AdamW moments and the step count) from `optimizer.safetensors`, written into ZeRO's new partitions through
+    DeepSpeed's tensor-fragment API: nothing is lost.
     """
     if verify:
         verify_manifest(path)
@@ -317,19 +434,24 @@ def load_checkpoint(
     if engine is not None and (path / "deepspeed").is_dir() and same_world:
         engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_lr_scheduler_states=False)
     else:
-        if engine is not None:
-            logger.warning(
-                "checkpoint %s: the DeepSpeed backbone optimizer state cannot move from %d to %d ranks (or was not "
-                "saved by DeepSpeed): loading the backbone weights only, with a fresh optimizer",
-                path,
-                state["world_size"],
-                world_size,
-            )
         weights = load_file(str(path / "model.safetensors"))
         own = backbone.state_dict()
         backbone.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in weights.items()}, strict=True)
         if engine is not None:
             _set_engine_master_weights(backbone, weights)
+            if (path / "optimizer.safetensors").is_file():
+                _set_deepspeed_optimizer_state(engine, backbone, load_file(str(path / "optimizer.safetensors")))
+                logger.info(
+                    "checkpoint %s: DeepSpeed backbone state moved from %d to %d ranks (fp32 weights and optimizer "
+                    "state re-partitioned)",
+                    path,
+                    state["world_size"],
+                    world_size,
+                )
+            else:
+                logger.warning(
+                    "checkpoint %s has no optimizer.safetensors: the DeepSpeed backbone optimizer starts fresh", path
+                )
         if backbone_group is not None and (path / "optimizer.safetensors").is_file():
             _restore_group(backbone_group, backbone, load_file(str(path / "optimizer.safetensors")))
     head_tensors = _load_head_rows(path, head)
@@ -373,7 +495,82 @@ def _set_engine_master_weights(backbone: nn.Module, weights: dict[str, torch.Ten
             raise CheckpointError(f"DeepSpeed did not take the fp32 weights of {name} from the checkpoint")
 
 
-def _restore_group(ref: GroupRef, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def _zero_groups(engine: Any) -> list[tuple[list[nn.Parameter], torch.Tensor]]:
+    """ZeRO-1/2's parameter groups: the module's parameters of each group and this rank's flat fp32 partition,
+    which is what the engine's torch optimizer steps (and keys its state by). DeepSpeedZeroOptimizer is what
+    ds_configs/ get; BF16_Optimizer is DeepSpeed's choice for ZeRO-1 with bf16 and fp32 gradient accumulation."""
+    zero = engine.optimizer
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        return list(zip(zero.bit16_groups, zero.single_partition_of_fp32_groups, strict=True))
+    if hasattr(zero, "fp32_groups_flat_partition"):
+        return list(zip(zero.bf16_groups, zero.fp32_groups_flat_partition, strict=True))
+    raise CheckpointError(
+        f"DeepSpeed optimizer {type(zero).__name__} is not ZeRO-1/2's: its optimizer state cannot be checkpointed "
+        "rank-independently"
+    )
+
+
+def _deepspeed_optimizer_tensors(engine: Any, backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Every backbone parameter's full fp32 optimizer state under ZeRO-1/2, "<param name>::<state key>" as for a
+    plain optimizer: rank-independent. Collective (each tensor is assembled from all ranks' partitions with an
+    all-reduce): every rank must call it, in the same order."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    zero, names = engine.optimizer, {id(p): n for n, p in backbone.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for params, flat in _zero_groups(engine):
+        state = zero.optimizer.state.get(flat, {})
+        # Per-element state (momentum, moments) has the partition's shape, and is the same key set on every rank;
+        # the rest (AdamW's step) is one value for the whole partition, the same on every rank. Before the first
+        # step there is none, and DeepSpeed must not link its views yet (it links once, to the state it finds).
+        keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
+        scalars = {k: torch.as_tensor(v).detach().to("cpu") for k, v in state.items() if k not in keys}
+        if keys:
+            zero._lazy_init_hp_params_optimizer_state()  # what DeepSpeed does after each step; a no-op then
+        for param in params:
+            for key in keys:
+                full = safe_get_full_optimizer_state(param, key)
+                out[f"{names[id(param)]}::{key}"] = full.detach().to("cpu", torch.float32).contiguous()
+            for key, value in scalars.items():
+                out[f"{names[id(param)]}::{key}"] = value.clone()
+    return out
+
+
+def _set_deepspeed_optimizer_state(engine: Any, backbone: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `_deepspeed_optimizer_tensors`' output (or a plain optimizer's `optimizer.safetensors`) into ZeRO's
+    partitions of this rank count. The engine's torch optimizer creates its state lazily at the first step, so
+    the state tensors are created here, then DeepSpeed links its per-parameter views into them and each rank copies
+    its fragment of every parameter's full state (DeepSpeed's tensor-fragment API)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    zero, names = engine.optimizer, {id(p): n for n, p in backbone.named_parameters()}
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, state_key = key.split("::", 1)
+        by_name.setdefault(name, {})[state_key] = tensor
+    groups = _zero_groups(engine)
+    for params, flat in groups:
+        saved = [by_name.get(names[id(p)], {}) for p in params]
+        if not saved or not saved[0]:
+            continue
+        if any(s.keys() != saved[0].keys() for s in saved):
+            raise CheckpointError("optimizer.safetensors: the backbone parameters do not all have the same state keys")
+        state = zero.optimizer.state[flat]
+        for key, value in saved[0].items():
+            if value.dim() == 0:
+                state[key] = value.clone()  # AdamW's step: a CPU scalar, as torch keeps it
+            elif not (torch.is_tensor(state.get(key)) and state[key].shape == flat.shape):
+                state[key] = torch.zeros_like(flat)
+    zero._hp_optimizer_states_linked = False  # link DeepSpeed's per-parameter views to the tensors made above
+    zero._lazy_init_hp_params_optimizer_state()
+    for params, _ in groups:
+        for param in params:
+            for key, value in by_name.get(names[id(param)], {}).items():
+                if value.dim() > 0:
+                    safe_set_full_optimizer_state(param, value.to(param.device, torch.float32), key)
+
+
+def _restore_group(ref: GroupRef, module: nn.Module | Head, tensors: dict[str, torch.Tensor]) -> None:
     """Set the optimizer state of `module`'s parameters from "<param name>::<state key>" tensors."""
     optimizer, group = ref
     names = {id(p): n for n, p in module.named_parameters()}

@@ -236,3 +236,108 @@ def test_manifest_lists_every_file_and_unreadable_manifest_is_an_error(tmp_path:
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(ckpt.CheckpointError, match="unreadable manifest.json"):
         ckpt.verify_manifest(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_every_checkpoint_file_gets_the_mode_of_a_plainly_written_file(tmp_path: Path, umask: int) -> None:
+    """safetensors' writer creates 0600 files; JSON written with open() gets 0666 & ~umask. All must match that."""
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        expected = plain.stat().st_mode & 0o777
+        path = Parts().save(tmp_path / "run", step=1)
+        ckpt.save_model(tmp_path / "model.safetensors", Parts().backbone, ckpt.model_metadata("tiny", EMBEDDING))
+    finally:
+        os.umask(previous)
+    assert expected == 0o666 & ~umask
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [*path.iterdir(), tmp_path / "model.safetensors"]}
+    assert {"model.safetensors", "head-rank00000-of-00001.safetensors", "manifest.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, expected)
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning renames the folder out of the step-* names first; a kill during the deletion leaves a .trash-*
+    folder that nothing reads, removed by the next save or by remove_leftovers at start."""
+    parts = Parts()
+    first = parts.save(tmp_path, step=1, keep=2)
+    second = parts.save(tmp_path, step=2, keep=2)
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_halfway(path: Path, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name.startswith(".trash-"):
+            (Path(path) / "manifest.json").unlink()  # part of the folder is gone when the process dies
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        parts.save(tmp_path, step=3, keep=2)
+    monkeypatch.undo()
+    root = tmp_path / ckpt.CHECKPOINTS
+    names = sorted(p.name for p in root.iterdir())
+    assert names[1:] == ["step-00000002", "step-00000003"] and names[0].startswith(".trash-step-00000001-")
+    assert not first.exists()
+    assert ckpt.list_checkpoints(tmp_path) == [second, root / "step-00000003"]
+    assert ckpt.find_resumable(tmp_path) == root / "step-00000003"
+    assert ckpt.remove_leftovers(tmp_path) == [root / names[0]]
+    assert sorted(p.name for p in root.iterdir()) == names[1:]
+
+    # The next save cleans up too; and a same-step save replaces the old folder the same way.
+    (root / ".trash-step-00000002-1").mkdir()
+    parts.step()
+    again = parts.save(tmp_path, step=3, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
+    ckpt.verify_manifest(again)
+
+
+def _checkpoints(tmp_path: Path, steps: tuple[int, ...] = (1, 2, 3)) -> list[Path]:
+    parts = Parts()
+    return [parts.save(tmp_path, step=step, keep=len(steps)) for step in steps]
+
+
+def test_find_resumable_takes_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ckpt.CheckpointError, match=rf"^no checkpoint to resume from in {tmp_path / 'checkpoints'}$"):
+        ckpt.find_resumable(tmp_path)
+    first, second, third = _checkpoints(tmp_path)
+    (tmp_path / ckpt.CHECKPOINTS / ".tmp-step-00000004").mkdir()  # an interrupted save is not a checkpoint
+    assert ckpt.find_resumable(tmp_path) == third
+    assert ckpt.check_resumable(second)["step"] == 2
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "corrupt_file", "missing_file"])
+def test_an_unusable_newest_checkpoint_names_the_newest_valid_one(tmp_path: Path, damage: str) -> None:
+    first, second, third = _checkpoints(tmp_path)
+    if damage == "no_manifest":
+        (third / "manifest.json").unlink()
+        problem = f"checkpoint {third} is incomplete (no manifest.json)"
+    elif damage == "corrupt_file":
+        data = bytearray((third / "model.safetensors").read_bytes())
+        data[-3] ^= 0x10
+        (third / "model.safetensors").write_bytes(bytes(data))
+        problem = f"checkpoint {third}: model.safetensors does not match its checksum in manifest.json"
+    else:
+        (third / "trainer_state.json").unlink()
+        problem = f"checkpoint {third}: trainer_state.json is listed in manifest.json but missing"
+    # The one before is broken too: the hint skips it and names the newest that verifies.
+    (second / "rng-rank00000.safetensors").write_bytes(b"garbage")
+    expected = f"{problem}: the newest valid one is {first}; resume from it with --resume {first}"
+    for call in (lambda: ckpt.find_resumable(tmp_path), lambda: ckpt.check_resumable(third)):
+        with pytest.raises(ckpt.CheckpointError) as info:
+            call()
+        assert str(info.value) == expected
+    (first / "manifest.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=rf"no other checkpoint in {tmp_path / 'checkpoints'} is valid$"):
+        ckpt.find_resumable(tmp_path)
+
+
+def test_check_resumable_names_what_is_not_a_checkpoint(tmp_path: Path) -> None:
+    _checkpoints(tmp_path, steps=(1,))
+    with pytest.raises(ckpt.CheckpointError, match=r"is a run's output folder, not a checkpoint: .*--resume auto"):
+        ckpt.check_resumable(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000009 does not exist"):
+        ckpt.check_resumable(tmp_path / ckpt.CHECKPOINTS / "step-00000009")
+    with pytest.raises(ckpt.CheckpointError, match=r"is not a checkpoint folder \(step-XXXXXXXX\)"):
+        ckpt.check_resumable(tmp_path / ckpt.CHECKPOINTS)

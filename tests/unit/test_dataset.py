@@ -154,8 +154,8 @@ def test_num_classes_checks(tmp_path: Path) -> None:
         RecordFaceDataset(INSIGHTFACE, num_classes=2)
     root = _plain_folder(tmp_path / "plain", [0, 1, 5, 2])
     assert RecordFaceDataset(root).num_classes == 6  # no layout, no property: the largest label + 1
-    (root / "property").write_text("4,112,112\n")
-    with pytest.raises(RecordIOError, match=r"property lists 4 identities, more than num_classes=3"):
+    (root / "property").write_text("6,112,112\n")
+    with pytest.raises(RecordIOError, match=r"property lists 6 identities, more than num_classes=3"):
         RecordFaceDataset(root, num_classes=3)
 
 
@@ -599,3 +599,91 @@ def test_gpu_batch_logic_matches_the_cpu_path(tmp_path: Path, monkeypatch: pytes
     good = [0, 2, 3, 4, 5, 6]
     assert torch.equal(images[good], expected_images[good]) and torch.equal(batch_labels[good], expected_labels[good])
     assert torch.equal(images[1], images[2]) and int(batch_labels[1]) == labels[2]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data that disagrees with itself: .idx vs .rec record count, property file vs labels
+
+
+def _headers_only(root: Path, labels: list[Any]) -> Path:
+    """A plain im2rec folder whose records carry labels and a few payload bytes (nothing here decodes them)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with RecordWriter(root / "train.rec", root / "train.idx") as writer:
+        for key, label in enumerate(labels):
+            writer.write_idx(key, pack(IRHeader(0, label, key, 0), bytes(range(key % 7))))
+    return root
+
+
+def _keep_idx_lines(root: Path, count: int) -> None:
+    lines = (root / "train.idx").read_text().splitlines(keepends=True)
+    (root / "train.idx").write_text("".join(lines[:count]))
+
+
+def test_idx_listing_part_of_the_rec_is_refused_or_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _headers_only(tmp_path / "plain", [k % 12 for k in range(109)])
+    assert len(RecordFaceDataset(root, num_classes=12, spot_check=False)) == 109
+    _keep_idx_lines(root, 40)
+    with pytest.raises(RecordIOError) as info:
+        RecordFaceDataset(root, num_classes=12)
+    message = str(info.value)
+    assert f"{root / 'train.idx'} lists 40 records, but {root / 'train.rec'} holds 109" in message
+    assert "data.allow_partial_index: true" in message and "\n" not in message
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
+        partial = RecordFaceDataset(root, num_classes=12, allow_partial_index=True)
+    assert len(partial) == 40
+    assert "lists 40 records, but" in caplog.text and "training on the listed records only" in caplog.text
+
+
+def test_idx_cut_short_in_the_insightface_layout(tmp_path: Path) -> None:
+    """The generated dataset's layout (12 identities x 8 images = 109 records, record 0 written last): an .idx cut to
+    its first 40 lines has no record 0, so it reads as a plain im2rec of 40 images; the count catches it."""
+    root = _face_folder(tmp_path / "faces", [c for c in range(12) for _ in range(8)])
+    assert len(RecordFaceDataset(root)) == 96
+    _keep_idx_lines(root, 40)
+    with pytest.raises(RecordIOError, match=r"train\.idx lists 40 records, but .*train\.rec holds 109 "):
+        RecordFaceDataset(root)
+
+
+@pytest.mark.parametrize("property_classes", [50, 2])
+def test_property_file_disagreeing_with_the_labels(tmp_path: Path, property_classes: int) -> None:
+    plain = _headers_only(tmp_path / "plain", [k % 12 for k in range(30)])
+    (plain / "property").write_text(f"{property_classes},112,112\n")
+    with pytest.raises(RecordIOError) as info:
+        RecordFaceDataset(plain)
+    assert str(info.value).startswith(
+        f"{plain / 'property'} says {property_classes} classes, but the labels of {plain / 'train.rec'} span 12 (0..11)"
+    )
+    (plain / "property").write_text("12,112,112\n")
+    assert RecordFaceDataset(plain).num_classes == 12
+    # The insightface layout: record 0's identity count is what the property file must repeat.
+    faces = _face_folder(tmp_path / "faces", [0, 0, 1, 2])
+    (faces / "property").write_text(f"{property_classes},112,112\n")
+    with pytest.raises(RecordIOError) as info:
+        RecordFaceDataset(faces)
+    assert str(info.value).startswith(
+        f"{faces / 'property'} says {property_classes} classes, but record 0 of {faces / 'train.rec'} lists 3 "
+        "identities"
+    )
+
+
+def test_empty_rec_and_idx_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "train.rec").write_bytes(b"")
+    (tmp_path / "train.idx").write_bytes(b"")
+    with pytest.raises(RecordIOError) as info:
+        RecordFaceDataset(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'train.idx'} lists no records ({tmp_path / 'train.rec'}: 0 bytes): there is nothing to train on"
+    )
+    from models.errors import InputError
+
+    assert isinstance(info.value, InputError)  # the CLI turns it into one line and exit status 2
+
+
+def test_labels_read_in_one_gather_equal_the_headers(tmp_path: Path) -> None:
+    labels: list[Any] = [3, 0, [7.0, 1.0], 2, 5]
+    root = _headers_only(tmp_path / "plain", labels)
+    reader = RecordReader(root / "train.rec", root / "train.idx")
+    keys = np.array([4, 2, 0, 3, 1])
+    expected = [float(np.asarray(reader.read_header(int(k)).label).reshape(-1)[0]) for k in keys]
+    assert reader.read_labels(keys).tolist() == expected == [5.0, 7.0, 3.0, 2.0, 0.0]
+    reader.close()

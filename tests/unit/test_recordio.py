@@ -435,3 +435,45 @@ def test_property_file(tmp_path: Path) -> None:
         read_property_file(path)
     with pytest.raises(MissingRecordFileError, match="property file not found"):
         read_property_file(tmp_path / "nothing")
+
+
+def _idx_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+def test_count_records_reads_the_rec_not_the_idx(tmp_path: Path) -> None:
+    """The count comes from the frame headers: the same whatever subset of the records the .idx lists, split
+    records (an aligned magic word inside, so several frames) counted once."""
+    rec, idx = tmp_path / "a.rec", tmp_path / "a.idx"
+    records = [bytes([k]) * (k % 9) + (MAGIC * 2 if k % 5 == 0 else b"") + b"tail"[: k % 4] for k in range(37)]
+    with RecordWriter(rec, idx) as writer:
+        for key, record in enumerate(records):
+            writer.write_idx(key, record)
+    split = sum(MAGIC in r for r in records)
+    assert split == 8
+    lines = _idx_lines(idx)
+    for kept in (lines, lines[::2], lines[1::3], lines[:1], lines[-1:], lines[5:6] + lines[30:31]):
+        idx.write_text("".join(kept))
+        with RecordReader(rec, idx) as reader:
+            assert reader.count_records() == 37 and reader.indexed_records == len(kept)
+    # Two keys on one record: one distinct record listed.
+    idx.write_text(lines[3] + "99\t" + lines[3].split("\t")[1])
+    with RecordReader(rec, idx) as reader:
+        assert (len(reader), reader.indexed_records, reader.count_records()) == (2, 1, 37)
+
+
+def test_count_records_on_the_mxnet_fixture() -> None:
+    """The fixture was written by MXNet itself: its .idx is complete, so the two counts agree."""
+    for stem in ("magic", "array", "scalar", "insightface/train"):
+        with RecordReader(FIXTURES / f"{stem}.rec", FIXTURES / f"{stem}.idx") as reader:
+            assert reader.count_records() == reader.indexed_records == len(reader) > 0, stem
+
+
+def test_count_records_refuses_a_misaligned_offset(tmp_path: Path) -> None:
+    rec, idx = tmp_path / "a.rec", tmp_path / "a.idx"
+    with RecordWriter(rec, idx) as writer:
+        for key in range(3):
+            writer.write_idx(key, b"12345678")
+    idx.write_text("0\t0\n1\t18\n2\t32\n")
+    with pytest.raises(RecordIOError, match=r"a\.idx: byte offset 18 is not a multiple of 4"):
+        RecordReader(rec, idx).count_records()
