@@ -13,7 +13,7 @@ from trainer.distributed import build_accelerator
 if sys.argv[1] == "plain":
     accelerator = Accelerator()
 else:
-    accelerator = build_accelerator("/tmp/probe-ranks", 1, False)
+    accelerator = build_accelerator("/tmp/probe-ranks", 1)
 print(
     f"{sys.argv[1]} rank={accelerator.process_index} world={accelerator.num_processes} "
     f"env_world={os.environ['WORLD_SIZE']}",

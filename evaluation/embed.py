@@ -1,0 +1,627 @@
+"""Face embeddings from a trained model: a folder, a file list, a `.rec` or a `.bin` of face images.
+
+    python -m evaluation.embed --model runs/default/model.safetensors faces/ --out faces.safetensors
+    python -m evaluation.embed --model model.onnx photos.txt --landmarks landmarks.csv --flip --out photos.npy
+
+Input (one positional argument): a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff files;
+names are paths relative to it), a text file list (one image path per line, relative to the list's folder; blank
+lines and `#` comments skipped; names as written), a `.rec` with its `.idx` (names `<file>#<key>`), a verification
+`.bin` (names `<file>#<index>`) or one image file. Images are either aligned 112x112 crops, or are aligned here with
+`--landmarks` (5 points per image, mapped onto insightface's ArcFace template as in the IJB evaluation):
+
+* CSV: `name,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5` per line (an optional header line), points in pixels in the order
+  left eye, right eye, nose tip, left mouth corner, right mouth corner (left/right as seen in the image);
+* JSON: `{"name": [[x1, y1], ..., [x5, y5]], ...}` (or 10 numbers per name).
+
+Every image needs an entry (names as above); entries for other names are ignored.
+
+Output (`--out`), written to a temporary file and renamed into place: `.safetensors` (tensor `embeddings` (N, D)
+float32, metadata `names` as a JSON list, the model, flip and the model's calibration) or `.npy` (the array) plus
+`<stem>.names.txt` (one name per line, in row order). Embeddings are L2-normalized, so the dot product of two rows
+is their cosine similarity; `--flip` embeds each image and its mirror image and sums the two before normalizing.
+An image that cannot be read, decoded or aligned is reported by name and skipped; it is not in the output.
+
+Python: `FaceEmbedder.from_file("model.safetensors").embed([array_or_path, ...])`. The input normalization and
+the flip are `data.dataset.normalize_images`, the one the trainer and the verification use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from data.dataset import normalize_images
+from evaluation.alignment import ALIGNED_SIZE, align_face
+from models.errors import EXIT_BAD_INPUT, InputError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from evaluation.calibrate import Calibration, LabelledPair
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+OUTPUT_SUFFIXES = (".safetensors", ".npy")
+NUM_LANDMARKS = 5
+
+Image = np.ndarray | str | Path
+
+
+class EmbedError(InputError):
+    """An input, landmarks file, model or output path that cannot be used; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`--device`: cuda when available unless named; a device this machine lacks is an `EmbedError`."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EmbedError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EmbedError(f"--device {name}: this machine has no CUDA device")
+    return device
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {entry.key: entry.value for entry in model.metadata_props}
+
+
+class FaceEmbedder:
+    """A backbone (safetensors through `models.weights.load_backbone`, or ONNX through onnxruntime) that turns
+    uint8 RGB face crops into L2-normalized embeddings; `calibration` is the threshold stored in the model file."""
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        path: Path,
+        metadata: dict[str, str],
+        device: torch.device,
+    ) -> None:
+        from evaluation.calibrate import read_calibration
+
+        self.forward, self.path, self.metadata, self.device = forward, path, metadata, device
+        self.calibration: Calibration | None = read_calibration(metadata, path)
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        network: str | None = None,
+        embedding_size: int | None = None,
+    ) -> FaceEmbedder:
+        """Load a `model.safetensors` (or a run folder holding one) or a `.onnx` model onto `device`."""
+        path, device = Path(path), torch.device(device)
+        if path.suffix == ".onnx":
+            from evaluation.ijb import load_onnx_embedder
+
+            forward, _ = load_onnx_embedder(path, device)  # a missing or unusable file: WeightsError, an InputError
+            return cls(forward, path, _onnx_metadata(path), device)
+        from models.weights import load_backbone, resolve_weights_path
+
+        backbone, metadata = load_backbone(path, network, embedding_size, device)
+        return cls(backbone.eval(), resolve_weights_path(path), metadata, device)
+
+    def embed_tensor(
+        self, images: torch.Tensor, flip: bool = False, batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
+        """Embeddings (N, D) float32, L2-normalized, of uint8 RGB crops `(N, 3, 112, 112)`."""
+        chunks = []
+        with _progress(enabled=progress) as bar:
+            task = bar.add_task("embed", total=len(images))
+            for start in range(0, len(images), batch_size):
+                chunks.append(self.embed_batch(images[start : start + batch_size], flip))
+                bar.advance(task, len(chunks[-1]))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+    def embed_batch(self, images: torch.Tensor, flip: bool) -> np.ndarray:
+        """One forward of uint8 `(B, 3, 112, 112)` crops (2B with `flip`: each image and its mirror, summed)."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, 112, 112):
+            raise ValueError(f"need uint8 (B, 3, 112, 112) crops, got {images.dtype} {tuple(images.shape)}")
+        count = len(images)
+        images = images.to(self.device)
+        flips = None
+        if flip:
+            # One batch of the images and their mirror images: eval-mode layers treat every sample on its own.
+            images = torch.cat([images, images])
+            flips = torch.arange(2 * count, device=self.device) >= count
+        with torch.inference_mode():
+            out = self.forward(normalize_images(images, flips=flips)).float()
+            if flip:
+                out = out[:count] + out[count:]
+            out = torch.nn.functional.normalize(out, dim=1)
+        return out.cpu().numpy()
+
+    def embed(
+        self,
+        images: Sequence[Image],
+        landmarks: Sequence[np.ndarray] | None = None,
+        flip: bool = False,
+        batch_size: int = 64,
+    ) -> np.ndarray:
+        """Embeddings (N, D) float32, L2-normalized, of uint8 `(H, W, 3)` RGB arrays or image files; aligned
+        112x112 crops, or any size with `landmarks` (one `(5, 2)` array of x, y per image). An image that cannot be
+        used raises `EmbedError` naming it (the CLI skips such images instead)."""
+        if landmarks is not None and len(landmarks) != len(images):
+            raise ValueError(f"{len(landmarks)} landmark sets for {len(images)} images")
+        crops = np.empty((len(images), ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
+        for index, image in enumerate(images):
+            name = str(image) if isinstance(image, str | Path) else f"image {index}"
+            pixels = read_image(Path(image)) if isinstance(image, str | Path) else image
+            crops[index] = prepare_crop(pixels, None if landmarks is None else landmarks[index], name)
+        return self.embed_tensor(torch.from_numpy(crops).permute(0, 3, 1, 2), flip, batch_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 `(H, W, 3)` RGB; `EmbedError` naming the file if it is missing or not an image."""
+    from data.recordio import decode_image
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise EmbedError(f"{path}: no such file") from None
+    except OSError as err:
+        raise EmbedError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        return decode_image(data)
+    except Exception as err:  # simplejpeg and Pillow raise many types on a file that is not an image
+        raise EmbedError(f"{path}: not a readable image ({err})") from None
+
+
+def prepare_crop(image: np.ndarray, landmarks: np.ndarray | None, name: str) -> np.ndarray:
+    """The 112x112 uint8 RGB crop of `image`: aligned with `landmarks`, else the image itself if it is one."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise EmbedError(f"{name}: need a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
+    if landmarks is not None:
+        try:
+            return align_face(image, np.asarray(landmarks, dtype=np.float64).reshape(NUM_LANDMARKS, 2))
+        except ValueError as err:
+            raise EmbedError(f"{name}: cannot be aligned ({err})") from None
+    if image.shape[:2] != (ALIGNED_SIZE, ALIGNED_SIZE):
+        raise EmbedError(
+            f"{name}: is {image.shape[1]}x{image.shape[0]}, not an aligned {ALIGNED_SIZE}x{ALIGNED_SIZE} crop "
+            "(give --landmarks to align it)"
+        )
+    return image
+
+
+@dataclass(frozen=True)
+class FaceImage:
+    """One input image: its name in the output and how to get its pixels (decoding may fail: `EmbedError`)."""
+
+    name: str
+    load: Callable[[], np.ndarray]
+
+
+def _file_image(path: Path, name: str) -> FaceImage:
+    return FaceImage(name, lambda: read_image(path))
+
+
+def list_images(source: Path) -> list[FaceImage]:
+    """The images of a folder, a file list, a `.rec`, a `.bin` or one image file (module docstring), in a fixed
+    order (sorted paths, list order, key order, pair order)."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            raise EmbedError(f"{source}: a folder without image files ({suffixes})")
+        return [_file_image(p, p.relative_to(source).as_posix()) for p in files]
+    if not source.exists():
+        raise EmbedError(f"{source}: no such file or folder")
+    suffix = source.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return [_file_image(source, source.name)]
+    if suffix == ".rec":
+        return _rec_images(source)
+    if suffix == ".bin":
+        return _bin_images(source)
+    return _listed_images(source)
+
+
+def _listed_images(path: Path) -> list[FaceImage]:
+    raw = path.read_bytes()
+    if b"\0" in raw[:8192]:
+        raise EmbedError(
+            f"{path}: neither a folder, an image ({', '.join(sorted(IMAGE_SUFFIXES))}), a .rec, a .bin nor a text "
+            "file list"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EmbedError(f"{path}: a file list must be UTF-8 text (one image path per line)") from None
+    images = []
+    for line in text.splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            images.append(_file_image(path.parent / entry, entry))
+    if not images:
+        raise EmbedError(f"{path}: a file list without any image path")
+    return images
+
+
+def _rec_images(path: Path) -> list[FaceImage]:
+    from data.recordio import RecordIOError, RecordReader, decode_image, read_insightface_layout
+
+    try:
+        reader = RecordReader(path, path.with_suffix(".idx"))
+        keys = read_insightface_layout(reader, with_identity_ranges=False).image_keys
+    except RecordIOError as err:
+        raise EmbedError(str(err)) from None
+
+    def load(key: int) -> np.ndarray:
+        try:
+            return decode_image(reader.read_record(key)[1])
+        except Exception as err:  # framing errors and decoder errors alike: this record is skipped
+            raise EmbedError(f"{path.name}#{key}: {err}") from None
+
+    return [FaceImage(f"{path.name}#{int(key)}", functools.partial(load, int(key))) for key in keys]
+
+
+def _bin_images(path: Path) -> list[FaceImage]:
+    from evaluation.verification import BinFormatError, load_bin
+
+    try:
+        images, _ = load_bin(path)
+    except BinFormatError as err:
+        raise EmbedError(str(err)) from None
+    arrays = images.permute(0, 2, 3, 1).numpy()
+    return [
+        FaceImage(f"{path.name}#{index}", functools.partial(arrays.__getitem__, index)) for index in range(len(arrays))
+    ]
+
+
+def read_landmarks(path: Path) -> dict[str, np.ndarray]:
+    """`name -> (5, 2)` float64 landmarks from a CSV or JSON file (module docstring); errors name file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EmbedError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise EmbedError(f"{path}: not a readable landmarks file ({err})") from None
+    if path.suffix.lower() == ".json":
+        return _json_landmarks(path, text)
+    landmarks: dict[str, np.ndarray] = {}
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) != 1 + 2 * NUM_LANDMARKS:
+            raise EmbedError(
+                f"{path}:{number}: expected a name and 10 numbers (name,x1,y1,...,x5,y5), got {len(row)} fields"
+            )
+        try:
+            values = np.array([float(v) for v in row[1:]], dtype=np.float64)
+        except ValueError:
+            if number == 1 or not landmarks:
+                continue  # a header line
+            raise EmbedError(f"{path}:{number}: the 10 coordinates must be numbers, got {row[1:]}") from None
+        landmarks[row[0].strip()] = values.reshape(NUM_LANDMARKS, 2)
+    if not landmarks:
+        raise EmbedError(f"{path}: no landmarks")
+    return landmarks
+
+
+def _json_landmarks(path: Path, text: str) -> dict[str, np.ndarray]:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise EmbedError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise EmbedError(f"{path}: expected a JSON object mapping image names to 5 [x, y] points")
+    landmarks = {}
+    for name, points in raw.items():
+        try:
+            values = np.asarray(points, dtype=np.float64)
+        except (ValueError, TypeError):
+            values = np.zeros(0)
+        if values.size != 2 * NUM_LANDMARKS:
+            raise EmbedError(f"{path}: entry {name!r} must be 5 [x, y] points, got {points!r}")
+        landmarks[str(name)] = values.reshape(NUM_LANDMARKS, 2)
+    return landmarks
+
+
+def match_landmarks(images: Sequence[FaceImage], landmarks: dict[str, np.ndarray], path: Path) -> list[np.ndarray]:
+    """The landmarks of each image, in order; `EmbedError` when any image has none."""
+    missing = [image.name for image in images if image.name not in landmarks]
+    if missing:
+        example = ", ".join(repr(name) for name in sorted(landmarks)[:2])
+        raise EmbedError(
+            f"{path} has no landmarks for {len(missing)} of the {len(images)} images (first: {missing[0]!r}; "
+            f"its names look like {example})"
+        )
+    unused = len(landmarks) - len({image.name for image in images})
+    if unused > 0:
+        logger.info("%s: %d entries name no input image (ignored)", path, unused)
+    return [landmarks[image.name] for image in images]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches: decode and align in threads (the decoders release the GIL), embed in the calling thread
+
+
+def _progress(enabled: bool) -> Progress:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]embed"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def iter_embeddings(
+    embedder: FaceEmbedder,
+    images: Sequence[FaceImage],
+    landmarks: Sequence[np.ndarray] | None,
+    flip: bool,
+    batch_size: int,
+    workers: int,
+    progress: bool = True,
+) -> Iterator[tuple[list[int], np.ndarray, list[tuple[str, str]]]]:
+    """Per batch: (indices of the images embedded, their embeddings, (name, reason) of the images skipped)."""
+
+    def crop(index: int) -> np.ndarray | str:
+        image = images[index]
+        try:
+            return prepare_crop(image.load(), None if landmarks is None else landmarks[index], image.name)
+        except EmbedError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool, _progress(progress) as bar:
+        task = bar.add_task("embed", total=len(images))
+        for start in range(0, len(images), batch_size):
+            indices = list(range(start, min(start + batch_size, len(images))))
+            kept, crops, skipped = [], [], []
+            for index, result in zip(indices, pool.map(crop, indices), strict=True):
+                if isinstance(result, str):
+                    skipped.append((images[index].name, result))
+                else:
+                    kept.append(index)
+                    crops.append(result)
+            embeddings = np.zeros((0, 0), np.float32)
+            if crops:
+                batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
+                embeddings = embedder.embed_batch(batch, flip)
+            bar.advance(task, len(indices))
+            yield kept, embeddings, skipped
+
+
+def embed_images(
+    embedder: FaceEmbedder,
+    images: Sequence[FaceImage],
+    landmarks: Sequence[np.ndarray] | None = None,
+    flip: bool = False,
+    batch_size: int = 64,
+    workers: int = 4,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """(names embedded, their embeddings (N, D), (name, reason) skipped); a skipped image is logged by name."""
+    names: list[str] = []
+    chunks: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    for kept, embeddings, bad in iter_embeddings(embedder, images, landmarks, flip, batch_size, workers, progress):
+        names.extend(images[index].name for index in kept)
+        if kept:
+            chunks.append(embeddings)
+        for _, reason in bad:
+            logger.warning("skipped %s", reason)
+        skipped.extend(bad)
+    return names, (np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)), skipped
+
+
+def score_pairs(
+    embedder: FaceEmbedder,
+    pairs: Sequence[LabelledPair],
+    image_root: Path,
+    landmarks_path: Path | None,
+    flip: bool,
+    batch_size: int,
+    workers: int = 4,
+) -> tuple[list[float | None], list[tuple[str, str]]]:
+    """Cosine score of each pair of image paths (relative to `image_root`), None where an image was skipped;
+    each distinct image is embedded once."""
+    names = list(dict.fromkeys(name for pair in pairs for name in (pair.first, pair.second)))
+    images = [_file_image(image_root / name, name) for name in names]
+    landmarks = None
+    if landmarks_path is not None:
+        landmarks = match_landmarks(images, read_landmarks(landmarks_path), landmarks_path)
+    embedded, embeddings, skipped = embed_images(embedder, images, landmarks, flip, batch_size, workers)
+    row = {name: index for index, name in enumerate(embedded)}
+    scores: list[float | None] = []
+    for pair in pairs:
+        if pair.first in row and pair.second in row:
+            scores.append(float(embeddings[row[pair.first]] @ embeddings[row[pair.second]]))
+        else:
+            scores.append(None)
+    return scores, skipped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def check_output(out: Path) -> None:
+    """Before any work: the output's suffix and folder must be usable."""
+    if out.suffix not in OUTPUT_SUFFIXES:
+        raise EmbedError(f"--out {out}: must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    if out.is_dir():
+        raise EmbedError(f"--out {out}: is a folder")
+
+
+def names_path(out: Path) -> Path:
+    """`emb.npy` -> `emb.names.txt`."""
+    return out.with_name(f"{out.stem}.names.txt")
+
+
+def _replace(tmp: Path, final: Path, write: Callable[[Path], Any]) -> None:
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_embeddings(out: Path, names: Sequence[str], embeddings: np.ndarray, metadata: dict[str, str]) -> list[Path]:
+    """Write the output atomically (each file through a temporary file and a rename); returns the files written."""
+    from safetensors.numpy import save_file
+
+    check_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if out.suffix == ".safetensors":
+        header = {**metadata, "names": json.dumps(list(names))}
+        _replace(
+            out.with_name(f".{out.name}.tmp"), out, lambda p: save_file({"embeddings": embeddings}, str(p), header)
+        )
+        return [out]
+    listing = names_path(out)
+    if any("\n" in name or "\r" in name for name in names):
+        raise EmbedError(f"--out {out}: a name contains a line break; write .safetensors instead")
+
+    def save_array(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a handle: np.save would append ".npy" to a path
+            np.save(handle, embeddings)
+
+    # The names first: an array never sits next to a names file of another run.
+    _replace(
+        listing.with_name(f".{listing.name}.tmp"), listing, lambda p: p.write_text("".join(f"{n}\n" for n in names))
+    )
+    _replace(out.with_name(f".{out.name}.tmp"), out, save_array)
+    return [out, listing]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI helpers shared by embed, compare and calibrate
+
+
+def setup_logging() -> None:
+    """Log lines to stderr through rich, unless a harness configured logging already."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    root.addHandler(RichHandler(console=Console(stderr=True), show_path=False, markup=False))
+    root.setLevel(logging.INFO)
+
+
+def report_input_error(err: Exception) -> None:
+    """One line on stderr, never wrapped at the terminal's width (a path in it stays copyable)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+
+
+def resolve_flip(requested: bool | None, calibration: Calibration | None) -> bool:
+    """`--flip/--no-flip`, else what the model's calibration used (its threshold holds for those embeddings)."""
+    calibrated = calibration.flip if calibration is not None else None
+    if requested is None:
+        return bool(calibrated)
+    if calibrated is not None and requested != calibrated:
+        logger.warning(
+            "the model was calibrated %s flip; these embeddings are %s: its threshold may not hold",
+            "with" if calibrated else "without",
+            "flip-summed" if requested else "not flipped",
+        )
+    return requested
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.embed", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("input", type=Path, help="a folder, a file list, a .rec, a .bin or an image")
+    parser.add_argument("--model", type=Path, required=True, help="model.safetensors (or a run folder) or .onnx")
+    parser.add_argument("--out", type=Path, required=True, help="embeddings file: .safetensors, or .npy + .names.txt")
+    parser.add_argument("--landmarks", type=Path, help="5-point landmarks per image (CSV or JSON) to align them")
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sum each image's and its mirror's embedding (default: as the model's calibration, else off)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--network", help="backbone name for a file without metadata")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 1:
+        parser.error("--batch-size and --workers must be at least 1")
+    return args
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_output(args.out)
+    images = list_images(args.input)
+    landmarks = None
+    if args.landmarks is not None:
+        landmarks = match_landmarks(images, read_landmarks(args.landmarks), args.landmarks)
+    embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device), network=args.network)
+    flip = resolve_flip(args.flip, embedder.calibration)
+    names, embeddings, skipped = embed_images(
+        embedder, images, landmarks, flip, args.batch_size, args.workers, progress=True
+    )
+    if not names:
+        raise EmbedError(f"{args.input}: none of its {len(images)} images could be embedded; nothing written")
+    metadata = {"model": str(embedder.path), "flip": str(flip).lower(), "normalized": "true"}
+    if embedder.calibration is not None:
+        metadata["calibration"] = embedder.calibration.to_json()
+    written = write_embeddings(args.out, names, embeddings, metadata)
+    threshold = "" if embedder.calibration is None else f"; calibrated threshold {embedder.calibration.threshold:.4f}"
+    logger.info(
+        "%d embeddings (%d-d%s) -> %s; %d images skipped%s",
+        len(names),
+        embeddings.shape[1],
+        ", flip-summed" if flip else "",
+        ", ".join(map(str, written)),
+        len(skipped),
+        threshold,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `python -m evaluation.embed` CLI; returns the exit status (2 for bad input)."""
+    args = _parse_args(argv)
+    setup_logging()
+    try:
+        return _run(args)
+    except InputError as err:
+        report_input_error(err)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
