@@ -1,0 +1,213 @@
+"""One run per output folder, and what a run does with the folder it finds: start fresh, resume, or refuse.
+
+The main process holds an exclusive `flock` on `<output>/.lock` for the whole run, before anything (train.log
+included) is written there; a second run on the same folder fails at once, naming the holder. The kernel drops a
+`flock` when its holder dies, however it dies: a lock file that still names a holder while the lock is free is
+the leftover of a run that was killed, and is taken over (with a log line). On NFS, `flock` is only as reliable
+as the server's lock manager.
+
+`plan_run` decides, on the main process, from the folder's contents and `--resume` / `--overwrite`; the decision
+is then shared with every rank (`trainer.distributed.main_process_decides`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from models.errors import InputError
+from trainer import checkpoint as ckpt
+
+LOCK_FILE = ".lock"
+# What a run leaves in its output folder that a fresh run would overwrite or mix with its own.
+RUN_RESULTS = ("checkpoints", "model.safetensors", "config.yaml", "train.log", "tensorboard", "wandb", "curves.png")
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+ResumeRequest = Literal["newest", "auto"] | Path | None
+
+
+class RunFolderError(InputError):
+    """The output folder is in use by another run, or holds results this run would overwrite."""
+
+
+class RunLock:
+    """Holds `<output>/.lock` (pid, host, start time) from `acquire()` to `release()` (or a `with` block)."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.path = output / LOCK_FILE
+        self.fd: int | None = None
+        self.took_over: str | None = None  # the stale holder this run replaced, for a log line once logging is up
+
+    def acquire(self) -> None:
+        """Take the folder, or raise `RunFolderError` naming the run that holds it."""
+        try:
+            self.output.mkdir(parents=True, exist_ok=True)
+            # Never unlinked: a run that opened the old file while another deleted it would lock a file nobody else
+            # sees.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a file in the way, a read-only or missing file system, no permission
+            raise RunFolderError(f"output folder {self.output}: cannot use it ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise RunFolderError(
+                f"{self.output} is in use by another run ({holder}): wait for it, stop it, or choose another --output"
+            ) from None
+        previous = os.pread(fd, 4096, 0)
+        if previous.strip():  # a holder that released nothing: it was killed
+            self.took_over = _describe(previous)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Give the folder back (nothing if not held)."""
+        if self.fd is None:
+            return
+        os.ftruncate(self.fd, 0)  # empty: a clean release, not a run that died
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        holder = json.loads(raw.decode())
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that left no details"
+
+
+@dataclass
+class RunPlan:
+    """What this run does with its output folder; the same on every rank."""
+
+    resume_from: Path | None = None  # the checkpoint to continue from; None: a fresh run
+    moved_to: Path | None = None  # where what was in this run's way went (--overwrite, broken later checkpoints)
+    moved: list[str] = field(default_factory=list)
+    why: str = ""  # for the log line that says what was moved
+
+
+def plan_run(output: Path, resume: ResumeRequest, overwrite: bool) -> RunPlan:
+    """Decide from the folder's contents; raise `RunFolderError`/`CheckpointError` naming the way out.
+
+    `resume`: None (a fresh run), "newest" (`--resume`), "auto" (resume if there is a checkpoint, else start
+    fresh) or a checkpoint folder (`--resume PATH`). `overwrite` moves an earlier run's results to
+    `<output>/replaced-<time>/` instead of refusing a fresh run.
+    """
+    steps = _step_dirs(output)
+    if resume == "newest" or (resume == "auto" and steps):
+        if overwrite:
+            raise RunFolderError("--overwrite and --resume contradict each other: give one")
+        return RunPlan(resume_from=newest_checkpoint(output))
+    if isinstance(resume, Path):
+        path = resume.resolve()
+        ckpt.check_resumable(path)  # complete, and every file matches its manifest
+        if path.parent != (output / ckpt.CHECKPOINTS).resolve():
+            return _clear_for_new_run(output, overwrite, RunPlan(resume_from=path))  # another run's checkpoint
+        if overwrite:
+            raise RunFolderError(f"--overwrite would move away {path}, the checkpoint --resume names")
+        return _drop_later_broken(output, path, steps)
+    return _clear_for_new_run(output, overwrite, RunPlan())
+
+
+def newest_checkpoint(output: Path) -> Path:
+    """The checkpoint `--resume` continues from: the newest in `<output>/checkpoints`, verified (an incomplete or
+    corrupt newest one is an error naming the newest valid one, never skipped silently)."""
+    if not _step_dirs(output):
+        raise ckpt.CheckpointError(f"--resume: no checkpoint in {output / ckpt.CHECKPOINTS}")
+    return ckpt.find_resumable(output)
+
+
+def _drop_later_broken(output: Path, path: Path, steps: list[Path]) -> RunPlan:
+    """`--resume PATH` inside this folder. Later valid checkpoints would be mixed with this run's (a later
+    `--resume` would continue the old trajectory): refused. Later broken ones (what makes a user pick an older
+    checkpoint) would shadow this run's own as the newest: moved to `<output>/replaced-<time>/checkpoints/`."""
+    later = [p for p in steps if _step_of(p) > _step_of(path)]
+    valid, broken = [], []
+    for folder in later:
+        try:
+            ckpt.check_resumable(folder)
+            valid.append(folder.name)
+        except ckpt.CheckpointError:
+            broken.append(folder)
+    if valid:
+        raise RunFolderError(
+            f"--resume {path}: {output / ckpt.CHECKPOINTS} also holds later checkpoints ({', '.join(valid)}) that "
+            "this run would mix with its own: move them away, or resume into another --output"
+        )
+    plan = RunPlan(resume_from=path, why="later checkpoints that cannot be resumed")
+    if broken:
+        plan.moved_to = _replaced_folder(output) / ckpt.CHECKPOINTS
+        plan.moved_to.mkdir()
+        for folder in broken:
+            shutil.move(folder, plan.moved_to / folder.name)
+            plan.moved.append(f"{ckpt.CHECKPOINTS}/{folder.name}")
+    return plan
+
+
+def _clear_for_new_run(output: Path, overwrite: bool, plan: RunPlan) -> RunPlan:
+    """A run that does not continue this folder's checkpoints: refuse to mix with an earlier run's results."""
+    steps = _step_dirs(output)
+    earlier = [f"checkpoints up to {steps[-1].name}"] if steps else []
+    if (output / "model.safetensors").exists():
+        earlier.append("model.safetensors")
+    if not earlier:
+        return plan
+    if not overwrite:
+        raise RunFolderError(
+            f"{output} holds an earlier run's {' and '.join(earlier)}: continue it with --resume, start over with "
+            f"--overwrite (moves them to {output}/replaced-<time>/), or choose another --output"
+        )
+    plan.moved_to, plan.why = _replaced_folder(output), "--overwrite: the earlier run's results"
+    for name in RUN_RESULTS:
+        if (output / name).exists():
+            shutil.move(output / name, plan.moved_to / name)
+            plan.moved.append(name)
+    return plan
+
+
+def _replaced_folder(output: Path) -> Path:
+    """A new `<output>/replaced-<time>/` for what this run moves out of its way."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, suffix = output / f"replaced-{stamp}", 1
+    while folder.exists():  # two runs within a second
+        suffix += 1
+        folder = output / f"replaced-{stamp}-{suffix}"
+    folder.mkdir()
+    return folder
+
+
+def _step_dirs(output: Path) -> list[Path]:
+    """Every `step-*` folder, complete or not: an incomplete one is still an earlier run's."""
+    root = output / ckpt.CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    """The step of a `step-XXXXXXXX` folder; -1 for any other name."""
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
