@@ -66,3 +66,16 @@ def losses(run: Path) -> list[float]:
     """The per-step losses of a finished run (from its last checkpoint's trainer_state.json)."""
     last = sorted((run / "checkpoints").glob("step-*"))[-1]
     return [loss for _, loss in json.loads((last / "trainer_state.json").read_text())["loss_history"]]
+
+
+def train_directly(args: list[str], cache: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python trainer/main.py <args>`: one process, what `accelerate launch` runs, with the trainer's own exit
+    code (the launcher reports any non-zero code of its child as 1)."""
+    return subprocess.run(
+        [sys.executable, str(MAIN), *args],
+        cwd=REPO,
+        env=env_for(cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -12,6 +12,7 @@ warm-up steps) are computed once, in `trainer.loop`, and logged.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from data.faces import FacesConfig
+from data.config import DataConfig
 from heads.config import HeadConfig
+from models.config import NetworkConfig
 from models.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,50 +32,6 @@ DEFAULT_RECIPE = REPO_ROOT / "launch" / "recipes" / "default.yaml"
 
 class ConfigError(InputError, ValueError):
     """A recipe or command-line override that cannot be used; the message names the key or path."""
-
-
-@dataclass
-class NetworkConfig:
-    """The backbone: a name from `models.list_backbones()`."""
-
-    name: str = "r50"
-    embedding_size: int = 512
-    dropout: float = 0.0
-    # BatchNorm layers use their running statistics and never update them (fine-tuning; exact equivalence tests).
-    freeze_batchnorm: bool = False
-    # Fine-tuning: start the backbone from this model.safetensors (this project's, or converted from insightface
-    # with `python -m trainer.convert`); the head is new, for this run's classes.
-    init_weights: str = ""
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from.
-
-    `recordio`: insightface layout `root/train.rec` + `root/train.idx`; `image_folder`: `root/<identity>/*.jpg`
-    (aligned 112x112 faces, one sub-folder per identity); `generated`: the embedded procedural faces
-    (`generated.*`); `synthetic`: one random image repeated (throughput measurements only, as insightface's
-    `rec: synthetic`).
-    """
-
-    source: Literal["recordio", "image_folder", "generated", "synthetic"] = "recordio"
-    root: str = ""
-    # `gpu`: decode the JPEGs of a `recordio` source in batches on the GPU (nvJPEG through torchvision).
-    decode: Literal["cpu", "gpu"] = "cpu"
-    # 0 = take it from the dataset (record-0 header, `property` file); otherwise checked against the data.
-    num_classes: int = 0
-    # `synthetic` only: how many samples an epoch has.
-    num_images: int = 0
-    # Processes that read and decode (data.loader.FaceLoader; 0 = in the training process), and how many batches
-    # each decodes ahead of the step.
-    num_workers: int = 2
-    prefetch: int = 2
-    # On a CUDA machine, page-lock the loader's batch slots once, so each batch's copy to the GPU is asynchronous.
-    pin_memory: bool = True
-    random_flip: bool = True
-    # A corrupt image is replaced by another sample and counted; past this fraction (per rank) the run stops.
-    max_bad_fraction: float = 0.01
-    generated: FacesConfig = field(default_factory=FacesConfig)  # data.faces: the generator's own settings
 
 
 @dataclass
@@ -132,13 +90,38 @@ class SpeedConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warm-up, then polynomial decay to 0, stepped per optimizer step."""
+    """The learning rate per optimizer step (`trainer.optim.lr_factor`): linear warm-up from 0 over `warmup_epochs`,
+    then `name`:
 
+    * `polynomial`: (1 - progress) ** power down to 0 at the last step; power 1 (linear) is insightface HEAD's
+      PolynomialLRWarmup;
+    * `step`: times decay_factor at each of `decay_epochs` (epochs completed, e.g. [10, 16, 22]: the seed's model
+      zoo); the warm-up still applies;
+    * `cosine`: 0.5 * (1 + cos(pi * progress)) down to 0.
+    """
+
+    name: Literal["polynomial", "step", "cosine"] = "polynomial"
     epochs: int = 20
     warmup_epochs: float = 0.0
-    power: float = 2.0
+    power: float = 1.0  # polynomial only
+    decay_epochs: list[float] = field(default_factory=list)  # step only, increasing
+    decay_factor: float = 0.1  # step only
     # > 0: stop after this many optimizer steps (the schedule is stretched over them instead of `epochs`).
     max_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.power > 0:
+            raise ValueError(f"power must be > 0, got {self.power}")
+        if not 0.0 < self.decay_factor <= 1.0:
+            raise ValueError(f"decay_factor must be in (0, 1], got {self.decay_factor}")
+        if any(epoch <= 0 for epoch in self.decay_epochs) or self.decay_epochs != sorted(set(self.decay_epochs)):
+            raise ValueError(f"decay_epochs must be increasing positive epochs, got {self.decay_epochs}")
+        if self.name == "step" and not self.decay_epochs:
+            raise ValueError("decay_epochs is empty: schedule 'step' needs the epochs at which the lr decays")
+
+
+# Accelerate's tracker names (accelerate.utils.LoggerType, less "all": a recipe names what it logs to).
+TrackerName = Literal["tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab"]
 
 
 @dataclass
@@ -153,8 +136,20 @@ class TrainConfig:
     seed: int = 2048
     log_every: int = 50
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    # Also a checkpoint once this many minutes passed since the last one (preemptible machines); 0 = off.
+    save_every_minutes: float = 0.0
     keep_checkpoints: int = 2
-    tensorboard: bool = False
+    # Divergence guard (trainer/guard.py): a step with a non-finite loss or gradient norm moves nothing and is
+    # logged; this many in a row end the run (exit code 3, the newest checkpoint is the last good one) or, with
+    # on_divergence: rollback, reload the newest checkpoint, multiply the lr by rollback_lr_factor and go on (at
+    # most max_rollbacks times, then stop).
+    max_bad_steps: int = 5
+    on_divergence: Literal["stop", "rollback"] = "stop"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    # Experiment trackers through Accelerate (trainer/trackers.py), e.g. [tensorboard, wandb]; each needs its package.
+    # Replaces `tensorboard: true` (a recipe with the old key is refused as an unknown key, naming this one).
+    trackers: list[TrackerName] = field(default_factory=list)
 
 
 @dataclass
@@ -162,7 +157,8 @@ class EvalConfig:
     """`.bin` verification during training (main process only)."""
 
     bins: list[str] = field(default_factory=list)  # paths; the generated dataset adds its own val.bin
-    every: int = 2000  # optimizer steps; 0 = only at the end
+    # Optimizer steps between evaluations, or "epoch" (at the end of every epoch); 0 = only at the end of the run.
+    every: int | Literal["epoch"] = 2000
     batch_size: int = 64
 
 
@@ -185,31 +181,68 @@ class ExperimentConfig:
 # Loading
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` whose floats include the forms everyone types: `1e-3`, `5e-4`, `1e12`, `1.0e12`.
+
+    PyYAML implements YAML 1.1, whose float needs a dot in the mantissa and a sign in the exponent, so those four
+    are strings there (and a recipe saying `lr: 1e-3` would be refused as "expects a number"). This resolver also
+    accepts YAML 1.2's forms; integers stay integers (`3`, `0x10`, `1_000`), and `.inf`, `.nan`, `1.5` and
+    YAML 1.1's base-60 floats read as before.
+    """
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+# Copy the inherited table before changing it: PyYAML's add_implicit_resolver appends to lists shared with
+# SafeLoader, which would change every other YAML reader in the process.
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse recipe text (or one command-line value) with :class:`RecipeLoader`."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+
+
 def load_config(
     recipe: str | Path | None = None, overrides: list[str] | None = None, check_files: bool = True
 ) -> ExperimentConfig:
     """Load a recipe, apply `--dotted.key value` overrides, build and validate the dataclass tree.
 
-    `check_files=False` skips the checks that need the data on this machine (recipe tests, config inspection).
+    An error in a value (or key) that came from the command line names the override (`--optim.lrr: unknown
+    key ...`), one that came from the recipe names the file. `check_files=False` skips the checks that need the
+    data on this machine (recipe tests, config inspection).
     """
     path = Path(recipe) if recipe is not None else DEFAULT_RECIPE
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    from_command_line: set[str] = set()
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(raw, key, value)
-    cfg = from_dict(ExperimentConfig, raw, source=str(path))
+        from_command_line.update(_set_dotted(raw, key, value))
+    cfg = from_dict(ExperimentConfig, raw, source=str(path), overridden=frozenset(from_command_line))
     validate(cfg, check_files=check_files)
     return cfg
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
-    """`["--optim.lr", "0.05", "--train.seed=3"]` -> `[("optim.lr", 0.05), ("train.seed", 3)]` (YAML-typed)."""
+    """`["--optim.lr", "1e-3", "--train.seed=3"]` -> `[("optim.lr", 0.001), ("train.seed", 3)]` (YAML-typed,
+    with :class:`RecipeLoader`'s floats)."""
     pairs: list[tuple[str, Any]] = []
     i = 0
     while i < len(argv):
@@ -225,81 +258,106 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             key, text = arg[2:], argv[i + 1]
             i += 2
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = load_yaml(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
         pairs.append((key, value))
     return pairs
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> list[str]:
+    """Set `raw[a][b][c] = value` for key "a.b.c"; return the dotted keys this created or replaced (the leaf, and
+    any section the recipe did not have), so that errors in them are blamed on the command line."""
     node = raw
     parts = key.split(".")
-    for part in parts[:-1]:
+    created = [key]
+    for depth, part in enumerate(parts[:-1]):
+        if part not in node:
+            created.append(".".join(parts[: depth + 1]))
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override --{key}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+    return created
 
 
-def from_dict(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, checking every key and type."""
+def _where(source: str, key: str, overridden: frozenset[str]) -> str:
+    """`--key` when `key` (or the list or section holding it) was set on the command line, else `<file>: key`."""
+    if any(key == o or key.startswith((f"{o}.", f"{o}[")) for o in overridden):
+        return f"--{key}"
+    return f"{source}: {key}"
+
+
+def from_dict(
+    cls: type, raw: dict[str, Any], source: str, prefix: str = "", overridden: frozenset[str] = frozenset()
+) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type. Errors name `source` (the recipe file),
+    or the `--key` for the dotted keys in `overridden` (set on the command line)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {raw!r}")
+        where = _where(source, prefix.rstrip(".") or "<root>", overridden)
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known in this section: {known})")
+            where = _where(source, f"{prefix}{key}", overridden)
+            where = where if where.startswith("--") else source  # "<file>: unknown key 'a.b'", not "a.b" twice
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known in this section: {known})")
     kwargs = {}
     for name in fields:
         if name in raw:
-            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", source)
+            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", source, overridden)
     try:
         return cls(**kwargs)
     except ValueError as exc:  # a section that validates itself (head, data.generated): "<field> must ..."
         raise ConfigError(f"{source}: {prefix}{exc}") from None
 
 
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, source: str, overridden: frozenset[str] = frozenset()) -> Any:
     origin = get_origin(tp)
+    where = _where(source, key, overridden)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, source, prefix=f"{key}.")
+        return from_dict(tp, value, source, prefix=f"{key}.", overridden=overridden)
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     if origin in (types.UnionType, typing.Union):
         for arg in get_args(tp):
             if arg is type(None) and value is None:
                 return None
         inner = [a for a in get_args(tp) if a is not type(None)]
-        return _coerce(inner[0], value, key, source)
+        for alternative in inner[:-1]:  # the first alternative that takes the value (e.g. eval.every: int | "epoch")
+            try:
+                return _coerce(alternative, value, key, source, overridden)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], value, key, source, overridden)
     if origin is list:
         (item_tp,) = get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} expects a list, got {value!r}")
-        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+            raise ConfigError(f"{where} expects a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]", source, overridden) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} expects true/false, got {value!r}")
+            raise ConfigError(f"{where} expects true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} expects an integer, got {value!r}")
+            raise ConfigError(f"{where} expects an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} expects a number, got {value!r}")
+            raise ConfigError(f"{where} expects a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} expects a string, got {value!r}")
+            raise ConfigError(f"{where} expects a string, got {value!r}")
         return str(value)
-    raise ConfigError(f"{source}: {key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - a bug in this file
 
 
 def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
@@ -322,6 +380,8 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "train.log_every": cfg.train.log_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.max_bad_steps": cfg.train.max_bad_steps,
+        "train.rollback_lr_factor": cfg.train.rollback_lr_factor,
         "eval.batch_size": cfg.eval.batch_size,
         "speed.ddp_bucket_cap_mb": cfg.speed.ddp_bucket_cap_mb,
         "data.prefetch": cfg.data.prefetch,
@@ -338,14 +398,17 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         "schedule.max_steps": cfg.schedule.max_steps,
         "train.clip_grad_norm": cfg.train.clip_grad_norm,
         "train.save_every": cfg.train.save_every,
+        "train.save_every_minutes": cfg.train.save_every_minutes,
         "train.global_batch_size": cfg.train.global_batch_size,
-        "eval.every": cfg.eval.every,
+        "train.max_rollbacks": cfg.train.max_rollbacks,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.backbone_lr_scale": cfg.optim.backbone_lr_scale,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if isinstance(cfg.eval.every, int) and cfg.eval.every < 0:
+        raise ConfigError(f"eval.every must be >= 0 or 'epoch', got {cfg.eval.every}")
     if cfg.schedule.epochs == 0 and cfg.schedule.max_steps == 0:
         raise ConfigError("schedule.epochs and schedule.max_steps are both 0: nothing to train")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:

@@ -6,12 +6,17 @@ Nothing here runs at import time.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
 import random
 import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any, ClassVar, TypeVar, cast
 
 import numpy as np
 import torch
@@ -25,9 +30,14 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 
+from models.errors import InputError
 from trainer.config import ConfigError, SpeedConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Set in the trainer's environment by `accelerate launch` (its plain launcher), torchrun / DeepSpeed, and Open MPI.
+_LAUNCHER_VARIABLES = ("ACCELERATE_USE_CPU", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK")
 
 _COMM_HOOKS = {
     "none": DDPCommunicationHookType.NO,
@@ -40,13 +50,20 @@ _BF16_BACKENDS = ("nccl", "xccl")
 
 
 def build_accelerator(
-    output: str, gradient_accumulation_steps: int = 1, tensorboard: bool = False, speed: SpeedConfig | None = None
+    output: str,
+    gradient_accumulation_steps: int = 1,
+    trackers: Sequence[str] = (),
+    speed: SpeedConfig | None = None,
 ) -> Accelerator:
     """The Accelerator for this run; precision and backend come from the `accelerate launch` config file only.
 
+    `trackers`: the recipe's `train.trackers` (trainer/trackers.py), checked installed here, before any work.
     `speed`: the recipe's DDP choices (`speed.ddp_*`), handed to Accelerate for when it wraps the backbone in DDP.
     The Trainer checks them against the backend the launch chose (`check_speed_choices`), once logging is set up.
     """
+    from trainer.trackers import TENSORBOARD_DIR, check_trackers
+
+    log_with = check_trackers(trackers)
     speed = speed or SpeedConfig()
     kwargs_handlers: list[KwargsHandler] = [ddp_kwargs(speed)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
@@ -60,8 +77,8 @@ def build_accelerator(
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
-        log_with="tensorboard" if tensorboard else None,
-        project_config=ProjectConfiguration(project_dir=output, logging_dir=os.path.join(output, "tensorboard")),
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=output, logging_dir=os.path.join(output, TENSORBOARD_DIR)),
         kwargs_handlers=kwargs_handlers,
     )
 
@@ -159,19 +176,40 @@ def seed_everything(seed: int) -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGINT ask the run to stop; every rank stops at the same optimizer-step boundary.
+    """SIGTERM / SIGINT ask the run to stop; every rank stops after the same optimizer step and saves it.
 
-    The handler only sets a flag (nothing unsafe runs inside a signal handler). `requested()` is collective when
-    there are several ranks: a MAX all-reduce of the flag, once per optimizer step (a tiny sync point), because a
-    scheduler's SIGTERM reaches the ranks at different moments and they must all save the same step.
+    The handler only records the signal (nothing unsafe runs inside a signal handler) and writes one raw line to
+    stderr. Whatever process receives it (the launcher, which forwards it or dies and so fires the parent-death
+    signal, the whole process group, or a single rank), `poll` makes every rank agree: one MAX all-reduce per
+    optimizer step, which also carries the time-based checkpoint decision (ranks' clocks differ; they must all save
+    the same step).
+
+    The record is process-wide, as signal handlers are: `install()` (trainer/main.py, at start) keeps a signal
+    during start-up or at the end of the run from killing the process, and the loop's `with StopSignal(...)` sees it.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    received: ClassVar[list[str]] = []  # signal names, in arrival order (process-wide)
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.flag = False
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, Any] = {}
+        self.clock = time.monotonic()  # since the loop started or the last checkpoint
+        self.announced = False
+
+    @classmethod
+    def install(cls) -> None:
+        """Record SIGTERM / SIGINT from now on, for the rest of the process."""
+        for sig in cls.SIGNALS:
+            signal.signal(sig, cls._handle)
+
+    @classmethod
+    def _handle(cls, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        cls.received.append(name)
+        # os.write, not logging: a handler can interrupt a log call halfway, and re-entering it may fail.
+        rank = os.environ.get("RANK", "0")
+        os.write(2, f"rank {rank}: received {name}: stopping after the current step, with a checkpoint\n".encode())
 
     def __enter__(self) -> StopSignal:
         for sig in self.SIGNALS:
@@ -180,17 +218,72 @@ class StopSignal:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, handler)
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.flag = True
-        logger.warning(
-            "received %s: saving a checkpoint at the next step boundary, then exiting", signal.Signals(signum).name
-        )
-
-    def requested(self) -> bool:
+    def poll(self, step: int, save_every_minutes: float = 0.0) -> tuple[bool, bool]:
+        """(stop now, save now by the clock), the same on every rank. Collective: every rank calls it once per
+        optimizer step, after step `step`."""
+        due = save_every_minutes > 0 and time.monotonic() - self.clock >= save_every_minutes * 60
+        flags = [1.0 if self.received else 0.0, 1.0 if due else 0.0]
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            flag = torch.tensor([1.0 if self.flag else 0.0], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            return bool(flag.item())
-        return self.flag
+            tensor = torch.tensor(flags, device=self.device)
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+            flags = tensor.tolist()
+        stop, save = flags[0] > 0, flags[1] > 0
+        if stop and not self.announced:
+            self.announced = True
+            if self.received:
+                logger.warning("received %s: every rank stops after step %d and saves it", self.received[0], step)
+            else:
+                logger.warning("another rank received a stop signal: every rank stops after step %d", step)
+        return stop, save
+
+    def restart_clock(self) -> None:
+        """A checkpoint was just saved: the next time-based one is `save_every_minutes` from now."""
+        self.clock = time.monotonic()
+
+
+def main_process_decides(decide: Callable[[], T]) -> T:
+    """Run `decide` on the main process only and hand its result, or its refusal, to every rank.
+
+    Collective. The other ranks wait in the broadcast, so a main process that raises must still answer: they then
+    raise `RefusedByMainProcess` (the main process prints the reason) instead of hanging.
+    """
+    several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if not several:
+        return decide()
+    message: list[Any] = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            message[0] = ("ok", decide())
+        except BaseException as exc:
+            torch.distributed.broadcast_object_list([("refused", str(exc))], src=0)
+            raise
+    torch.distributed.broadcast_object_list(message, src=0)
+    kind, value = message[0]
+    if kind == "refused":
+        raise RefusedByMainProcess(f"the main process refused to start: {value}")
+    return cast(T, value)
+
+
+class RefusedByMainProcess(InputError):
+    """Raised on the other ranks when the main process refused the run (it reports the reason)."""
+
+
+def exit_with_launcher() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent, the launcher, dies, so the trainer never
+    outlives it; it then saves a checkpoint and exits as on any SIGTERM. Call after `StopSignal.install()`.
+
+    Only under a launcher (`accelerate launch`, torchrun, mpirun set these variables): a trainer started by hand keeps
+    running when the shell that started it exits (`nohup python trainer/main.py &`)."""
+    if not sys.platform.startswith("linux") or not any(name in os.environ for name in _LAUNCHER_VARIABLES):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logger.warning(
+            "prctl(PR_SET_PDEATHSIG) failed (errno %d): this process may outlive its launcher", ctypes.get_errno()
+        )
+        return
+    if os.getppid() != parent:  # the parent died before the prctl: no signal will come, send it ourselves
+        os.kill(os.getpid(), signal.SIGTERM)

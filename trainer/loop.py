@@ -5,17 +5,19 @@ Accelerate config file says). The Partial FC head stays outside DDP and ZeRO: it
 and must never be averaged across ranks. How an optimizer step covers both (one optimizer with two groups, or the
 engine plus a head optimizer) is chosen once, in `trainer.optim`.
 
-The data loader is not prepared either: `DistributedEpochSampler` already shards by rank and knows its position
-inside the epoch, which a resumed run needs to see exactly the batches an uninterrupted run would have seen.
+Each part is built by the package that owns it, from its section of the recipe: the input pipeline by `data`
+(`build_train_input`), the backbone by `models`, the head by `heads`, verification by `evaluation`. The data loader
+is not prepared either: its sampler already shards by rank and knows its position inside the epoch, which a resumed
+run needs to see exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +25,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from data.dataset import (
-    BadDataTracker,
-    DistributedEpochSampler,
-    FaceDataset,
-    RecordFaceDataset,
-    collate_faces,
-    normalize_images,
-    seed_worker,
-)
-from data.image_folder import ImageFolderDataset
-from data.loader import FaceLoader
-from data.synthetic import SyntheticDataset
-from heads import build_head
-from models import build_backbone
+from data import TrainInput, build_train_input
+from evaluation.verification import VerificationCallback
+from heads import Head, build_head
+from models.cli import OutputError
+from models.config import build_network
 from trainer import checkpoint as ckpt
 from trainer.config import (
     STRUCTURAL_KEYS,
@@ -49,6 +41,7 @@ from trainer.config import (
     save_config,
     to_dict,
 )
+from trainer.curves import plot_run
 from trainer.distributed import (
     StopSignal,
     check_same_on_every_rank,
@@ -57,93 +50,22 @@ from trainer.distributed import (
     seed_everything,
     uses_ddp,
 )
-from trainer.optim import AccelerateStep, DeepSpeedStep, lr_factor, set_lr
+from trainer.guard import DivergenceError, DivergenceGuard, all_finite
+from trainer.optim import build_stepper, lr_factor, set_lr
 from trainer.reporting import ProgressBar, Throughput, print_summary
 
 logger = logging.getLogger(__name__)
 
 
-def build_dataset(cfg: ExperimentConfig) -> tuple[Any, int, list[str]]:
-    """(dataset, num_classes, verification .bin paths) for `cfg.data.source`. Images come out as uint8 (normalized
-    on the device, 4x fewer bytes between processes) or, with `data.decode: gpu`, still JPEG-encoded."""
-    data = cfg.data
-    bins = list(cfg.eval.bins)
-    num_classes = data.num_classes or None
-    if data.source == "synthetic":
-        return SyntheticDataset(data.num_images, data.num_classes, seed=cfg.train.seed), data.num_classes, bins
-    if data.source == "image_folder":
-        folder = ImageFolderDataset(data.root, num_classes=num_classes, random_flip=data.random_flip, output="uint8")
-        return folder, folder.num_classes, bins
-    if data.source == "generated":
-        from data.faces import ensure_dataset
-
-        root = ensure_dataset(data.generated)
-        bins.append(str(root / "val.bin"))
-    else:
-        root = Path(data.root)
-    dataset: Any
-    if data.decode == "gpu":
-        from data.gpu_decode import JpegRecordDataset
-
-        dataset = JpegRecordDataset(root, num_classes=num_classes, random_flip=data.random_flip)
-    else:
-        dataset = RecordFaceDataset(root, num_classes=num_classes, random_flip=data.random_flip, output="uint8")
-    return dataset, dataset.num_classes, bins
-
-
-def build_loader(
-    cfg: ExperimentConfig, dataset: Dataset, sampler: DistributedEpochSampler, device: torch.device
-) -> FaceLoader | DataLoader:
-    """Face images decoded on the CPU go through `data.loader.FaceLoader` (batch slots in shared memory, allocated
-    once: about twice DataLoader's images/s per worker, docs/benchmarks.md); the synthetic source and GPU decoding
-    (which ships JPEG bytes, not pixels) through DataLoader. Both yield the same batches for the same sampler.
-
-    On a GPU the random flip is left to the device, where it is one pass with the normalization, and the workers
-    only read and decode; on a CPU device a worker flips the uint8 image more cheaply than the device the float
-    one (measured in docs/benchmarks.md)."""
-    data = cfg.data
-    if isinstance(dataset, FaceDataset) and data.decode == "cpu":
-        return FaceLoader(
-            dataset,
-            cfg.train.batch_size,
-            sampler,
-            num_workers=data.num_workers,
-            prefetch=data.prefetch,
-            pin_memory=data.pin_memory,
-            flip_on_device=device.type == "cuda",
-        )
-    collate: Callable[..., Any] = collate_faces
-    if data.decode == "gpu":
-        from data.gpu_decode import collate_jpeg
-
-        collate = collate_jpeg
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        num_workers=data.num_workers,
-        collate_fn=collate,
-        worker_init_fn=seed_worker,
-        pin_memory=data.pin_memory and torch.cuda.is_available(),
-        prefetch_factor=data.prefetch if data.num_workers else None,
-        drop_last=True,
-        persistent_workers=data.num_workers > 0,
-    )
-
-
 def load_pretrained(backbone: nn.Module, path: Path) -> None:
-    """Fine-tuning: the backbone's weights from a model.safetensors; any key or shape mismatch is named."""
-    from evaluation.verification import WeightsError, load_weights
+    """Fine-tuning: the backbone's weights from a model.safetensors, or a run or checkpoint folder holding one
+    (`models.weights.load_weights_into`: the first missing, unexpected or wrongly shaped key is named)."""
+    from models.weights import WeightsError, load_weights_into
 
     try:
-        state, _ = load_weights(path)
+        load_weights_into(backbone, path)
     except WeightsError as exc:
         raise ConfigError(f"network.init_weights: {exc}") from None
-    own = backbone.state_dict()
-    problems = sorted(set(own) ^ set(state)) + sorted(k for k in own if k in state and own[k].shape != state[k].shape)
-    if problems:
-        raise ConfigError(f"network.init_weights: {path} does not fit this network: {', '.join(problems[:5])}")
-    backbone.load_state_dict(state, strict=True)
     logger.info("backbone initialised from %s", path)
 
 
@@ -206,101 +128,37 @@ class Trainer:
         self.output = Path(cfg.output)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         seed_everything(cfg.train.seed)
-        if cfg.train.global_batch_size:
-            per_step = self.world_size * cfg.train.gradient_accumulation_steps
-            if cfg.train.global_batch_size % per_step:
-                raise ConfigError(
-                    f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {self.world_size} "
-                    f"processes x {cfg.train.gradient_accumulation_steps} accumulation steps"
-                )
-            cfg.train.batch_size = cfg.train.global_batch_size // per_step
-
-        if cfg.data.decode == "gpu" and accelerator.device.type != "cuda":
-            raise ConfigError(f"data.decode 'gpu' needs a CUDA device; this run is on {accelerator.device.type}")
         check_speed_choices(cfg.speed, accelerator)
-        with accelerator.main_process_first():  # the generated dataset is written once, then read by every rank
-            self.dataset, self.num_classes, bins = build_dataset(cfg)
-        check_same_on_every_rank(
-            {
-                "train.batch_size": cfg.train.batch_size,
-                "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
-                "train.seed": cfg.train.seed,
-                "network": to_dict(cfg.network),
-                "head": to_dict(cfg.head),
-                "data.num_classes": self.num_classes,
-                "dataset size": len(self.dataset),
-            }
-        )
-        if self.num_classes < self.world_size:
-            raise ConfigError(
-                f"data.num_classes={self.num_classes} is smaller than the {self.world_size} processes: "
-                "every rank needs at least one class center"
-            )
-        self.sampler = DistributedEpochSampler(
-            len(self.dataset), rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, with_seeds=True
-        )
-        self.loader = build_loader(cfg, self.dataset, self.sampler, accelerator.device)
-        self.bad_data = BadDataTracker(
-            cfg.data.max_bad_fraction, source=getattr(self.dataset, "source", cfg.data.source)
-        )
-        micro_batches = len(self.sampler) // cfg.train.batch_size
-        self.steps_per_epoch = micro_batches // cfg.train.gradient_accumulation_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size} x gradient_accumulation_steps="
-                f"{cfg.train.gradient_accumulation_steps} x {self.world_size} processes is more than the "
-                f"{len(self.dataset)} samples of the dataset"
-            )
-        self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
-
-        backbone = build_backbone(
-            cfg.network.name, num_features=cfg.network.embedding_size, dropout=cfg.network.dropout
-        )
-        if cfg.network.init_weights:
-            load_pretrained(backbone, Path(cfg.network.init_weights))
-        if cfg.network.freeze_batchnorm:
-            freeze_batchnorm(backbone)
-        self.memory_format = apply_speed(backbone, cfg.speed)  # channels_last, compile: before prepare
-        self.head = build_head(
-            cfg.head,
-            embedding_size=cfg.network.embedding_size,
-            num_classes=self.num_classes,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
-        self.head.reset_parameters(seed=cfg.train.seed)  # the same centers for any number of ranks
-        self.head.to(accelerator.device)
+        self.resolve_batch_size()
+        self.input = self.build_input()
+        self.num_classes = self.input.num_classes
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = self.derive_schedule()
+        backbone = self.build_backbone()
+        self.head = self.build_head()
         # The one place where backends differ: how an optimizer step is taken (trainer/optim.py).
-        self.stepper: AccelerateStep | DeepSpeedStep
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            self.stepper = DeepSpeedStep(
-                accelerator, backbone, self.head, cfg.optim, cfg.train.clip_grad_norm, cfg.train.batch_size
-            )
-        else:
-            self.stepper = AccelerateStep(accelerator, backbone, self.head, cfg.optim, cfg.train.clip_grad_norm)
+        self.stepper = build_stepper(accelerator, backbone, self.head, cfg.optim, cfg.train)
         self.backbone = self.stepper.backbone
-        self.warmup_steps = int(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.precision = effective_precision(accelerator)
+        self.verification = self.build_verification()
 
-        self.verification = None
-        if bins and accelerator.is_main_process:
-            from evaluation.verification import VerificationCallback
-
-            # The loop decides when to evaluate (every `eval.every` steps and at the end).
-            self.verification = VerificationCallback(bins, every_steps=1, batch_size=cfg.eval.batch_size)
         self.step = 0  # optimizer steps done
         self.epoch = 0
-        self.micro_loss = 0.0
+        self.epoch_started = -1  # the epoch the head was last told about (head.start_epoch)
+        self.micro_loss, self.micro_step = 0.0, 0
         self.current_lr = 0.0
         self.skipped_at: list[int] = []  # optimizer steps skipped on fp16 overflow
+        self.guard = DivergenceGuard(cfg.train.max_bad_steps)
+        self.lr_scale, self.rollbacks, self.rolled_back = 1.0, 0, False  # train.on_divergence: rollback
         self.last_saved = -1
         self.last_results: dict[str, Any] = {}
         self.loss_history: list[tuple[int, float]] = []
+        # What the run's curves show (trainer.curves): a record per log line and per evaluation.
+        self.history: list[dict[str, float]] = []
         logger.info(
             "%s: %d samples, %d classes (%d on this rank), %d processes, %d steps/epoch, %d steps, %d warm-up, "
             "global batch %d, precision %s",
-            cfg.data.source,
-            len(self.dataset),
+            self.input.source,
+            self.input.num_samples,
             self.num_classes,
             self.head.num_local,
             self.world_size,
@@ -311,6 +169,96 @@ class Trainer:
             self.precision,
         )
         logger.info("speed: %s", describe_speed(cfg.speed, accelerator, cfg.optim.fused))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Builds: each asks the package that owns the part
+
+    def resolve_batch_size(self) -> None:
+        """`train.global_batch_size`, when given, decides the per-process batch (written back into the config)."""
+        train = self.cfg.train
+        if train.global_batch_size:
+            per_step = self.world_size * train.gradient_accumulation_steps
+            if train.global_batch_size % per_step:
+                raise ConfigError(
+                    f"train.global_batch_size={train.global_batch_size} is not divisible by {self.world_size} "
+                    f"processes x {train.gradient_accumulation_steps} accumulation steps"
+                )
+            train.batch_size = train.global_batch_size // per_step
+
+    def build_input(self) -> TrainInput:
+        """The input pipeline (data/); every rank must see the same data and settings (checked)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        with accelerator.main_process_first():  # the generated dataset is written once, then read by every rank
+            train_input = build_train_input(
+                cfg.data,
+                batch_size=cfg.train.batch_size,
+                seed=cfg.train.seed,
+                rank=self.rank,
+                world_size=self.world_size,
+                device=accelerator.device,
+                bins=list(cfg.eval.bins),
+            )
+        check_same_on_every_rank(
+            {
+                "train.batch_size": cfg.train.batch_size,
+                "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+                "train.seed": cfg.train.seed,
+                "network": to_dict(cfg.network),
+                "head": to_dict(cfg.head),
+                "data.num_classes": train_input.num_classes,
+                "dataset size": train_input.num_samples,
+            }
+        )
+        if train_input.num_classes < self.world_size:
+            raise ConfigError(
+                f"data.num_classes={train_input.num_classes} is smaller than the {self.world_size} processes: "
+                "every rank needs at least one class center"
+            )
+        return train_input
+
+    def derive_schedule(self) -> tuple[int, int, int]:
+        """(steps per epoch, total steps, warm-up steps): the derived values, computed once."""
+        cfg = self.cfg
+        micro_batches = len(self.input.sampler) // cfg.train.batch_size
+        steps_per_epoch = micro_batches // cfg.train.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} x gradient_accumulation_steps="
+                f"{cfg.train.gradient_accumulation_steps} x {self.world_size} processes is more than the "
+                f"{self.input.num_samples} samples of the dataset"
+            )
+        total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
+        return steps_per_epoch, total_steps, int(cfg.schedule.warmup_epochs * steps_per_epoch)
+
+    def build_backbone(self) -> nn.Module:
+        """The backbone (models/), with the training-side choices: fine-tuning weights, frozen BatchNorm, speed."""
+        network = self.cfg.network
+        backbone = build_network(network)
+        if network.init_weights:
+            load_pretrained(backbone, Path(network.init_weights))
+        if network.freeze_batchnorm:
+            freeze_batchnorm(backbone)
+        self.memory_format = apply_speed(backbone, self.cfg.speed)  # channels_last, compile: before prepare
+        return backbone
+
+    def build_head(self) -> Head:
+        """This rank's shard of the head (heads/), outside DDP and ZeRO, initialized the same for any rank count."""
+        head = build_head(
+            self.cfg.head,
+            embedding_size=self.cfg.network.embedding_size,
+            num_classes=self.num_classes,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        head.reset_parameters(seed=self.cfg.train.seed)
+        head.to(self.accelerator.device)
+        return head
+
+    def build_verification(self) -> VerificationCallback | None:
+        """`.bin` verification (evaluation/) on the main process; the loop decides when (`eval.every`)."""
+        if not (self.input.bins and self.accelerator.is_main_process):
+            return None
+        return VerificationCallback(self.input.bins, batch_size=self.cfg.eval.batch_size)
 
     @property
     def global_batch(self) -> int:
@@ -329,34 +277,42 @@ class Trainer:
             StopSignal(self.accelerator.device) as stop,
         ):
             while self.step < self.total_steps and not interrupted:
-                self.sampler.set_epoch(self.epoch)
-                for batch in self.loader:
-                    images, labels, bad_keys = self.to_device(batch)
-                    self.bad_data.update(bad_keys)  # a corrupt image was replaced; too many stop the run
+                if self.epoch_started != self.epoch:
+                    self.head.start_epoch(self.epoch)
+                    self.epoch_started = self.epoch
+                for batch in self.input.batches(self.epoch):
+                    images, labels, _ = self.input.to_device(batch, self.stepper.input_dtype(), self.memory_format)
                     loss = self.train_step(images, labels)
                     if loss is None:
                         continue  # inside a gradient-accumulation group
                     throughput.add(self.global_batch)
-                    running.append(loss)
+                    if math.isfinite(loss):
+                        running.append(loss)
                     self.maybe_log(bar, throughput, running)
                     self.maybe_evaluate()
-                    self.maybe_checkpoint()
-                    interrupted = stop.requested()  # SIGTERM/SIGINT: every rank stops at this step
-                    if interrupted or self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
+                    interrupted = self.maybe_checkpoint(stop)  # SIGTERM/SIGINT: every rank saves and stops here
+                    if self.rolled_back or interrupted or self.at_end_of_epoch() or self.step >= self.total_steps:
                         break
-                if self.step % self.steps_per_epoch == 0 and not interrupted:
+                if self.rolled_back:
+                    self.rolled_back = False  # the data stream restarts where the checkpoint left it
+                elif self.at_end_of_epoch() and not interrupted:
                     self.epoch += 1
-                    self.sampler.set_position(0)
+                    self.input.sampler.set_position(0)
         if interrupted and self.last_saved != self.step:
             self.save()
         elapsed = time.perf_counter() - start_time
         self.finish(elapsed, (self.step - start_step) * self.global_batch, interrupted)
 
+    def at_end_of_epoch(self) -> bool:
+        return self.step % self.steps_per_epoch == 0
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
         """One micro-batch; returns the loss when it completed an optimizer step, else None."""
         accelerator, stepper = self.accelerator, self.stepper
+        if self.micro_step == 0:
+            self.guard.begin_step(self.backbone)  # the buffers a bad step must put back
         with accelerator.accumulate(self.backbone):
-            self.current_lr = self.lr()
+            self.current_lr = self.lr() * self.lr_scale
             set_lr(stepper.optimizers, self.current_lr)
             with accelerator.autocast():
                 embeddings = self.backbone(images)
@@ -364,70 +320,117 @@ class Trainer:
             stepper.before_backward()
             accelerator.backward(loss)  # / gradient_accumulation_steps, x fp16 loss scale; DeepSpeed steps here
             self.micro_loss += loss.item()  # .item() syncs; the loss is already the global batch's
+            self.micro_step += 1
             if not accelerator.sync_gradients:
                 return None
-            applied = stepper.step()
+            outcome = stepper.step(loss_finite=math.isfinite(self.micro_loss))
         self.step += 1
-        if not applied:  # fp16 overflow: neither backbone nor head moved; the loss scale was lowered
+        mean_loss = self.micro_loss / self.cfg.train.gradient_accumulation_steps
+        self.micro_loss, self.micro_step = 0.0, 0
+        if outcome == "overflow":  # fp16: neither backbone nor head moved; the loss scale was lowered
             self.skipped_at.append(self.step)
             logger.info("step %d skipped: fp16 gradient overflow (loss scale lowered)", self.step)
-        mean_loss = self.micro_loss / self.cfg.train.gradient_accumulation_steps
-        self.micro_loss = 0.0
+        elif outcome == "non_finite":
+            self.on_bad_step(mean_loss)
+        else:
+            self.guard.good_step()
         return mean_loss
 
-    def to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images normalized on the device in the backbone's input dtype and memory format, labels, bad keys on the
-        CPU)."""
-        device, dtype = self.accelerator.device, self.stepper.input_dtype()
-        if self.cfg.data.decode == "gpu":
-            from data.gpu_decode import decode_batch
-
-            images, labels, bad_keys = decode_batch(batch, device, dtype)
-            return images.contiguous(memory_format=self.memory_format), labels, bad_keys
-        images, labels, bad_keys, *flips = batch  # FaceLoader adds the flips it left to the device
-        images = images.to(device, non_blocking=True)
-        images = normalize_images(images, dtype, self.memory_format, flips[0] if flips else None)
-        return images, labels.to(device, non_blocking=True), bad_keys
+    def on_bad_step(self, loss: float) -> None:
+        """A non-finite step moved nothing (trainer.guard); past `train.max_bad_steps` in a row, stop or roll
+        back. Every rank takes the same branch: the loss and the gradient norm are the same on every rank."""
+        reason = f"loss {loss}" if not math.isfinite(loss) else "non-finite gradient norm"
+        per_step = self.cfg.train.gradient_accumulation_steps * self.cfg.train.batch_size
+        keys = self.input.sample_keys(self.epoch, self.position_in_epoch() - per_step, per_step)
+        if not self.guard.bad_step(self.backbone, self.step, reason, keys):
+            return
+        train = self.cfg.train
+        limit = f"{self.guard.consecutive} non-finite steps in a row (train.max_bad_steps={train.max_bad_steps})"
+        if train.on_divergence == "rollback" and self.rollbacks < train.max_rollbacks:
+            found = ckpt.list_checkpoints(self.output)  # every one of them was saved at a good step
+            if found:
+                self.rollbacks += 1
+                self.lr_scale *= train.rollback_lr_factor
+                logger.warning(
+                    "%s: rolling back to %s with the lr scaled by %g (rollback %d of train.max_rollbacks=%d)",
+                    limit,
+                    found[-1],
+                    self.lr_scale,
+                    self.rollbacks,
+                    train.max_rollbacks,
+                )
+                lr_scale, rollbacks, bad_steps = self.lr_scale, self.rollbacks, list(self.guard.bad_steps)
+                ckpt.check_resumable(found[-1])  # verified before the run goes back to it
+                self.resume(found[-1])
+                self.lr_scale, self.rollbacks = lr_scale, rollbacks  # the checkpoint's are older than this decision
+                self.guard.bad_steps, self.guard.consecutive = bad_steps, 0
+                self.rolled_back = True
+                return
+        newest = ckpt.list_checkpoints(self.output)
+        where = f"the newest checkpoint, {newest[-1]}, is the last good one" if newest else "no checkpoint was saved"
+        raise DivergenceError(f"the run diverged at step {self.step}: {limit}; {where}")
 
     def lr(self) -> float:
         """The schedule is a function of the optimizer step alone: nothing to checkpoint but the step."""
         cfg = self.cfg
-        return cfg.optim.lr * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.schedule.power)
+        return cfg.optim.lr * lr_factor(
+            cfg.schedule, self.step, self.total_steps, self.warmup_steps, self.steps_per_epoch
+        )
 
     def maybe_log(self, bar: ProgressBar, throughput: Throughput, running: list[float]) -> None:
-        loss = sum(running) / len(running)
+        if not (self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps):
+            bar.advance(self.step)
+            return
+        loss = sum(running) / len(running) if running else math.nan  # nan: every step since the last log was bad
         lr = self.current_lr  # the lr the step just taken used
-        if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
-            speed = throughput.rate()
-            self.loss_history.append((self.step, loss))
-            logger.info(
-                "step %d/%d epoch %d loss %.4f lr %.6f %.1f samples/s",
-                self.step,
-                self.total_steps,
-                self.epoch,
-                loss,
-                lr,
-                speed,
-            )
-            self.accelerator.log({"loss": loss, "lr": lr, "samples_per_second": speed}, step=self.step)
-            bar.update(self.step, speed, loss, lr)
-            running.clear()
-        else:
-            bar.progress.update(bar.task, completed=self.step)
+        speed = throughput.rate()
+        self.loss_history.append((self.step, loss))
+        self.history.append({"step": self.step, "loss": loss, "lr": lr, "samples_per_second": speed})
+        logger.info(
+            "step %d/%d epoch %d loss %.4f lr %.6f %.1f samples/s",
+            self.step,
+            self.total_steps,
+            self.epoch,
+            loss,
+            lr,
+            speed,
+        )
+        self.accelerator.log(
+            {
+                "loss": loss,
+                "lr": lr,
+                "samples_per_second": speed,
+                "bad_samples": self.input.bad_data.count,  # replaced corrupt images so far (this rank)
+                "skipped_steps": len(self.skipped_at),  # fp16 overflows so far
+            },
+            step=self.step,
+        )
+        bar.update(self.step, speed, loss, lr)
+        running.clear()
 
     def maybe_evaluate(self) -> None:
         every = self.cfg.eval.every
-        at_end = self.step == self.total_steps
-        if self.verification is None or not (at_end or (every and self.step % every == 0)):
+        due = self.at_end_of_epoch() if every == "epoch" else bool(every) and self.step % every == 0
+        if self.verification is None or not (due or self.step == self.total_steps):
             return
         results = self.verification(self.step, self.accelerator.unwrap_model(self.backbone))
         self.last_results = results
+        self.history.append({"step": self.step, **{f"val/{name}": r.acc for name, r in results.items()}})
         self.accelerator.log({f"val/{name}": r.acc for name, r in results.items()}, step=self.step)
 
-    def maybe_checkpoint(self) -> None:
+    def maybe_checkpoint(self, stop: StopSignal) -> bool:
+        """Save every `train.save_every` steps, every `train.save_every_minutes`, at the end, and when a signal
+        stops the run; return whether it stops. One collective per step (`stop.poll`) settles both the signal and
+        the clock, so every rank saves and stops at the same step."""
         every = self.cfg.train.save_every
-        if self.step == self.total_steps or (every and self.step % every == 0):
+        interrupted, clock_due = stop.poll(self.step, self.cfg.train.save_every_minutes)
+        periodic = clock_due or bool(every) and self.step % every == 0
+        if periodic and self.guard.consecutive:
+            periodic = False  # during a run of bad steps the newest checkpoint stays the last good step's
+        if interrupted or periodic or self.step == self.total_steps:
             self.save()
+            stop.restart_clock()
+        return interrupted
 
     # ----------------------------------------------------------------------------------------------------------
     # State
@@ -437,7 +440,7 @@ class Trainer:
         return {
             "step": self.step,
             "epoch": self.epoch,
-            "sampler": {"epoch": self.epoch, "position": self.position_in_epoch()},
+            "sampler": {"position": self.position_in_epoch()},  # samples this rank consumed in this epoch
             "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
             "scaler": scaler.state_dict() if scaler is not None else None,
             "num_classes": self.num_classes,
@@ -445,6 +448,10 @@ class Trainer:
             "loss_history": self.loss_history,
             "skipped_steps": len(self.skipped_at),
             "skipped_at": self.skipped_at,
+            "history": self.history,
+            "input": self.input.state_dict(),  # this rank's bad-sample counts (the main process's are saved)
+            "verification": self.verification.state_dict() if self.verification else None,
+            "divergence": {**self.guard.state_dict(), "lr_scale": self.lr_scale, "rollbacks": self.rollbacks},
         }
 
     def position_in_epoch(self) -> int:
@@ -454,6 +461,8 @@ class Trainer:
 
     def save(self) -> Path:
         backbone = self.accelerator.unwrap_model(self.backbone)
+        if not (all_finite(backbone) and all_finite(self.head)):  # the guard's promise: never a NaN checkpoint
+            raise DivergenceError(f"step {self.step}: the model has non-finite weights; not saving a checkpoint")
         path = ckpt.save_checkpoint(
             self.output,
             step=self.step,
@@ -473,13 +482,10 @@ class Trainer:
         self.last_saved = self.step
         return path
 
-    def resume(self) -> Path:
-        """Continue from the newest checkpoint in the output folder; refuse one made by an incompatible config."""
-        found = ckpt.list_checkpoints(self.output)
-        if not found:
-            raise ckpt.CheckpointError(f"--resume: no checkpoint in {self.output / ckpt.CHECKPOINTS}")
-        path = found[-1]
-        ckpt.verify_manifest(path)  # before trusting anything in it
+    def resume(self, path: Path) -> Path:
+        """Continue from the checkpoint folder `path`, already checked complete and verified against its manifest
+        (`ckpt.find_resumable` / `ckpt.check_resumable`: hashing a large checkpoint twice costs minutes); refuse one
+        made by an incompatible config."""
         saved = ckpt.read_trainer_state(path)
         mine = self.state_dict()
         for key in STRUCTURAL_KEYS:
@@ -509,10 +515,19 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.loss_history = [tuple(x) for x in state.get("loss_history", [])]
         self.skipped_at = list(state.get("skipped_at", []))
+        self.history = list(state.get("history", []))
+        # The main process's bad-sample counts and best accuracies (the only ones saved; other ranks count anew).
+        if self.accelerator.is_main_process:
+            self.input.load_state_dict(state.get("input") or {})
+        if self.verification is not None and state.get("verification"):
+            self.verification.load_state_dict(state["verification"])
+        divergence = state.get("divergence") or {}
+        self.guard.load_state_dict(divergence)
+        self.lr_scale, self.rollbacks = float(divergence.get("lr_scale", 1.0)), int(divergence.get("rollbacks", 0))
         # Samples already consumed by the whole job this epoch, re-divided over this run's ranks.
         consumed = state["sampler"]["position"] * state["world_size"]
-        self.sampler.set_epoch(self.epoch)
-        self.sampler.set_position(consumed // self.world_size)
+        self.input.sampler.set_epoch(self.epoch)
+        self.input.sampler.set_position(consumed // self.world_size)
         if (self.step - self.epoch * self.steps_per_epoch) * self.global_batch != consumed:
             logger.warning("resumed with a different global batch: the epoch's step count is approximate")
         logger.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
@@ -521,14 +536,22 @@ class Trainer:
     def finish(self, elapsed: float, samples: int, interrupted: bool = False) -> None:
         accelerator = self.accelerator
         model_path = self.output / "model.safetensors"
+        last_checkpoint = self.output / ckpt.CHECKPOINTS / f"step-{self.step:08d}"
+        curves = None
         if accelerator.is_main_process:
-            # The final checkpoint's model file: fp32 master weights under DeepSpeed too.
-            final = self.output / ckpt.CHECKPOINTS / f"step-{self.step:08d}" / "model.safetensors"
-            tmp = model_path.with_name(f".{model_path.name}.tmp")
-            shutil.copyfile(final, tmp)
-            os.replace(tmp, model_path)
-        if isinstance(self.loader, FaceLoader):
-            self.loader.close()  # its workers; DataLoader's end with the iterator
+            if not interrupted:
+                # Only a finished run has a model: the final checkpoint's model file (fp32 master weights under
+                # DeepSpeed too), copied atomically. An interrupted run's summary points at its checkpoint.
+                tmp = model_path.with_name(f".{model_path.name}.tmp")
+                try:
+                    shutil.copyfile(last_checkpoint / "model.safetensors", tmp)
+                    os.chmod(tmp, ckpt.file_mode())
+                    os.replace(tmp, model_path)
+                except OSError as exc:
+                    tmp.unlink(missing_ok=True)
+                    raise OutputError(f"cannot write {model_path}: {exc.strerror}") from None
+            curves = plot_run(self.output, self.history, title=f"{self.cfg.network.name}, {self.cfg.head.name}")
+        self.input.close()  # the loader's workers
         accelerator.wait_for_everyone()
         accelerator.end_training()
         if torch.distributed.is_initialized():
@@ -537,7 +560,7 @@ class Trainer:
             return
         rows = [
             ("network", f"{self.cfg.network.name} ({self.cfg.network.embedding_size}-d)"),
-            ("data", f"{self.cfg.data.source}: {len(self.dataset)} images, {self.num_classes} classes"),
+            ("data", f"{self.input.source}: {self.input.num_samples} images, {self.num_classes} classes"),
             ("processes / precision", f"{self.world_size} / {self.precision}"),
             (
                 "steps",
@@ -546,7 +569,7 @@ class Trainer:
             ),
             ("time", f"{elapsed:.1f} s, {samples / max(elapsed, 1e-9):.1f} samples/s"),
         ]
-        bad = self.bad_data.summary()
+        bad = self.input.bad_data.summary()
         rows.append(
             (
                 "bad samples replaced (rank 0)",
@@ -558,21 +581,30 @@ class Trainer:
         for name, result in self.last_results.items():
             best = self.verification.highest[name] if self.verification else result.acc
             rows.append((f"verification {name}", f"{result.acc:.4f} +- {result.std:.4f} (best {best:.4f})"))
-        rows.append(("model", str(model_path)))
+        if interrupted:
+            rows.append(("model", f"none yet (interrupted): the newest checkpoint is {last_checkpoint}"))
+        else:
+            rows.append(("model", str(model_path)))
+        rows.append(("curves", str(curves)))
         rows.append(("checkpoints", str(self.output / ckpt.CHECKPOINTS)))
         print_summary(rows)
 
 
-def run(cfg: ExperimentConfig, accelerator: Accelerator, resume: bool) -> Trainer:
-    """Build, optionally resume, train. The resolved config goes to `<output>/config.yaml`."""
+def run(cfg: ExperimentConfig, accelerator: Accelerator, resume_from: Path | None = None) -> Trainer:
+    """Build, resume from `resume_from` if given (trainer/main.py chose it, trainer.runlock), train.
+
+    The resolved config goes to `<output>/config.yaml` only once the resume checks passed: a refused resume leaves
+    the folder's config.yaml the one of the run that wrote its checkpoints.
+    """
     trainer = Trainer(cfg, accelerator)
+    if resume_from is not None:
+        trainer.resume(resume_from)
     if accelerator.is_main_process:  # after the Trainer: derived values (batch_size from global_batch_size) included
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.output) / "config.yaml")
-    if cfg.train.tensorboard:
-        accelerator.init_trackers("arcface")
-    if resume:
-        trainer.resume()
+    from trainer.trackers import start_trackers
+
+    start_trackers(accelerator, cfg)  # train.trackers, if any; the resolved config as hyper-parameters
     if trainer.step >= trainer.total_steps:
         logger.info("nothing to do: step %d of %d", trainer.step, trainer.total_steps)
     trainer.train()

@@ -1,18 +1,26 @@
 """Entry point: `accelerate launch [--config_file accelerate_configs/X.yaml] trainer/main.py [--config RECIPE]
-[--resume] [--section.key value ...]`.
+[--resume [auto|PATH] | --overwrite] [--section.key value ...]`.
 
 With no arguments it trains the embedded default (`launch/recipes/default.yaml`): generated faces, a small iresnet,
 a few minutes on a CPU. Precision and backend come from the Accelerate config file, never from here.
+
+Exit codes: 0 the run finished, or stopped on SIGTERM/SIGINT with a checkpoint; 2 bad input (one line on stderr:
+config, data, checkpoint, or an output folder in use or holding an earlier run); 3 the run diverged
+(`train.max_bad_steps` non-finite steps in a row; the newest checkpoint is the last good one). README.md lists what the
+launcher returns in each case.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError
 from trainer.config import DEFAULT_RECIPE, ConfigError, load_config
+from trainer.distributed import StopSignal, exit_with_launcher
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -23,34 +31,84 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: %(default)s)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in the output folder"
+        "--resume",
+        nargs="?",
+        const="newest",
+        metavar="auto|PATH",
+        help="continue from the newest checkpoint in the output folder (an error if there is none); 'auto': "
+        "continue if there is one, else start fresh (for preemptible jobs); PATH: from that checkpoint folder",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh in an output folder that holds an earlier run: its checkpoints/, model.safetensors, "
+        "config.yaml, train.log, tensorboard/, wandb/ and curves.png are moved to <output>/replaced-<time>/",
     )
     return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: a SIGTERM during start-up must not kill the process (it stops the run at the first step boundary),
+    # and the kernel must tell this process when its launcher dies.
+    StopSignal.install()
+    exit_with_launcher()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from data.recordio import RecordIOError
-    from evaluation.verification import BinFormatError
-    from trainer.distributed import build_accelerator
+    from models.errors import InputError
+    from trainer.checkpoint import remove_leftovers
+    from trainer.distributed import RefusedByMainProcess, build_accelerator, main_process_decides
+    from trainer.guard import EXIT_DIVERGED, DivergenceError
     from trainer.loop import run
     from trainer.reporting import setup_logging
+    from trainer.runlock import RunLock, RunPlan, plan_run
 
     accelerator = build_accelerator(
-        cfg.output, cfg.train.gradient_accumulation_steps, cfg.train.tensorboard, speed=cfg.speed
+        cfg.output, cfg.train.gradient_accumulation_steps, cfg.train.trackers, speed=cfg.speed
     )
-    setup_logging(Path(cfg.output), accelerator.is_main_process)
+    output = Path(cfg.output)
+    resume = args.resume if args.resume in (None, "newest", "auto") else Path(args.resume)
+    lock = RunLock(output)
+
+    def open_run() -> RunPlan:
+        """Main process: take the folder, then decide fresh/resume/refuse; only then may train.log be written."""
+        lock.acquire()
+        plan = plan_run(output, resume, args.overwrite)  # --overwrite moves the old train.log away first
+        leftovers = remove_leftovers(output)  # what a killed save or prune left; the lock says no save is running
+        setup_logging(output, True)
+        if lock.took_over:
+            logger.warning("took over %s: its holder (%s) is no longer running", lock.path, lock.took_over)
+        if leftovers:
+            logger.info("removed the leftovers of an interrupted save or prune: %s", ", ".join(map(str, leftovers)))
+        if plan.moved_to is not None:
+            logger.info("moved %s (%s) to %s", plan.why, ", ".join(plan.moved), plan.moved_to)
+        return plan
+
+    if not accelerator.is_main_process:
+        setup_logging(output, False)
     try:
-        run(cfg, accelerator, resume=args.resume)
-    except (ConfigError, CheckpointError, RecordIOError, BinFormatError) as exc:
-        # Bad input: one clear line naming the file, key or value, not a traceback.
+        plan = main_process_decides(open_run)
+        run(cfg, accelerator, resume_from=plan.resume_from)
+    except InputError as exc:
+        # Bad input: one clear line naming the file, key or value, not a traceback; in train.log too, once this
+        # run holds the folder (a run refused for a busy folder must not write into the other run's log).
+        if isinstance(exc, RefusedByMainProcess):
+            return 2  # the main process says why
+        if accelerator.is_main_process and lock.fd is not None:
+            setup_logging(output, True)
+            logger.error("refused: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DivergenceError as exc:
+        # Not bad input: the run itself went non-finite (trainer.guard). Its checkpoints end with the last good one.
+        logger.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        lock.release()
     return 0
 
 

@@ -14,17 +14,23 @@ step (an fp16 overflow skips both).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
-from trainer.config import ConfigError, OptimConfig
+from heads.base import Head
+from trainer.config import ConfigError, OptimConfig, ScheduleConfig, TrainConfig
+from trainer.guard import DivergenceError, StepOutcome
 
 
-def build_optimizer(cfg: OptimConfig, *parts: tuple[nn.Module, float], fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimConfig, *parts: tuple[nn.Module | Head, float], fused: bool = False
+) -> torch.optim.Optimizer:
     """One parameter group per (module, lr scale), in order. Frozen parameters are left out.
 
     `fused`: one kernel for the whole update instead of several passes over every tensor (less time, and no
@@ -45,14 +51,23 @@ def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, power: float) -> float:
-    """Multiplier of the base lr for optimizer step `step` (0-based): linear warm-up from 0, then
-    `(1 - progress) ** power` decay to 0 at `total_steps` (insightface's PolyScheduler)."""
+def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, warmup_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base lr for optimizer step `step` (0-based), `cfg.name` after a linear warm-up from 0.
+
+    `progress` runs from 0 at the end of the warm-up to 1 at `total_steps`. polynomial: `(1 - progress) ** power`
+    (insightface's PolynomialLRWarmup, power 1 in its HEAD); cosine: `(1 + cos(pi * progress)) / 2`; step:
+    `decay_factor ** k`, k the number of `decay_epochs` that `step / steps_per_epoch` epochs have reached.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if cfg.name == "step":
+        epochs_done = step / max(1, steps_per_epoch)
+        return cfg.decay_factor ** sum(epochs_done >= epoch for epoch in cfg.decay_epochs)
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return (1.0 - progress) ** power
+    if cfg.name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (1.0 - progress) ** cfg.power
 
 
 def set_lr(optimizers: Iterable[Any], lr: float) -> None:
@@ -67,7 +82,7 @@ class AccelerateStep:
     """DDP / single process: one prepared optimizer, group 0 = backbone, group 1 = head."""
 
     def __init__(
-        self, accelerator: Accelerator, backbone: nn.Module, head: nn.Module, cfg: OptimConfig, clip_grad_norm: float
+        self, accelerator: Accelerator, backbone: nn.Module, head: Head, cfg: OptimConfig, clip_grad_norm: float
     ) -> None:
         self.accelerator = accelerator
         self.clip_grad_norm = clip_grad_norm
@@ -84,14 +99,23 @@ class AccelerateStep:
     def before_backward(self) -> None:
         pass
 
-    def step(self) -> bool:
-        """At an accumulation boundary: clip, step, zero. Returns whether the step was applied."""
-        if self.clip_grad_norm > 0:
-            # Unscales every group of the one optimizer (backbone and head) before clipping the backbone's.
-            self.accelerator.clip_grad_norm_(self.backbone.parameters(), self.clip_grad_norm)
+    def step(self, loss_finite: bool) -> StepOutcome:
+        """At an accumulation boundary: clip, step, zero; a non-finite loss or gradient norm moves nothing
+        (trainer.guard: what counts as non-finite, and why fp16 overflow is apart)."""
+        # Unscales every group of the one optimizer (backbone and head) before clipping the backbone's. With
+        # clipping off, max_norm=inf only measures the norm (the gradients are multiplied by exactly 1).
+        max_norm = self.clip_grad_norm if self.clip_grad_norm > 0 else math.inf
+        norm = self.accelerator.clip_grad_norm_(self.backbone.parameters(), max_norm)
+        scaler = self.accelerator.scaler
+        norm_finite = norm is None or bool(torch.isfinite(norm))
+        if not loss_finite or (scaler is None and not norm_finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # ends the step the unscale began; lowers the scale if it saw an inf
+            return "non_finite"
         self.optimizer.step()  # skipped by the GradScaler on fp16 overflow, for both groups
         self.optimizer.zero_grad(set_to_none=True)  # no zeroing pass; backward writes fresh gradients
-        return not self.accelerator.optimizer_step_was_skipped
+        return "overflow" if self.accelerator.optimizer_step_was_skipped else "applied"
 
 
 class DeepSpeedStep:
@@ -101,7 +125,7 @@ class DeepSpeedStep:
         self,
         accelerator: Accelerator,
         backbone: nn.Module,
-        head: nn.Module,
+        head: Head,
         cfg: OptimConfig,
         clip_grad_norm: float,
         micro_batch_size: int,
@@ -146,9 +170,18 @@ class DeepSpeedStep:
         # The scale the coming backward multiplies by; engine.step() (inside the boundary backward) may change it.
         self.scale = float(getattr(self.engine.optimizer, "cur_scale", 1.0)) if self.fp16 else 1.0
 
-    def step(self) -> bool:
-        """The engine already stepped inside `accelerator.backward`; bring the head along."""
+    def step(self, loss_finite: bool) -> StepOutcome:
+        """The engine already stepped inside `accelerator.backward`; bring the head along.
+
+        The engine skips a step with non-finite gradients itself under fp16 and under bf16 (its
+        `check_grad_overflow`, on by default): the head is then skipped too. An fp32 engine has no such check;
+        if it applied a step whose loss was not finite, the backbone is already damaged and the run must stop."""
         applied = bool(self.engine.was_step_applied())
+        if applied and not loss_finite:
+            raise DivergenceError(
+                "the DeepSpeed engine applied a step with a non-finite loss (an fp32 engine does not check its "
+                "gradients): the run stops without saving; the newest checkpoint is the last good one"
+            )
         if applied:
             if self.scale != 1.0:
                 for param in self.head_params:
@@ -156,4 +189,15 @@ class DeepSpeedStep:
                         param.grad.div_(self.scale)
             self.head_optimizer.step()
         self.head_optimizer.zero_grad(set_to_none=True)
-        return applied
+        if applied:
+            return "applied"
+        return "overflow" if self.fp16 and loss_finite else "non_finite"
+
+
+def build_stepper(
+    accelerator: Accelerator, backbone: nn.Module, head: Head, optim: OptimConfig, train: TrainConfig
+) -> AccelerateStep | DeepSpeedStep:
+    """How this backend takes an optimizer step over backbone and head: chosen once, here."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return DeepSpeedStep(accelerator, backbone, head, optim, train.clip_grad_norm, train.batch_size)
+    return AccelerateStep(accelerator, backbone, head, optim, train.clip_grad_norm)

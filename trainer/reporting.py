@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import time
@@ -12,28 +11,19 @@ from typing import Any
 import psutil
 import torch
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from models.cli import setup_logging as setup_process_logging
 
 # Logs and CI captures are not terminals: give them a width that keeps a log line on one line.
 console = Console(width=None if Console().is_terminal else 160)
 
 
 def setup_logging(output: Path, is_main: bool) -> None:
-    """INFO to the console and `<output>/train.log` on the main process; other ranks only warn."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
-    root.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False))
-    if is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(output / "train.log")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(file_handler)
-    for noisy in ("DeepSpeed", "torch.distributed", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """The run's logging: `models.cli.setup_logging` (the one setup every entry point uses) on the progress bar's
+    console, plus `<output>/train.log` on the main process; other ranks only warn."""
+    setup_process_logging(is_main, console=console, log_file=output / "train.log")
 
 
 class ProgressBar:
@@ -64,6 +54,10 @@ class ProgressBar:
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.stop()
+
+    def advance(self, step: int) -> None:
+        """Move the bar to `step` without new figures (steps between log lines)."""
+        self.progress.update(self.task, completed=step)
 
     def update(self, step: int, speed: float, loss: float, lr: float) -> None:
         self.progress.update(self.task, completed=step, speed=speed, loss=loss, lr=lr)

@@ -163,3 +163,54 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 
 def test_parse_overrides_pairs() -> None:
     assert parse_overrides(["--a.b", "3", "--c=x"]) == [("a.b", 3), ("c", "x")]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1e-3", 1e-3), ("5e-4", 5e-4), ("1.0e12", 1e12), ("1e12", 1e12), ("1.0e+12", 1e12)]
+)
+def test_exponent_floats_are_numbers_in_recipes_and_overrides(tmp_path: Path, text: str, value: float) -> None:
+    """YAML 1.1 (PyYAML) reads `1e-3`, `5e-4`, `1e12`, `1.0e12` as strings; recipes and overrides must not."""
+    recipe = tmp_path / "exp.yaml"
+    recipe.write_text(f"optim:\n  lr: {text}\n  weight_decay: 5e-4\n")
+    cfg = load_config(recipe, check_files=False)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (value, 5e-4)
+    assert load_config(None, ["--optim.lr", text]).optim.lr == value
+    assert load_config(None, [f"--optim.lr={text}"]).optim.lr == value
+    assert parse_overrides(["--x", f"-{text}"]) == [("x", -value)]
+
+
+def test_ints_stay_ints_and_yaml_elsewhere_is_untouched() -> None:
+    assert parse_overrides(["--a", "3", "--b", "1_000", "--c", "0x10", "--d", "1.5", "--e", "1e"]) == [
+        ("a", 3),
+        ("b", 1000),
+        ("c", 16),
+        ("d", 1.5),
+        ("e", "1e"),
+    ]
+    assert isinstance(parse_overrides(["--a", "3"])[0][1], int)
+    with pytest.raises(ConfigError, match=r"--train.batch_size expects an integer, got 100.0"):
+        load_config(None, ["--train.batch_size", "1e2"])
+    # The loader is a subclass with its own resolver table: yaml.safe_load everywhere else keeps YAML 1.1.
+    assert yaml.safe_load("1e-3") == "1e-3"
+
+
+def test_errors_blame_the_command_line_or_the_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 0.1\n  momentun: 0.9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, check_files=False)
+    assert str(info.value).startswith(f"{recipe}: unknown key 'optim.momentun'")
+    recipe.write_text("optim:\n  lr: 0.1\n")
+    cases = {
+        "--optim.lrr": "--optim.lrr: unknown key 'optim.lrr' (known in this section: ",
+        "--optimm.lr": "--optimm: unknown key 'optimm' (known in this section: ",
+        "--optim.lr": "--optim.lr expects a number, got 'fast'",
+    }
+    for flag, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(recipe, [flag, "fast"], check_files=False)
+        assert str(info.value).startswith(message) and str(recipe) not in str(info.value)
+    # A recipe value that is wrong stays the recipe's fault even when another key of its section is overridden.
+    recipe.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe}: optim.lr expects a number"):
+        load_config(recipe, ["--optim.momentum", "0.8"], check_files=False)

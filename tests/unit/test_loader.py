@@ -211,14 +211,14 @@ def test_argument_errors(faces: Path) -> None:
         FaceLoader(dataset, 0, range(3))
 
 
-def test_the_trainer_leaves_the_flip_to_a_gpu_only(faces: Path) -> None:
-    from trainer.config import load_config
-    from trainer.loop import build_loader
+def test_the_input_pipeline_leaves_the_flip_to_a_gpu_only(faces: Path) -> None:
+    from data.config import DataConfig
+    from data.pipeline import _build_loader
 
-    cfg = load_config(None, ["--data.source", "recordio", "--data.root", str(faces), "--train.batch_size", "8"])
+    cfg = DataConfig(source="recordio", root=str(faces))
     dataset = RecordFaceDataset(faces, output="uint8")
     for device, on_device in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
-        loader = build_loader(cfg, dataset, _sampler(len(dataset)), device)
+        loader = _build_loader(cfg, dataset, _sampler(len(dataset)), 8, device)
         assert isinstance(loader, FaceLoader) and loader.flip_on_device is on_device
-        assert loader.num_workers == cfg.data.num_workers and loader.prefetch == cfg.data.prefetch
+        assert loader.num_workers == cfg.num_workers and loader.prefetch == cfg.prefetch
         loader.close()
