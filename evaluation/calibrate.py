@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import EXIT_BAD_INPUT, InputError
+from models.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -458,15 +458,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `python -m evaluation.calibrate` CLI; returns the exit status (2 for bad input)."""
-    from evaluation.embed import report_input_error, setup_logging
+    from models.cli import report_input_error, setup_logging
 
     args = _parse_args(argv)
     setup_logging()
     try:
         return _run(args)
     except InputError as err:
-        report_input_error(err)
-        return EXIT_BAD_INPUT
+        return report_input_error(err)
 
 
 if __name__ == "__main__":

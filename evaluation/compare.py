@@ -32,13 +32,12 @@ from evaluation.embed import (
     FaceEmbedder,
     read_image,
     read_landmarks,
-    report_input_error,
     resolve_device,
     resolve_flip,
     score_pairs,
-    setup_logging,
 )
-from models.errors import EXIT_BAD_INPUT, InputError
+from models.cli import report_input_error, setup_logging
+from models.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except InputError as err:
-        report_input_error(err)
-        return EXIT_BAD_INPUT
+        return report_input_error(err)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ import torch
 
 from data.dataset import normalize_images
 from evaluation.alignment import ALIGNED_SIZE, align_face
-from models.errors import EXIT_BAD_INPUT, InputError
+from models.cli import report_input_error, setup_logging
+from models.errors import InputError
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -526,26 +527,6 @@ def write_embeddings(out: Path, names: Sequence[str], embeddings: np.ndarray, me
 # CLI helpers shared by embed, compare and calibrate
 
 
-def setup_logging() -> None:
-    """Log lines to stderr through rich, unless a harness configured logging already."""
-    root = logging.getLogger()
-    if root.handlers:
-        return
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    root.addHandler(RichHandler(console=Console(stderr=True), show_path=False, markup=False))
-    root.setLevel(logging.INFO)
-
-
-def report_input_error(err: Exception) -> None:
-    """One line on stderr, never wrapped at the terminal's width (a path in it stays copyable)."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-
-
 def resolve_flip(requested: bool | None, calibration: Calibration | None) -> bool:
     """`--flip/--no-flip`, else what the model's calibration used (its threshold holds for those embeddings)."""
     calibrated = calibration.flip if calibration is not None else None
@@ -619,8 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except InputError as err:
-        report_input_error(err)
-        return EXIT_BAD_INPUT
+        return report_input_error(err)
 
 
 if __name__ == "__main__":

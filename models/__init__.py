@@ -1,4 +1,10 @@
-"""Backbones: a name -> constructor registry. ``build_backbone("r50", num_features=512, dropout=0.0)``."""
+"""Backbones: a name -> constructor registry. ``build_backbone("r50", num_features=512, dropout=0.0)``.
+
+Every registered factory accepts ``num_features`` (the embedding size), ``dropout`` (the embedding dropout; a
+backbone without one raises ``BackboneOptionError`` for a non-zero value) and ``gradient_checkpointing``
+(recompute blocks in backward when training), plus architecture-specific keywords. The families: IResNet
+(``models/iresnet.py``), MobileFaceNet (``models/mobilefacenet.py``), ViT (``models/vit.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,27 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from models.errors import InputError
 from models.registry import Registry
 
-__all__ = ["IResNet", "build_backbone", "count_flops", "list_backbones", "register_backbone"]
+__all__ = [
+    "BackboneOptionError",
+    "IResNet",
+    "MobileFaceNet",
+    "VisionTransformer",
+    "build_backbone",
+    "count_flops",
+    "list_backbones",
+    "register_backbone",
+]
 
 BackboneFactory = TypeVar("BackboneFactory", bound=Callable[..., nn.Module])
 
 _BACKBONES: Registry[nn.Module] = Registry("backbone")
+
+
+class BackboneOptionError(InputError, ValueError):
+    """A backbone option the architecture cannot honour (e.g. ``network.dropout`` on a backbone without dropout)."""
 
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
@@ -31,5 +51,8 @@ def list_backbones() -> list[str]:
     return _BACKBONES.names()
 
 
-# Imported last: the module registers its backbones with the decorator above, so the registry must exist first.
-from models.iresnet import IResNet, count_flops  # noqa: E402
+# Imported last: the modules register their backbones with the decorator above, so the registry must exist first.
+from models.flops import count_flops  # noqa: E402
+from models.iresnet import IResNet  # noqa: E402
+from models.mobilefacenet import MobileFaceNet  # noqa: E402
+from models.vit import VisionTransformer  # noqa: E402

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models import register_backbone
 
-__all__ = ["IBasicBlock", "IResNet", "count_flops"]
+__all__ = ["IBasicBlock", "IResNet"]
 
 # BatchNorm eps used everywhere in insightface's iresnet (also PyTorch's default; spelled out because it matters).
 BN_EPS = 1e-5
@@ -146,43 +146,6 @@ class IResNet(nn.Module):
         return self.features(self.fc(x))
 
 
-def count_flops(model: nn.Module, image_size: int = 112) -> int:
-    """Forward multiply-accumulates (MACs) of all conv and linear layers for one ``image_size`` RGB image.
-
-    Runs the model on meta tensors, so it costs no compute and leaves the model's weights and buffers untouched.
-    """
-    macs = 0
-
-    def conv_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal macs
-        assert isinstance(module, nn.Conv2d)
-        kernel_macs = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-        macs += output.numel() * kernel_macs
-
-    def linear_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal macs
-        assert isinstance(module, nn.Linear)
-        macs += output.numel() * module.in_features
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-    meta_state = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict(keep_vars=True).items()}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            torch.func.functional_call(model, meta_state, (torch.empty(1, 3, image_size, image_size, device="meta"),))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return macs
-
-
 def _build(layers: Sequence[int], default_widths: Sequence[int], kwargs: dict[str, Any]) -> IResNet:
     kwargs.setdefault("widths", default_widths)
     return IResNet(layers=layers, **kwargs)
@@ -219,6 +182,13 @@ def iresnet100(**kwargs: Any) -> IResNet:
 def iresnet200(**kwargs: Any) -> IResNet:
     """IResNet-200 (stages 6-26-60-6)."""
     return _build((6, 26, 60, 6), INSIGHTFACE_WIDTHS, kwargs)
+
+
+@register_backbone("r2060")
+def iresnet2060(**kwargs: Any) -> IResNet:
+    """IResNet-2060 (stages 3-128-896-3, insightface's ``r2060``). insightface always recomputes its stages 2 and 3
+    in backward when training; here that is ``gradient_checkpointing=True`` (every stage, block by block)."""
+    return _build((3, 128, 896, 3), INSIGHTFACE_WIDTHS, kwargs)
 
 
 @register_backbone("r_lite")
