@@ -679,17 +679,9 @@ def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed numpy's and Python's global RNGs from this worker's torch seed.
 
     DataLoader gives worker ``w`` the torch seed ``base_seed + w``, ``base_seed`` drawn from the DataLoader's
-    ``generator``: pass ``generator=loader_generator(seed, rank)`` to make runs reproducible per (seed, rank,
-    worker).
+    ``generator``: pass a seeded ``torch.Generator`` to make runs reproducible per worker.
     """
     del worker_id  # already part of torch.initial_seed()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-def loader_generator(seed: int, rank: int) -> torch.Generator:
-    """A DataLoader generator whose stream depends on both ``seed`` and ``rank`` (no overlap between ranks)."""
-    generator = torch.Generator()
-    generator.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0]))
-    return generator

@@ -69,7 +69,6 @@ class FaceLoader:
         prefetch: int = 2,
         pin_memory: bool = False,
         drop_last: bool = True,
-        seed: int = 0,
         flip_on_device: bool = False,
     ) -> None:
         if not isinstance(dataset, FaceDataset):
@@ -79,7 +78,7 @@ class FaceLoader:
                 f"need batch_size >= 1, num_workers >= 0, prefetch >= 1; got {batch_size}, {num_workers}, {prefetch}"
             )
         self.dataset, self.batch_size, self.sampler = dataset, int(batch_size), sampler
-        self.num_workers, self.prefetch, self.drop_last, self.seed = int(num_workers), int(prefetch), drop_last, seed
+        self.num_workers, self.prefetch, self.drop_last = int(num_workers), int(prefetch), drop_last
         self.flip_on_device = flip_on_device
         # In flight: num_workers * prefetch; plus the batch the consumer holds; plus, with pinned memory, one
         # whose asynchronous copy to the device may still run.
@@ -232,7 +231,7 @@ class FaceLoader:
         if self._pool is not None:
             self._check_workers()
             return
-        self._pool = _WorkerPool(self.dataset, self.slots, self.num_workers, self.seed, not self.flip_on_device)
+        self._pool = _WorkerPool(self.dataset, self.slots, self.num_workers, not self.flip_on_device)
         # Stopped at garbage collection or interpreter exit, before multiprocessing's own exit handler would
         # terminate() workers that ignore SIGTERM (and wait for them forever).
         self._finalizer = weakref.finalize(self, self._pool.close)
@@ -257,14 +256,14 @@ class FaceLoader:
 class _WorkerPool:
     """The worker processes and their two queues: tasks (slot, items) out, results (labels, or an error) back."""
 
-    def __init__(self, dataset: FaceDataset, slots: torch.Tensor, count: int, seed: int, flip: bool) -> None:
+    def __init__(self, dataset: FaceDataset, slots: torch.Tensor, count: int, flip: bool) -> None:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         self.tasks, self.results = context.Queue(), context.Queue()
         self.processes: list[BaseProcess] = []
         for worker_id in range(count):
             process = context.Process(
                 target=_worker_loop,
-                args=(dataset, slots, self.tasks, self.results, seed + worker_id, flip, os.getpid()),
+                args=(dataset, slots, self.tasks, self.results, worker_id, flip, os.getpid()),
                 name=f"face-loader-{worker_id}",
                 daemon=True,  # never outlive the training process
             )
@@ -293,7 +292,9 @@ def _worker_loop(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)  # one core per worker; torch's pool would only add wake-ups on small ops
-    torch.manual_seed(seed)  # the flip's fallback stream when the sampler gives no augmentation seeds
+    # The flip's fallback stream when the sampler gives no augmentation seeds (the trainer's always does: its flips
+    # depend on (seed, epoch, sample) alone); here only the worker's number seeds it.
+    torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     pixels = slots.numpy()
     while True:

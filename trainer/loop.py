@@ -285,16 +285,18 @@ class Trainer:
                     loss = self.train_step(images, labels)
                     if loss is None:
                         continue  # inside a gradient-accumulation group
+                    if self.rolled_back:
+                        break  # every rank went back to the same checkpoint: its data stream restarts there
                     throughput.add(self.global_batch)
                     if math.isfinite(loss):
                         running.append(loss)
                     self.maybe_log(bar, throughput, running)
                     self.maybe_evaluate()
                     interrupted = self.maybe_checkpoint(stop)  # SIGTERM/SIGINT: every rank saves and stops here
-                    if self.rolled_back or interrupted or self.at_end_of_epoch() or self.step >= self.total_steps:
+                    if interrupted or self.at_end_of_epoch() or self.step >= self.total_steps:
                         break
                 if self.rolled_back:
-                    self.rolled_back = False  # the data stream restarts where the checkpoint left it
+                    self.rolled_back = False
                 elif self.at_end_of_epoch() and not interrupted:
                     self.epoch += 1
                     self.input.sampler.set_position(0)
