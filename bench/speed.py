@@ -13,9 +13,9 @@ is recorded as refused (gloo). Each part ends with a second copy of its default:
 copy is the measurement's own noise and bias (memory placement, the order of construction), not a switch.
 
 Every variant is a real ``trainer.loop.Trainer`` built from recipe overrides, on generated faces (uint8 batches
-normalized by ``Trainer.to_device``, as in a training run). All variants are built first, then stepped in turn,
+normalized by ``TrainInput.to_device``, as in a training run). All variants are built first, then stepped in turn,
 each step in another order (variant k goes first at step k), so that a machine shared with other jobs slows them
-alike. A timed step is ``Trainer.to_device`` + ``Trainer.train_step``: forward, Partial FC, backward (with DDP's
+alike. A timed step is ``TrainInput.to_device`` + ``Trainer.train_step``: forward, Partial FC, backward (with DDP's
 all-reduce), clipping, optimizer step, ``loss.item()``; fetching the batch is not timed. The first ``--warmup``
 steps are not counted (for ``compile`` they hold the compilation: reported as warm-up seconds). Per variant: median
 samples/s of the process (rank 0 for DDP; DDP keeps the ranks in step), and the median over steps of
@@ -134,8 +134,7 @@ def batches(trainer: Trainer) -> Iterator[Any]:
     """The trainer's own loader, epoch after epoch (as `Trainer.train` walks it)."""
     epoch = 0
     while True:
-        trainer.sampler.set_epoch(epoch)
-        yield from trainer.loader
+        yield from trainer.input.batches(epoch)
         epoch += 1
 
 
@@ -169,7 +168,7 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[s
             trainer = rows[index]["trainer"]
             batch = next(sources[index])
             start = time.perf_counter()
-            images, labels, _ = trainer.to_device(batch)
+            images, labels, _ = trainer.input.to_device(batch, trainer.stepper.input_dtype(), trainer.memory_format)
             trainer.train_step(images, labels)  # ends in loss.item(): the step is done when it returns
             seconds[index].append(time.perf_counter() - start)
     baseline = seconds[0][args.warmup :]
