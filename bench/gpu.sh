@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU, under 6 minutes: every GPU check of the project in one go.
 #   1. bench/gpu_bench.py -> OUT: r50 and r100 training steps at bf16 and fp16, channels_last off/on,
-#      torch.compile off/on (samples/s, model FLOP utilization, peak memory), and Partial FC at 1M and 10M classes
-#      with sample rate 0.1 (step time, peak memory);
+#      torch.compile off/on (samples/s, model FLOP utilization, peak memory), and Partial FC at 1M, 10M and 20M
+#      classes with sample rate 0.1, head.update lazy, dense and sparse (step time, peak memory);
 #   2. bench/data.py --gpu -> OUT with _data before .json: the input path with nvJPEG decoding and with
 #      data.loader.FaceLoader's pinned slots, beside the CPU figures;
 #   3. the GPU-marked tests (tests/gpu: backends, nvJPEG decode, the pinned loader) -> OUT with _tests.txt.

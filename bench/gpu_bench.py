@@ -21,12 +21,12 @@ the gradients of the inputs and of the weights, each as costly as the forward). 
 optimizer are not counted (they run, so MFU is slightly conservative). The peak is the dense bf16/fp16 tensor-core
 rate of the device, from ``PEAK_TFLOPS`` by device name, or ``--peak-tflops``.
 
-Partial FC (``--pfc-classes``, default 1M and 10M, sample rate ``--pfc-sample-rate`` 0.1, batch ``--pfc-batch``
-embeddings of 512-d) alone: step time and peak memory, first as the trainer runs it (``optim.fused: true``:
-``SGD(fused=True)`` + ``zero_grad(set_to_none=True)``), then with ``optim.fused: false`` as the trainer ran before
-(SGD's default foreach path + ``set_to_none=False``). The first keeps three center-sized fp32 tensors at the peak
-(centers, momentum, gradient), the second four (the kept gradient and a new one, or the foreach weight decay's
-temporary). Out of memory is a result, not a failure.
+Partial FC (``--pfc-classes``, default 1M, 10M and 20M, sample rate ``--pfc-sample-rate`` 0.1, batch
+``--pfc-batch`` embeddings of 512-d) alone, as the trainer steps it (``optim.fused: true``: ``SGD(fused=True)`` +
+``zero_grad(set_to_none=True)``), for each ``head.update`` mode (``--pfc-updates``: lazy, dense, sparse): step
+time (lazy's full catch-up amortized over ``--pfc-lazy-sync-every`` steps) and peak memory, also as a multiple of
+the minimum (centers + momentum). Dense keeps three center-sized fp32 tensors at the peak (centers, momentum, the
+gradient); lazy and sparse two and the sampled rows. Out of memory is a result, not a failure.
 
 Order and time bound (``--budget-s``): eager backbones, then Partial FC, then the compiled backbones by priority
 (bf16 and channels_last first) while the time lasts; a configuration that would not fit the time left is skipped
@@ -58,9 +58,11 @@ from torch import nn  # noqa: E402
 
 from heads import PartialFC  # noqa: E402
 from models import build_backbone, count_flops  # noqa: E402
-from trainer.config import SpeedConfig  # noqa: E402
+from trainer.config import OptimConfig, SpeedConfig  # noqa: E402
 from trainer.loop import apply_speed  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
 from trainer.reporting import machine_info  # noqa: E402
+from trainer.row_sgd import RowSGD  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=140)
 
@@ -204,16 +206,18 @@ def run_backbone(config: dict[str, Any], args: argparse.Namespace, device: torch
 
 
 def run_partial_fc(config: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Step time and peak memory of Partial FC alone; out of memory is recorded as a result."""
+    """Step time and peak memory of Partial FC alone, stepped by the trainer's optimizer (`optim.fused: true`,
+    `zero_grad(set_to_none=True)`) with `head.update` = config["update"]; lazy's full catch-up (every
+    `--pfc-lazy-sync-every` steps) is timed apart and amortized into the step. Out of memory is a result."""
     classes, embedding = config["num_classes"], args.embedding_size
     center_bytes = classes * embedding * 4
     result: dict[str, Any] = {**config, "center_bytes": center_bytes}
     base = _memory_base(device)
     try:
         with device:  # 10M centers initialized on the GPU: seconds, where the CPU would take minutes
-            head = PartialFC(embedding, classes, sample_rate=config["sample_rate"])
-        fused = True if config["fused"] else None
-        optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+            head = PartialFC(embedding, classes, sample_rate=config["sample_rate"], update=config["update"])
+        cfg = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
+        optimizer = build_optimizer(cfg, (head, 1.0), fused=True, lazy_sync_every=args.pfc_lazy_sync_every)
         generator = torch.Generator(device=device).manual_seed(0)
         embeddings = torch.randn(config["batch_size"], embedding, device=device, generator=generator)
         embeddings.requires_grad_()
@@ -222,10 +226,17 @@ def run_partial_fc(config: dict[str, Any], args: argparse.Namespace, device: tor
         def step() -> None:
             head(embeddings, labels).backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=config["set_to_none"])
+            optimizer.zero_grad(set_to_none=True)
             embeddings.grad = None
 
         result.update(_time_steps(step, device, args.pfc_warmup, args.pfc_steps))
+        if isinstance(optimizer, RowSGD) and config["update"] == "lazy":
+            _sync(device)
+            start = time.perf_counter()
+            optimizer.sync_rows()
+            _sync(device)
+            result["sync_s"] = time.perf_counter() - start
+            result["step_s"] += result["sync_s"] / args.pfc_lazy_sync_every
         result["samples_per_s"] = config["batch_size"] / result["step_s"]
         result["status"] = "ok"
     except torch.OutOfMemoryError:
@@ -233,6 +244,7 @@ def run_partial_fc(config: dict[str, Any], args: argparse.Namespace, device: tor
     result.update(_peak_since(device, base))
     if result["peak_bytes"] is not None:
         result["peak_center_copies"] = result["peak_bytes"] / center_bytes
+        result["peak_vs_minimum"] = result["peak_bytes"] / (2 * center_bytes)  # centers + momentum
     return result
 
 
@@ -269,12 +281,11 @@ def plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str,
             "num_classes": classes,
             "sample_rate": args.pfc_sample_rate,
             "batch_size": args.pfc_batch,
-            "fused": fused,
-            "set_to_none": fused,
-            "optimizer": "trainer's: SGD(fused=True), set_to_none=True" if fused else "SGD, set_to_none=False",
+            "update": update,
+            "optimizer": f"trainer's: SGD(fused=True), set_to_none=True, head.update {update}",
         }
         for classes in args.pfc_classes
-        for fused in (True, False)
+        for update in args.pfc_updates
     ]
     return eager, pfc, compiled
 
@@ -360,7 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-guess-s", type=float, default=60,
                         help="time assumed for the first compilation, to decide whether it fits (default 60); later "
                              "ones are guessed from the slowest so far, per residual block")
-    parser.add_argument("--pfc-classes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--pfc-classes", type=int, nargs="+", default=[1_000_000, 10_000_000, 20_000_000])
+    parser.add_argument("--pfc-updates", nargs="+", default=["lazy", "dense", "sparse"],
+                        choices=["dense", "lazy", "sparse"], help="head.update modes (default: all three)")
+    parser.add_argument("--pfc-lazy-sync-every", type=int, default=100, help="head.lazy_sync_every (default 100)")
     parser.add_argument("--pfc-sample-rate", type=float, default=0.1)
     parser.add_argument("--pfc-batch", type=int, default=128, help="embeddings per Partial FC step (default 128)")
     parser.add_argument("--pfc-warmup", type=int, default=2)

@@ -5,10 +5,15 @@
     python bench/head_scaling.py --tiny                                       # seconds: what the test suite runs
 
 The head alone: random embeddings (a leaf with gradient, as the backbone's output would be) and random labels go
-through forward + backward + ``torch.optim.SGD`` step (momentum 0.9, weight decay 5e-4, as the recipes) + the
-trainer's ``zero_grad(set_to_none=False)`` (``--grad-to-none`` for ``set_to_none=True``). Heads:
+through forward + backward + SGD step (momentum 0.9, weight decay 5e-4, as the recipes) + ``zero_grad``
+(``set_to_none=False``; ``--grad-to-none`` for the trainer's ``set_to_none=True``, ``--fused`` for its
+``optim.fused: true``). Heads:
 
-* ``partial_fc``: ``heads.PartialFC`` (ArcFace margin, fp32 softmax) at each ``--sample-rates`` value;
+* ``partial_fc``: ``heads.PartialFC`` (ArcFace margin, fp32 softmax) at each ``--sample-rates`` value and, below
+  1, each ``--updates`` mode (``head.update``: dense, lazy, sparse; at rate 1 they are the same), stepped by the
+  trainer's optimizer (``trainer.optim.build_optimizer``: torch's SGD, or ``trainer.row_sgd.RowSGD`` for lazy and
+  sparse, with the full catch-up of lazy every ``--lazy-sync-every`` steps timed apart and amortized into the
+  step time);
 * ``full_fc``: ``nn.Linear(embedding_size, num_classes, bias=False)`` over L2-normalized embeddings +
   ``F.cross_entropy``: the plain softmax classifier.
 
@@ -19,6 +24,13 @@ start. Peak memory is what the head adds to the process:
   once the batch exists, and the peak is ``VmHWM`` after the steps minus ``VmRSS`` before the head was built.
   Pages count once touched, which is what a tensor costs once written (tracemalloc sees none of torch's memory).
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` before the head was built.
+
+Bytes moved (``--count-bytes``): one more step runs under a ``TorchDispatchMode`` that adds up, for every aten
+op, the bytes of the tensors it reads and writes: its tensor inputs, its outputs and the inputs it mutates (views
+and allocations move nothing; an indexing op counts the rows it selects or writes, not the whole table; a fused
+optimizer's gradients are read, not written). Split into the head optimizer's share (the step, ``zero_grad``,
+lazy's catch-up in forward and its amortized full sync) and the whole head step. It counts what kernels touch,
+not what reaches DRAM (caches are not modelled): the figure that scales with the table.
 
 Memory per class is compared with the minimum a trained class needs: its center plus SGD's momentum buffer,
 ``embedding_size * 4 bytes * 2``. A configuration whose estimated need exceeds 70 % of the available memory is
@@ -50,9 +62,14 @@ import torch.nn.functional as F  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from heads import PartialFC  # noqa: E402
+from models import build_backbone  # noqa: E402
+from trainer.config import OptimConfig  # noqa: E402
+from trainer.optim import build_optimizer as trainer_optimizer  # noqa: E402
 from trainer.reporting import machine_info  # noqa: E402
+from trainer.row_sgd import RowSGD  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=130)
 
@@ -78,12 +95,15 @@ def minimum_bytes_per_class(embedding_size: int) -> int:
 
 
 def estimated_bytes(config: dict[str, Any]) -> int:
-    """A rough upper bound of what one configuration needs (fp32): centers, gradient, momentum and the dense
-    gradient backward builds before adding it to the kept one (4 x C x E); the sampled centers, their normalized
-    copy and its gradient (3 x S x E, S the classes scored per step); ~12 (B x S) logit-sized temporaries."""
+    """A rough upper bound of what one configuration needs (fp32): centers and momentum; a center-sized gradient
+    unless the gradient is the sampled rows (head.update lazy / sparse), one more when zero_grad keeps it
+    (``set_to_none=False``) and one for the unfused weight-decay temporary; the sampled centers, their gradient and
+    a temporary (3 x S x E, S the classes scored per step); ~12 (B x S) logit-sized temporaries."""
     classes, embedding = config["num_classes"], config["embedding_size"]
     sampled = max(1, int(classes * config["sample_rate"]))
-    return (4 * classes * embedding + 3 * sampled * embedding + 12 * config["batch_size"] * sampled) * BYTES_FP32
+    rows_only = config["head"] == "partial_fc" and config["sample_rate"] < 1 and config.get("update") != "dense"
+    copies = 2 + (0 if rows_only else 1) + (0 if config["grad_to_none"] else 1) + (0 if config["fused"] else 1)
+    return (copies * classes * embedding + 3 * sampled * embedding + 12 * config["batch_size"] * sampled) * BYTES_FP32
 
 
 def _proc_status_bytes(field: str) -> int | None:
@@ -147,7 +167,69 @@ def build_head(config: dict[str, Any], device: torch.device) -> nn.Module:
     with device:
         if config["head"] == "full_fc":
             return FullFC(config["embedding_size"], config["num_classes"])
-        return PartialFC(config["embedding_size"], config["num_classes"], sample_rate=config["sample_rate"])
+        return PartialFC(
+            config["embedding_size"],
+            config["num_classes"],
+            sample_rate=config["sample_rate"],
+            update=config.get("update", "dense"),
+        )
+
+
+def build_optimizer(config: dict[str, Any], head: nn.Module) -> torch.optim.Optimizer:
+    """The trainer's head optimizer (SGD, momentum 0.9, weight decay 5e-4); torch's SGD for the plain FC."""
+    fused = True if config["fused"] else None  # None: torch's default (a for-loop on CPU, foreach on CUDA)
+    if config["head"] == "full_fc":
+        return torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+    cfg = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return trainer_optimizer(cfg, (head, 1.0), fused=bool(fused), lazy_sync_every=config["lazy_sync_every"])
+
+
+class ByteCounter(TorchDispatchMode):
+    """Bytes read and written by every aten op run inside it, added up under `phase` (see the module doc)."""
+
+    SKIP = ("empty", "lift_fresh", "_record_function", "detach", "alias", "_local_scalar_dense")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "other"
+        self.bytes: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        schema = func._schema
+        returns_alias = [r.alias_info is not None and not r.alias_info.is_write for r in schema.returns]
+        if any(skip in name for skip in self.SKIP) or (returns_alias and all(returns_alias)):
+            return out  # allocations and views: no data moved
+        moved = self._moved(name, schema, args, kwargs or {}, out)
+        self.bytes[self.phase] = self.bytes.get(self.phase, 0) + moved
+        return out
+
+    @staticmethod
+    def _size(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            if value.is_sparse:
+                return ByteCounter._size(value._values()) + ByteCounter._size(value._indices())
+            return value.numel() * value.element_size()
+        if isinstance(value, (list, tuple)):
+            return sum(ByteCounter._size(v) for v in value)
+        return 0
+
+    def _moved(self, name: str, schema: Any, args: Any, kwargs: dict[str, Any], out: Any) -> int:
+        size = self._size
+        if name.startswith("index_select") or name.startswith("index.Tensor"):
+            return size(args[1:]) + 2 * size(out)  # the selected rows read, the result written, the index
+        if name.startswith("index_copy") or name.startswith("index_put"):
+            return 2 * size(args[2:])  # source and index read, as many bytes written into the table
+        values = list(args) + list(kwargs.values())
+        reads = size(values)
+        writes = 0
+        for argument, value in zip(schema.arguments, values, strict=False):  # kwargs beyond: none mutable
+            if argument.alias_info is not None and argument.alias_info.is_write and argument.name != "grads":
+                writes += size(value)
+        if not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            writes += size(out)  # a new result (an in-place op's result is the mutated input, counted above)
+        return reads + writes
 
 
 def run_one(config: dict[str, Any]) -> dict[str, Any]:
@@ -159,17 +241,18 @@ def run_one(config: dict[str, Any]) -> dict[str, Any]:
     batch, embedding, classes = config["batch_size"], config["embedding_size"], config["num_classes"]
     embeddings = torch.randn(batch, embedding, device=device, generator=generator).requires_grad_()
     labels = torch.randint(0, classes, (batch,), device=device, generator=generator)
-    # One step of a small copy first: the kernels' code pages, thread pools and allocator caches are then counted
-    # in the baseline, not in the head's memory.
+    # One step of a small copy first (forward, backward, optimizer): the kernels' code pages, thread pools, lazily
+    # imported modules and allocator caches are then counted in the baseline, not in the head's memory.
     small = build_head({**config, "num_classes": min(classes, 1000)}, device)
+    small_optimizer = build_optimizer(config, small)  # its first step loads what the optimizers use, too
     small(embeddings, labels.remainder(min(classes, 1000))).backward()
-    del small
+    small_optimizer.step()
+    del small, small_optimizer
     embeddings.grad = None
     probe = MemoryProbe(device)
     probe.start()
     head = build_head(config, device)
-    fused = True if config["fused"] else None  # None: torch's default (a for-loop on CPU, foreach on CUDA)
-    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+    optimizer = build_optimizer(config, head)
     times = []
     for step in range(config["warmup"] + config["steps"]):
         if device.type == "cuda":
@@ -185,17 +268,69 @@ def run_one(config: dict[str, Any]) -> dict[str, Any]:
         if step >= config["warmup"]:
             times.append(time.perf_counter() - start)
         probe.sample()
+    sync_s = 0.0
+    if isinstance(optimizer, RowSGD) and config.get("update") == "lazy" and config["sample_rate"] < 1:
+        # The full catch-up every lazy_sync_every steps: timed apart (a pass over the table), amortized below.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        optimizer.sync_rows()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sync_s = time.perf_counter() - start
+        probe.sample()
     memory = probe.stop()
-    median = statistics.median(times)
+    median = statistics.median(times) + sync_s / config["lazy_sync_every"]
+    moved = count_bytes(config, head, optimizer, embeddings, labels) if config.get("count_bytes") else {}
     return {
         **config,
         "step_s_median": median,
         "step_s_min": min(times),
+        "sync_s": sync_s,
+        **moved,
         "samples_per_s": batch / median,
         "loss": float(loss.detach()),
         **memory,
         "peak_bytes_per_class": memory["peak_bytes"] / classes,
         "peak_vs_minimum": memory["peak_bytes"] / (classes * minimum_bytes_per_class(embedding)),
+    }
+
+
+def count_bytes(
+    config: dict[str, Any], head: nn.Module, optimizer: torch.optim.Optimizer, embeddings: Any, labels: Any
+) -> dict[str, float]:
+    """One more step under `ByteCounter`: the head optimizer's bytes per step and the whole step's (module doc)."""
+    counter = ByteCounter()
+    sync = getattr(head, "_row_sync", None)
+    if sync is not None:  # lazy's catch-up, called from forward: the optimizer's work
+
+        def counted_sync(index: Any) -> None:
+            counter.phase = "optimizer"
+            sync(index)
+            counter.phase = "forward"
+
+        head.set_row_sync(counted_sync)  # type: ignore[operator]
+    with counter:
+        counter.phase = "forward"
+        loss = head(embeddings, labels)
+        counter.phase = "backward"
+        loss.backward()
+        counter.phase = "optimizer"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=config["grad_to_none"])
+        embeddings.grad = None
+        sync_bytes = 0.0
+        if isinstance(optimizer, RowSGD) and config.get("update") == "lazy" and config["sample_rate"] < 1:
+            before = counter.bytes.get("optimizer", 0)
+            optimizer.sync_rows()
+            sync_bytes = (counter.bytes["optimizer"] - before) / config["lazy_sync_every"]
+            counter.bytes["optimizer"] = before
+    if sync is not None:
+        head.set_row_sync(sync)  # type: ignore[operator]
+    optimizer_bytes = counter.bytes.get("optimizer", 0) + sync_bytes
+    return {
+        "optimizer_bytes_per_step": optimizer_bytes,
+        "step_bytes": sum(counter.bytes.values()) + sync_bytes,
     }
 
 
@@ -214,11 +349,18 @@ def run_isolated(config: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def configurations(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    heads = [("partial_fc", rate) for rate in args.sample_rates] + ([] if args.no_full_fc else [("full_fc", 1.0)])
+    heads = [
+        ("partial_fc", rate, update)
+        for rate in args.sample_rates
+        for update in (args.updates if rate < 1 else ["dense"])  # at rate 1 the modes are the same step
+    ] + ([] if args.no_full_fc else [("full_fc", 1.0, "dense")])
     return [
         {
             "head": head,
             "sample_rate": rate,
+            "update": update,
+            "lazy_sync_every": args.lazy_sync_every,
+            "count_bytes": args.count_bytes,
             "num_classes": classes,
             "embedding_size": args.embedding_size,
             "batch_size": args.batch_size,
@@ -230,7 +372,7 @@ def configurations(args: argparse.Namespace, device: torch.device) -> list[dict[
             "threads": args.threads,
         }
         for classes in args.classes
-        for head, rate in heads
+        for head, rate, update in heads
     ]
 
 
@@ -248,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=int, nargs="+", default=DEFAULT_CLASSES,
                         help="numbers of classes (default: 1e4 1e5 1e6, what a 2-core, 24 GB CPU machine runs)")
     parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1], help="Partial FC sample rates")
+    parser.add_argument("--updates", nargs="+", default=["dense", "lazy", "sparse"],
+                        choices=["dense", "lazy", "sparse"],
+                        help="head.update modes at sample rates below 1 (default: all three)")
+    parser.add_argument("--lazy-sync-every", type=int, default=100,
+                        help="lazy: steps between full catch-ups (head.lazy_sync_every, default 100)")
+    parser.add_argument("--count-bytes", action="store_true",
+                        help="count the bytes the head optimizer and the whole step read and write (one more step)")
+    parser.add_argument("--fit-network", help="also say how many classes fit on 80 and 141 GB GPUs beside this "
+                        "backbone (e.g. r50), from the measured bytes per class")
+    parser.add_argument("--fit-batch", type=int, default=128, help="the backbone's batch for --fit-network")
     parser.add_argument("--no-full-fc", action="store_true", help="leave out the plain Linear + cross-entropy head")
     parser.add_argument("--batch-size", type=int, default=128, help="embeddings per step (default 128)")
     parser.add_argument("--embedding-size", type=int, default=512)
@@ -298,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "minimum_bytes_per_class": minimum_bytes_per_class(args.embedding_size),
         "results": rows,
     }
+    if args.fit_network and any("peak_bytes_per_class" in row for row in rows):
+        results["fit"] = classes_that_fit(results, args.fit_network, args.fit_batch)
     _print(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
@@ -305,8 +459,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+GPU_MEMORY_GB = (80, 141)  # an 80 GB H100 / A100, a 141 GB H200
+RESERVE_BYTES = 2 * 2**30  # CUDA context, cuDNN workspace, allocator slack: an allowance, not a measurement
+
+
+def backbone_training_bytes(network: str, batch: int, embedding: int) -> dict[str, int]:
+    """What training `network` at `batch` holds beside the head, estimated on the meta device (no memory, no
+    time): the tensors autograd saves for backward under bf16 autocast, plus 12 B per parameter (fp32 weight,
+    gradient, SGD momentum)."""
+    with torch.device("meta"):
+        model = build_backbone(network, num_features=embedding)
+        images = torch.empty(batch, 3, 112, 112)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(images)
+    parameters = sum(p.numel() for p in model.parameters())
+    activations = sum(saved.values())
+    return {"activations": activations, "parameters": parameters, "bytes": activations + 12 * parameters}
+
+
+def classes_that_fit(results: dict[str, Any], network: str, batch: int) -> dict[str, Any]:
+    """From each head's measured peak bytes per class at the largest number of classes it ran: how many classes fit
+    on one GPU beside `network` training at `batch` (bf16) and a fixed reserve."""
+    embedding = results["results"][0]["embedding_size"]
+    backbone = backbone_training_bytes(network, batch, embedding)
+    per_head: dict[str, dict[str, Any]] = {}
+    for row in results["results"]:
+        if row.get("peak_bytes_per_class", 0) > 0:  # (in-process tiny runs may measure nothing)
+            label = _label(row)
+            if label not in per_head or row["num_classes"] > per_head[label]["measured_at"]:
+                per_head[label] = {"bytes_per_class": row["peak_bytes_per_class"], "measured_at": row["num_classes"]}
+    for entry in per_head.values():
+        for gb in GPU_MEMORY_GB:
+            room = gb * 10**9 - backbone["bytes"] - RESERVE_BYTES
+            entry[f"classes_on_{gb}gb"] = int(room / entry["bytes_per_class"])
+    return {"network": network, "batch": batch, "backbone": backbone, "reserve_bytes": RESERVE_BYTES, "heads": per_head}
+
+
 def _label(row: dict[str, Any]) -> str:
-    return "full FC" if row["head"] == "full_fc" else f"Partial FC {row['sample_rate']:g}"
+    if row["head"] == "full_fc":
+        return "full FC"
+    update = f" {row.get('update', 'dense')}" if row["sample_rate"] < 1 else ""
+    return f"Partial FC {row['sample_rate']:g}{update}"
 
 
 def _progress(row: dict[str, Any]) -> None:
@@ -322,13 +522,20 @@ def _print(results: dict[str, Any]) -> None:
         f"{first['device']}; minimum {results['minimum_bytes_per_class']} B/class (center + momentum)"
     )
     table = Table(title=title)
-    for column in ("head", "classes", "step ms", "samples/s", "peak MiB", "B/class", "x minimum"):
+    columns = ["head", "classes", "step ms", "samples/s", "peak MiB", "B/class", "x minimum"]
+    counted = any("optimizer_bytes_per_step" in row for row in rows)
+    if counted:
+        columns += ["optimizer MB/step", "step MB"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "head" else "right")
     for row in rows:
         if "step_s_median" not in row:
             why = row.get("skipped") or row.get("error")
-            table.add_row(_label(row), f"{row['num_classes']:,}", why, "", "", "", "")
+            table.add_row(_label(row), f"{row['num_classes']:,}", why, *[""] * (len(columns) - 3))
             continue
+        extra = []
+        if counted:
+            extra = [f"{row.get('optimizer_bytes_per_step', 0) / 1e6:.1f}", f"{row.get('step_bytes', 0) / 1e6:.1f}"]
         table.add_row(
             _label(row),
             f"{row['num_classes']:,}",
@@ -337,8 +544,25 @@ def _print(results: dict[str, Any]) -> None:
             f"{row['peak_bytes'] / 2**20:.0f}",
             f"{row['peak_bytes_per_class']:.0f}",
             f"{row['peak_vs_minimum']:.2f}",
+            *extra,
         )
     console.print(table)
+    fit = results.get("fit")
+    if fit:
+        backbone = fit["backbone"]
+        table = Table(
+            title=f"classes that fit beside {fit['network']} at batch {fit['batch']} (bf16: "
+            f"{backbone['bytes'] / 2**30:.1f} GiB estimated) and a {fit['reserve_bytes'] / 2**30:.0f} GiB reserve"
+        )
+        for column in ("head", "B/class (measured at)", *(f"{gb} GB GPU" for gb in GPU_MEMORY_GB)):
+            table.add_column(column, justify="left" if column == "head" else "right")
+        for label, entry in fit["heads"].items():
+            table.add_row(
+                label,
+                f"{entry['bytes_per_class']:.0f} ({entry['measured_at']:,})",
+                *(f"{entry[f'classes_on_{gb}gb'] / 1e6:.1f}M" for gb in GPU_MEMORY_GB),
+            )
+        console.print(table)
 
 
 if __name__ == "__main__":

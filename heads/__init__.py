@@ -81,6 +81,7 @@ def build_partial_fc(cfg: HeadConfig, *, embedding_size: int, num_classes: int, 
         num_classes,
         margin=_combined_margin(cfg),
         sample_rate=cfg.sample_rate,
+        update=cfg.update,
         rank=rank,
         world_size=world_size,
     )
@@ -98,6 +99,7 @@ def build_subcenter_arcface(
         drop_epoch=cfg.subcenter_drop_epoch,
         margin=_combined_margin(cfg),
         sample_rate=cfg.sample_rate,
+        update=cfg.update,
         rank=rank,
         world_size=world_size,
     )
@@ -114,6 +116,7 @@ def build_adaface(cfg: HeadConfig, *, embedding_size: int, num_classes: int, ran
         h=cfg.adaface_h,
         t_alpha=cfg.adaface_t_alpha,
         sample_rate=cfg.sample_rate,
+        update=cfg.update,
         rank=rank,
         world_size=world_size,
     )
@@ -133,6 +136,7 @@ def build_magface(cfg: HeadConfig, *, embedding_size: int, num_classes: int, ran
         lambda_g=cfg.magface_lambda_g,
         easy_margin=cfg.magface_easy_margin,
         sample_rate=cfg.sample_rate,
+        update=cfg.update,
         rank=rank,
         world_size=world_size,
     )
@@ -148,6 +152,7 @@ def build_curricularface(cfg: HeadConfig, *, embedding_size: int, num_classes: i
         m=cfg.curricular_m,
         t_alpha=cfg.curricular_t_alpha,
         sample_rate=cfg.sample_rate,
+        update=cfg.update,
         rank=rank,
         world_size=world_size,
     )
@@ -165,6 +170,7 @@ def _register_elasticface(name: str, kind: Literal["arc", "cos"], plus: bool) ->
             std=cfg.elastic_std,
             plus_pairing=cfg.elastic_plus_pairing,
             sample_rate=cfg.sample_rate,
+            update=cfg.update,
             rank=rank,
             world_size=world_size,
         )

@@ -46,9 +46,10 @@ class AdaFacePartialFC(PartialFC):
         dp_average: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        update: str = "dense",
     ) -> None:
         self.s, self.m, self.h, self.t_alpha = float(s), float(m), float(h), float(t_alpha)
-        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size)
+        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size, update)
 
     def register_state(self) -> None:
         self.register_buffer("batch_mean", torch.zeros(()))

@@ -20,7 +20,7 @@ State, and how it survives a checkpoint and a resume on another number of ranks:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -71,6 +71,13 @@ class Head(Protocol):
     def start_epoch(self, epoch: int) -> None:
         """Called by the trainer at the start of every epoch (e.g. sub-center ArcFace drops sub-centers)."""
         ...
+
+    # How the centers move (`head.update`): "dense", or "lazy" / "sparse" (a sparse gradient of the scored rows,
+    # for trainer.row_sgd.RowSGD, which then registers its catch-up here: forward calls it with the rows it is
+    # about to read, None meaning all). Only `weight` is trained in the row-wise modes.
+    update: str
+
+    def set_row_sync(self, sync: Callable[[Tensor | None], None] | None) -> None: ...
 
     # nn.Module's own, which the optimizer, the guard and checkpoints use.
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...

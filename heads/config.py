@@ -24,6 +24,13 @@ class HeadConfig:
     m3: float = 0.0
     # Fraction of this rank's class centers scored each step (every positive, plus random negatives); every head.
     sample_rate: float = 1.0
+    # How the centers move when sample_rate < 1 (docs/benchmarks.md, "Head update modes"): `dense`, insightface's
+    # Partial FC v2 (every center decays and follows its momentum every step: a table-sized gradient and pass);
+    # `lazy`, the same result with SGD, each step touching only the sampled rows (the others caught up in closed
+    # form when next sampled, and all of them every `lazy_sync_every` steps, at a checkpoint and at the end);
+    # `sparse`, Partial FC v1 (only the sampled centers and their momentum move). AdamW: `dense` only.
+    update: Literal["dense", "lazy", "sparse"] = "lazy"
+    lazy_sync_every: int = 100
 
     # ArcFace options (partial_fc, subcenter_arcface), matching insightface HEAD by default.
     # Past theta + m2 > pi, insightface's pre-2023 fallback cos(theta) - m2*sin(pi - m2); off = cos(theta + m2).
@@ -101,6 +108,8 @@ class HeadConfig:
             raise ValueError(f"m3 must be >= 0, got {self.m3}")
         if not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.lazy_sync_every < 1:
+            raise ValueError(f"lazy_sync_every must be >= 1, got {self.lazy_sync_every}")
         if not 0.0 <= self.interclass_filtering_threshold < 1.0:
             raise ValueError(
                 f"interclass_filtering_threshold must be in [0, 1) (0 = off), got {self.interclass_filtering_threshold}"

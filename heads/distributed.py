@@ -119,7 +119,8 @@ def all_reduce_sum_no_grad(tensor: Tensor, group: ProcessGroup | None = None) ->
 
 class _DistributedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, labels: Tensor, group: ProcessGroup | None) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, group: ProcessGroup | None, consume: bool) -> Tensor:
+        ctx.consume_logits = consume
         num_rows, num_local = logits.shape
         # Stability shift: any value shared by all ranks works, the global row max keeps exp() <= 1.
         if num_local > 0:
@@ -128,8 +129,14 @@ class _DistributedSoftmaxCrossEntropy(torch.autograd.Function):
             row_max = logits.new_full((num_rows,), -torch.inf)
         _all_reduce(row_max, dist.ReduceOp.MAX, group)
 
-        # One N x C_local buffer: exp(logits - max) in place, later turned into the softmax saved for backward.
-        softmax = logits.detach() - row_max.unsqueeze(1)
+        # An intermediate result's buffer (the margin's logits) becomes exp(logits - max) in place, then the
+        # softmax saved for backward: no new N x C_local tensor (at millions of classes one costs as much time as
+        # a pass of the step). A graph that saved those logits for its own backward would fail loudly there
+        # (version counter). A leaf, or a tensor outside autograd, is the caller's: copied.
+        if ctx.consume_logits:
+            softmax = logits.detach().sub_(row_max.unsqueeze(1))
+        else:
+            softmax = logits.detach() - row_max.unsqueeze(1)
         has_label = labels >= 0
         column = labels.clamp_min(0).unsqueeze(1)
         if num_local > 0:
@@ -156,7 +163,7 @@ class _DistributedSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None, None]:
         if ctx.consumed:
             raise RuntimeError("distributed_softmax_cross_entropy cannot back-propagate twice (retain_graph=True)")
         # The saved softmax becomes the gradient in place (saves one N x C_local buffer), so a second backward
@@ -168,7 +175,7 @@ class _DistributedSoftmaxCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, column, -has_label.to(grad.dtype).unsqueeze(1))
         # grad_loss stays a tensor: .item() would be a host sync on GPU.
         grad.mul_(grad_loss / num_rows)
-        return grad, None, None
+        return grad, None, None, None
 
 
 def distributed_softmax_cross_entropy(logits: Tensor, labels: Tensor, group: ProcessGroup | None = None) -> Tensor:
@@ -179,11 +186,14 @@ def distributed_softmax_cross_entropy(logits: Tensor, labels: Tensor, group: Pro
     exactly one rank must hold each row's class (else that row's loss is NaN).
 
     Forward: all-reduce MAX of the row max (stability), one all-reduce SUM of (sum of exp, target logit, owner
-    count); loss = mean over rows of ``log(sum exp) - target``. Backward: ``(softmax - onehot) / N_global`` on the
-    local columns. With one process this is exactly ``F.cross_entropy(logits, labels)``.
+    count); loss = mean over rows of ``log(sum exp) - target``. ``logits`` computed by the graph (the margin's
+    output) are overwritten: their buffer becomes the softmax kept for backward; a leaf is left untouched.
+    Backward: ``(softmax - onehot) / N_global`` on the local columns. With one process this is exactly
+    ``F.cross_entropy(logits, labels)``.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, C_local), got shape {tuple(logits.shape)}")
     if labels.shape != (logits.shape[0],):
         raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
-    return _DistributedSoftmaxCrossEntropy.apply(logits, labels.long(), group)
+    consume = logits.grad_fn is not None  # produced by an op of the graph, not the caller's own tensor
+    return _DistributedSoftmaxCrossEntropy.apply(logits, labels.long(), group, consume)

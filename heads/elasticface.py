@@ -54,6 +54,7 @@ class ElasticFacePartialFC(PartialFC):
         dp_average: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        update: str = "dense",
     ) -> None:
         if kind not in ("arc", "cos"):
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
@@ -64,7 +65,7 @@ class ElasticFacePartialFC(PartialFC):
         self.m = PAPER_M[kind] if m is None else float(m)
         self.std = PAPER_STD[(kind, self.plus)] if std is None else float(std)
         self.seed = 0
-        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size)
+        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size, update)
 
     def register_state(self) -> None:
         self.register_buffer("margin_draws", torch.zeros((), dtype=torch.int64))

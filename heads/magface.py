@@ -40,12 +40,13 @@ class MagFacePartialFC(PartialFC):
         dp_average: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        update: str = "dense",
     ) -> None:
         if not 0 < l_a < u_a:
             raise ValueError(f"need 0 < l_a < u_a, got l_a={l_a!r}, u_a={u_a!r}")
         self.s, self.l_a, self.u_a, self.l_m, self.u_m = float(s), float(l_a), float(u_a), float(l_m), float(u_m)
         self.lambda_g, self.easy_margin = float(lambda_g), bool(easy_margin)
-        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size)
+        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size, update)
 
     def magnitude(self, embeddings: Tensor) -> Tensor:
         """a = clamp(||x||, l_a, u_a), differentiable inside the range."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 def _check_finite(name: str, value: float) -> float:
@@ -136,9 +138,11 @@ class MarginSoftmax(nn.Module):
         # Gather/scatter with a placeholder column for label -1 instead of boolean indexing: no data-dependent
         # shapes, hence no host sync on CUDA. Rows without a target write their own value back unchanged.
         column = labels.clamp_min(0).unsqueeze(1).long()
-        cos_target = cos_theta.gather(1, column)
-        new_target = torch.where(has_target, self.target_logit(cos_target), cos_target)
-        return cos_theta.scatter(1, column, new_target) * self.s
+
+        def targets(cos_target: Tensor) -> Tensor:
+            return torch.where(has_target, self.target_logit(cos_target), cos_target)
+
+        return margin_logits(cos_theta, column, self.s, targets)
 
     def extra_repr(self) -> str:
         return (
@@ -154,3 +158,45 @@ def filter_interclass(cos_theta: Tensor, labels: Tensor, threshold: float) -> Te
     is_target.scatter_(1, labels.clamp_min(0).unsqueeze(1), (labels >= 0).unsqueeze(1))
     dirty = (cos_theta.detach() > threshold) & ~is_target
     return torch.where(dirty, torch.zeros_like(cos_theta), cos_theta)
+
+
+class _MarginLogits(torch.autograd.Function):
+    """``s * cos`` with column ``column`` of each row replaced by ``s * targets(cos[row, column])``.
+
+    The same values and gradients as ``(cos * s).scatter(1, column, targets(cos.gather(1, column)) * s)``, but
+    backward makes one N x C tensor (``grad * s``, the targets' gradients written into it) where autograd's graph
+    of gather and scatter makes four (the scatter's and the gather's dense gradients, their sum, the scaling):
+    at millions of classes the head's time goes to such N x C passes. `targets` is differentiated on the (N, 1)
+    target cosines alone, in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor]) -> Tensor:
+        with torch.enable_grad():
+            cos_target = cos.detach().gather(1, column).requires_grad_()
+            new_target = targets(cos_target)
+        ctx.save_for_backward(column)
+        ctx.graph, ctx.s = (cos_target, new_target), s
+        logits = cos * s
+        return logits.scatter_(1, column, new_target.detach() * s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (column,) = ctx.saved_tensors
+        cos_target, new_target = ctx.graph
+        grad_target = grad.gather(1, column) * ctx.s
+        with torch.enable_grad():
+            # retain_graph: the (N, 1) graph is tiny, and a second backward (gradcheck) must find it again.
+            (grad_cos_target,) = torch.autograd.grad(
+                new_target, cos_target, grad_target, retain_graph=True, allow_unused=True
+            )
+        if grad_cos_target is None:  # a target that does not depend on the cosine (constant)
+            grad_cos_target = torch.zeros_like(grad_target)
+        return (grad * ctx.s).scatter_(1, column, grad_cos_target), None, None, None
+
+
+def margin_logits(cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor]) -> Tensor:
+    """``s * cos`` (N, C) with each row's ``column`` (N, 1) replaced by ``s * targets(cos[row, column])``: the
+    margin step of every head, with one N x C tensor made in forward and one in backward (`_MarginLogits`)."""
+    return _MarginLogits.apply(cos, column, s, targets)

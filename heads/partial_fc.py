@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,10 @@ from heads.distributed import (
     world_info,
 )
 from heads.margins import MarginSoftmax
+from heads.rows import Gradient, center_cosine
+
+UPDATES = ("dense", "lazy", "sparse")
+RowSync = Callable[[Tensor | None], None]
 
 
 class PartialFC(nn.Module):
@@ -37,9 +42,18 @@ class PartialFC(nn.Module):
     disjoint and the softmax denominator just sums whatever columns each rank contributes; ranks only have to
     agree on the rows (the gathered batch), not on the columns.
 
-    Unsampled centers get an exact zero gradient (a tensor, not ``None``), so optimizers still visit them: SGD
-    weight decay shrinks them (``w -= lr * wd * w``) and a momentum buffer keeps moving them
-    (``buf = momentum * buf + wd * w``), exactly as in insightface's Partial FC v2.
+    ``update`` says how the centers move when ``sample_rate < 1`` (docs/benchmarks.md, "Head update modes"):
+
+    * ``dense``: unsampled centers get an exact zero gradient (a table-sized tensor), so optimizers still visit
+      them: SGD weight decay shrinks them (``w -= lr * wd * w``) and a momentum buffer keeps moving them
+      (``buf = momentum * buf + wd * w``), exactly as in insightface's Partial FC v2.
+    * ``lazy`` and ``sparse``: the gradient is a sparse tensor of the sampled rows (no table-sized gradient);
+      `trainer.row_sgd.RowSGD` applies it. ``lazy`` gives ``dense``'s result (the unsampled rows' updates are
+      caught up in closed form, see there); ``sparse`` moves only the sampled rows (insightface Partial FC v1).
+      The optimizer registers a hook (`set_row_sync`) that brings the rows about to be scored up to date: forward
+      calls it with the sampled rows before reading them.
+
+    With ``sample_rate == 1`` every row is scored every step and the three modes are the same (a dense gradient).
 
     The other heads (`heads.subcenter`, `heads.adaface`, ...) are this class with its hooks overridden: `cosine`
     (how a row scores a class), `logits` (the margin), `extra_loss`, `register_state` / `reset_state` (their
@@ -60,6 +74,7 @@ class PartialFC(nn.Module):
         dp_average: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        update: str = "dense",
     ) -> None:
         super().__init__()
         default_rank, default_world = world_info()
@@ -73,11 +88,15 @@ class PartialFC(nn.Module):
             raise ValueError(f"num_classes ({num_classes!r}) must be >= world size ({world_size}): one class per rank")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
 
         self.embedding_size = embedding_size
         self._num_classes = num_classes
         self.sample_rate = float(sample_rate)
         self.dp_average = dp_average
+        self.update = update
+        self._row_sync: RowSync | None = None
         self.rank = rank
         self.world_size = world_size
         self.margin = MarginSoftmax.arcface(s=64.0, m=0.5) if margin is None else margin
@@ -167,6 +186,15 @@ class PartialFC(nn.Module):
     def start_epoch(self, epoch: int) -> None:
         """Nothing changes with the epoch (sub-center ArcFace overrides it)."""
 
+    def set_row_sync(self, sync: RowSync | None) -> None:
+        """`sync(index)` is called in forward before the rows `index` (None: all) are read (`head.update: lazy`)."""
+        self._row_sync = sync
+
+    @property
+    def row_gradient(self) -> Gradient:
+        """What the table's gradient is when rows are sampled: "dense" (table-sized) or "sparse" (sampled rows)."""
+        return "dense" if self.update == "dense" else "sparse"
+
     def _sample_centers(self, local_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Pick the centers to score this step; return (sampled row indices, labels remapped to them)."""
         with torch.no_grad():
@@ -214,6 +242,8 @@ class PartialFC(nn.Module):
             if self.sample_rate < 1.0:
                 index, local_labels_global_batch = self._sample_centers(local_labels_global_batch)
                 self.last_sampled_index = index
+            if self._row_sync is not None:
+                self._row_sync(index)  # lazy update: the rows read below must be up to date first
 
             cos_theta = self.cosine(F.normalize(embeddings), index, local_labels_global_batch)
             logits = self.logits(cos_theta, local_labels_global_batch, embeddings)
@@ -226,9 +256,8 @@ class PartialFC(nn.Module):
     def cosine(self, unit_embeddings: Tensor, index: Tensor | None, labels: Tensor) -> Tensor:
         """Cosines (N, C_scored) of the gathered unit embeddings with this rank's scored centers: all of them, or the
         sampled rows ``index``. ``labels``: each row's column here, or -1."""
-        # Indexing the Parameter: backward scatters into a zero tensor, so unsampled rows get exact zeros.
-        weight = self.weight if index is None else self.weight[index]
-        return F.linear(unit_embeddings, F.normalize(weight.to(unit_embeddings.dtype))).clamp(-1.0, 1.0)
+        # No normalized copy of the table; unsampled rows get exact zeros (dense) or no gradient (sparse).
+        return center_cosine(unit_embeddings, self.weight, index, self.row_gradient)
 
     def logits(self, cos_theta: Tensor, labels: Tensor, embeddings: Tensor) -> Tensor:
         """Scaled, margined logits from the cosines; ``embeddings`` are the gathered ones, not normalized."""
@@ -259,5 +288,6 @@ class PartialFC(nn.Module):
             **self.shard_info(),
             "sample_rate": self.sample_rate,
             "dp_average": self.dp_average,
+            "update": self.update,
         }
         return ", ".join(f"{key}={value}" for key, value in info.items())

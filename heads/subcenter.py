@@ -8,6 +8,7 @@ from torch import Tensor
 
 from heads.margins import MarginSoftmax
 from heads.partial_fc import PartialFC
+from heads.rows import center_cosine
 
 
 class SubCenterPartialFC(PartialFC):
@@ -46,6 +47,7 @@ class SubCenterPartialFC(PartialFC):
         dp_average: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        update: str = "dense",
     ) -> None:
         if num_subcenters < 1:
             raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters!r}")
@@ -54,7 +56,7 @@ class SubCenterPartialFC(PartialFC):
         # Plain attributes before nn.Module.__init__: PartialFC.__init__ needs them (center_shape, register_state).
         self.num_subcenters = num_subcenters
         self.drop_epoch = drop_epoch
-        super().__init__(embedding_size, num_classes, margin, sample_rate, dp_average, rank, world_size)
+        super().__init__(embedding_size, num_classes, margin, sample_rate, dp_average, rank, world_size, update)
 
     def center_shape(self, embedding_size: int) -> tuple[int, ...]:
         return (self.num_subcenters, embedding_size)
@@ -84,11 +86,9 @@ class SubCenterPartialFC(PartialFC):
             self.hits_epoch.fill_(epoch)
 
     def cosine(self, unit_embeddings: Tensor, index: Tensor | None, labels: Tensor) -> Tensor:
-        weight = self.weight if index is None else self.weight[index]
         active = self.subcenter_active if index is None else self.subcenter_active[index]
-        centers = F.normalize(weight.to(unit_embeddings.dtype), dim=-1)
         # (N, C, K): every row against every sub-center; K times the logits of a plain head, for the max only.
-        cos_k = torch.einsum("ne,cke->nck", unit_embeddings, centers).clamp(-1.0, 1.0)
+        cos_k = center_cosine(unit_embeddings, self.weight, index, self.row_gradient)
         cos_k = torch.where(active.unsqueeze(0), cos_k, -2.0)  # below any cosine: a dropped one never wins
         cos_theta, winner = cos_k.max(dim=2)  # the gradient goes to the winning sub-center only
         with torch.no_grad():

@@ -465,7 +465,8 @@ def load_checkpoint(
     for part, ref in (("backbone", backbone_group), ("head", head_group)):
         saved = state["optimizer_param_groups"].get(part)
         if ref is not None and saved is not None:
-            ref[0].param_groups[ref[1]].update(saved)
+            # head.update ("rows") is this run's recipe's: checkpoints are the same in every mode (row_sgd.py).
+            ref[0].param_groups[ref[1]].update({k: v for k, v in saved.items() if k != "rows"})
 
     rng_file = path / f"rng-rank{rank:05d}.safetensors"
     if same_world and rng_file.is_file():

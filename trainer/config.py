@@ -423,6 +423,13 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    if cfg.optim.name == "adamw" and cfg.head.update != "dense":
+        # AdamW's step divides by the running second moment: not linear in its state, so no closed-form catch-up
+        # (lazy), and Partial FC v1's frozen rows (sparse) would be a different optimizer than the one configured.
+        raise ConfigError(
+            f"head.update: {cfg.head.update} needs optim.name: sgd; with adamw only head.update: dense is exact "
+            "(set it in the recipe's head section)"
+        )
     data = cfg.data
     if data.source == "synthetic" and (data.num_classes <= 0 or data.num_images <= 0):
         raise ConfigError("data.source 'synthetic' needs data.num_classes > 0 and data.num_images > 0")

@@ -136,7 +136,9 @@ class Trainer:
         backbone = self.build_backbone()
         self.head = self.build_head()
         # The one place where backends differ: how an optimizer step is taken (trainer/optim.py).
-        self.stepper = build_stepper(accelerator, backbone, self.head, cfg.optim, cfg.train)
+        self.stepper = build_stepper(
+            accelerator, backbone, self.head, cfg.optim, cfg.train, lazy_sync_every=cfg.head.lazy_sync_every
+        )
         self.backbone = self.stepper.backbone
         self.precision = effective_precision(accelerator)
         self.verification = self.build_verification()
@@ -463,6 +465,7 @@ class Trainer:
 
     def save(self) -> Path:
         backbone = self.accelerator.unwrap_model(self.backbone)
+        self.stepper.sync_head_rows()  # head.update lazy: the checkpoint holds every center as dense would have it
         if not (all_finite(backbone) and all_finite(self.head)):  # the guard's promise: never a NaN checkpoint
             raise DivergenceError(f"step {self.step}: the model has non-finite weights; not saving a checkpoint")
         path = ckpt.save_checkpoint(
@@ -512,6 +515,7 @@ class Trainer:
             engine=getattr(self.stepper, "engine", None),
             verify=False,
         )
+        self.stepper.head_rows_loaded()
         if self.accelerator.scaler is not None and state["scaler"]:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]

@@ -26,21 +26,52 @@ from torch import nn
 from heads.base import Head
 from trainer.config import ConfigError, OptimConfig, ScheduleConfig, TrainConfig
 from trainer.guard import DivergenceError, StepOutcome
+from trainer.row_sgd import RowSGD
 
 
 def build_optimizer(
-    cfg: OptimConfig, *parts: tuple[nn.Module | Head, float], fused: bool = False
+    cfg: OptimConfig, *parts: tuple[nn.Module | Head, float], fused: bool = False, lazy_sync_every: int = 100
 ) -> torch.optim.Optimizer:
     """One parameter group per (module, lr scale), in order. Frozen parameters are left out.
 
     `fused`: one kernel for the whole update instead of several passes over every tensor (less time, and no
     weight-decay temporary the size of the class-center table: it matters at millions of classes).
+
+    A head whose `update` is `lazy` or `sparse` gets SGD's row-wise step (`trainer.row_sgd.RowSGD`, its centers in
+    a group of their own) and the optimizer's catch-up as its row sync; `dense` heads and the backbone get torch's.
+    AdamW is `dense` only (trainer.config refuses the others: its step is not linear in its state).
     """
-    groups = [{"params": _trainable(m.parameters()), "lr_scale": scale} for m, scale in parts]
+    groups: list[dict[str, Any]] = []
+    row_heads: list[tuple[Head, nn.Parameter]] = []
+    for module, scale in parts:
+        rows = getattr(module, "update", "dense")
+        if rows == "dense":
+            groups.append({"params": _trainable(module.parameters()), "lr_scale": scale})
+            continue
+        weight = module.weight  # type: ignore[union-attr]
+        if [p for p in module.parameters() if p is not weight]:  # one group per part: the steppers index them
+            raise ValueError(f"head.update {rows} updates a head's `weight` only; {type(module).__name__} has more")
+        groups.append({"params": [weight], "lr_scale": scale, "rows": rows})
+        row_heads.append((module, weight))  # type: ignore[arg-type]
     if cfg.name == "sgd":
+        optimizer: torch.optim.Optimizer
+        if row_heads:
+            optimizer = RowSGD(
+                groups,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                fused=fused or None,
+                sync_every=lazy_sync_every,
+            )
+            for head, weight in row_heads:
+                head.set_row_sync(optimizer.row_sync(weight))
+            return optimizer
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None
         )
+    if row_heads:
+        raise ConfigError("head.update lazy/sparse needs optim.name: sgd (AdamW is exact with head.update: dense)")
     betas = (cfg.betas[0], cfg.betas[1])
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
@@ -82,11 +113,19 @@ class AccelerateStep:
     """DDP / single process: one prepared optimizer, group 0 = backbone, group 1 = head."""
 
     def __init__(
-        self, accelerator: Accelerator, backbone: nn.Module, head: Head, cfg: OptimConfig, clip_grad_norm: float
+        self,
+        accelerator: Accelerator,
+        backbone: nn.Module,
+        head: Head,
+        cfg: OptimConfig,
+        clip_grad_norm: float,
+        lazy_sync_every: int = 100,
     ) -> None:
         self.accelerator = accelerator
         self.clip_grad_norm = clip_grad_norm
-        optimizer = build_optimizer(cfg, (backbone, cfg.backbone_lr_scale), (head, 1.0), fused=cfg.fused)
+        optimizer = build_optimizer(
+            cfg, (backbone, cfg.backbone_lr_scale), (head, 1.0), fused=cfg.fused, lazy_sync_every=lazy_sync_every
+        )
         self.backbone, self.optimizer = accelerator.prepare(backbone, optimizer)
         # Where each part's parameters live, for checkpoints: (torch optimizer, group index).
         self.backbone_group: tuple[torch.optim.Optimizer, int] | None = (self.optimizer.optimizer, 0)
@@ -95,6 +134,14 @@ class AccelerateStep:
 
     def input_dtype(self) -> torch.dtype:
         return torch.float32  # autocast, if any, casts inside the prepared model
+
+    def sync_head_rows(self) -> None:
+        """Bring every lazily updated center up to date (before a checkpoint, at the end): trainer.row_sgd."""
+        sync_head_rows(self.head_group[0])
+
+    def head_rows_loaded(self) -> None:
+        """The head's rows and momentum were just loaded from a checkpoint (saved synced): nothing is pending."""
+        head_rows_loaded(self.head_group[0])
 
     def before_backward(self) -> None:
         pass
@@ -129,6 +176,7 @@ class DeepSpeedStep:
         cfg: OptimConfig,
         clip_grad_norm: float,
         micro_batch_size: int,
+        lazy_sync_every: int = 100,
     ) -> None:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -155,7 +203,8 @@ class DeepSpeedStep:
                 ) from None
             raise
         self.engine = self.backbone
-        self.head_optimizer = build_optimizer(cfg, (head, 1.0), fused=cfg.fused)  # the engine's stays unfused
+        # The engine's optimizer stays unfused; the head's is the trainer's own (RowSGD for head.update lazy/sparse).
+        self.head_optimizer = build_optimizer(cfg, (head, 1.0), fused=cfg.fused, lazy_sync_every=lazy_sync_every)
         self.head_params = [p for g in self.head_optimizer.param_groups for p in g["params"]]
         self.backbone_group = None  # DeepSpeed checkpoints its own (partitioned) optimizer state
         self.head_group = (self.head_optimizer, 0)
@@ -165,6 +214,12 @@ class DeepSpeedStep:
     def input_dtype(self) -> torch.dtype:
         # DeepSpeed casts the parameters, not the inputs; accelerator.autocast() is a no-op under it.
         return torch.float16 if self.fp16 else torch.bfloat16 if self.bf16 else torch.float32
+
+    def sync_head_rows(self) -> None:
+        sync_head_rows(self.head_optimizer)
+
+    def head_rows_loaded(self) -> None:
+        head_rows_loaded(self.head_optimizer)
 
     def before_backward(self) -> None:
         # The scale the coming backward multiplies by; engine.step() (inside the boundary backward) may change it.
@@ -194,10 +249,27 @@ class DeepSpeedStep:
         return "overflow" if self.fp16 and loss_finite else "non_finite"
 
 
+def sync_head_rows(optimizer: torch.optim.Optimizer) -> None:
+    if isinstance(optimizer, RowSGD):
+        optimizer.sync_rows()
+
+
+def head_rows_loaded(optimizer: torch.optim.Optimizer) -> None:
+    if isinstance(optimizer, RowSGD):
+        optimizer.forget_pending()
+
+
 def build_stepper(
-    accelerator: Accelerator, backbone: nn.Module, head: Head, optim: OptimConfig, train: TrainConfig
+    accelerator: Accelerator,
+    backbone: nn.Module,
+    head: Head,
+    optim: OptimConfig,
+    train: TrainConfig,
+    lazy_sync_every: int = 100,
 ) -> AccelerateStep | DeepSpeedStep:
     """How this backend takes an optimizer step over backbone and head: chosen once, here."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return DeepSpeedStep(accelerator, backbone, head, optim, train.clip_grad_norm, train.batch_size)
-    return AccelerateStep(accelerator, backbone, head, optim, train.clip_grad_norm)
+        return DeepSpeedStep(
+            accelerator, backbone, head, optim, train.clip_grad_norm, train.batch_size, lazy_sync_every
+        )
+    return AccelerateStep(accelerator, backbone, head, optim, train.clip_grad_norm, lazy_sync_every)

@@ -75,7 +75,7 @@ def _formula_case(name: str, rank: int, world_size: int, sample_rate: float) -> 
             {
                 "loss": loss.detach(),
                 "x_grad": x.grad,
-                "weight_grad": head.weight.grad.clone(),
+                "weight_grad": head.weight.grad.to_dense().clone(),  # lazy (the default): sparse rows
                 "state": state_of(head),
                 "index": None if head.last_sampled_index is None else head.last_sampled_index + head.class_start,
                 "class_start": head.class_start,

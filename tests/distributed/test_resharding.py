@@ -205,6 +205,7 @@ def test_deepspeed_moves_to_another_rank_count_losing_nothing(
     moved = tmp_path / f"{stage}_{new_world}proc.yaml"
     moved.write_text(config.read_text().replace("num_processes: 2", f"num_processes: {new_world}"))
     extra = ("--optim.name", optimizer, "--optim.lr", "1e-3" if optimizer == "adamw" else "0.1")
+    extra += ("--head.update", "dense") if optimizer == "adamw" else ()
     two_ranks = tmp_path / "w2"
     _run(two_ranks, 2, 3, face_cache, config=str(config), extra=extra)
     resaved, log = _resume(

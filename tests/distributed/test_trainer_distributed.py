@@ -61,6 +61,18 @@ def test_ddp_two_processes_match_one(single: list[float], tmp_path: Path, face_c
     assert [s.shape[0] for s in shards] == [6, 6]
 
 
+def test_ddp_lazy_head_update_trains_as_dense(tmp_path: Path, face_cache: Path) -> None:
+    """2 processes, half of each rank's centers sampled: head.update lazy (the default) takes dense's steps; the
+    exact equality is tests/distributed/test_row_update_dist.py's (float64), here fp32 rounding apart."""
+    runs = {}
+    for update in ("dense", "lazy"):
+        out = tmp_path / update
+        args = [*EQUIV, "--output", str(out), "--train.batch_size", "8", "--head.sample_rate", "0.5"]
+        _ok(launch([*args, "--head.update", update, "--head.lazy_sync_every", "4"], face_cache, config="cpu_ddp_2proc"))
+        runs[update] = losses(out)
+    assert len(runs["dense"]) == STEPS and runs["lazy"] == pytest.approx(runs["dense"], rel=1e-3)
+
+
 def test_ddp_speed_choices_match_one_process(single: list[float], tmp_path: Path, face_cache: Path) -> None:
     """fp16-compressed all-reduce in 1 MiB buckets, gradients as bucket views: the same run to fp16 rounding of the
     gradients (measured ~1e-6 relative over 6 steps)."""
@@ -127,7 +139,8 @@ def test_two_machines_on_loopback_match_one(single: list[float], tmp_path: Path,
 
 def test_deepspeed_fp16_skips_overflow_for_head_and_backbone(tmp_path: Path, face_cache: Path) -> None:
     """fp16 ZeRO-2 with real dynamic loss scaling (test-only fp16 override on this CPU): the first steps overflow
-    at scale 2^16 and are skipped; the head must not move on a skipped step either."""
+    at scale 2^16 and are skipped; the head must not move on a skipped step either (half the centers sampled,
+    head.update lazy: the head's own RowSGD beside the engine)."""
     proc = launch(
         [
             "--config",
@@ -142,6 +155,8 @@ def test_deepspeed_fp16_skips_overflow_for_head_and_backbone(tmp_path: Path, fac
             "1",
             "--eval.every",
             "0",
+            "--head.sample_rate",
+            "0.5",
         ],
         face_cache,
         config=str(CONFIGS / "cpu_ds_zero2_bf16.yaml").replace("bf16.yaml", "bf16.yaml"),

@@ -1,0 +1,140 @@
+"""How a step reads the class-center table: cosines without a normalized copy of it, and a gradient that follows
+the sampled rows.
+
+`center_cosine(unit_embeddings, weight, index, gradient)` returns cos(theta) between the (already unit) gathered
+embeddings and the scored centers: every row of `weight`, or the rows `index`. It never builds `normalize(weight)`:
+the logits are `x @ w.T` scaled by each center's inverse norm (a C-vector), and backward uses the closed form
+
+    d cos_bc / d w_c = (x_b - cos_bc * w_c / |w_c|) / |w_c|
+    grad w_c = (sum_b G_bc x_b) / |w_c| - (sum_b G_bc cos_bc) w_c / |w_c|^2
+
+so at a sample rate of 1 the only center-sized tensor a step creates is the gradient itself (a plain full FC's
+cost), where `F.linear(x, F.normalize(w))` creates three (the normalized table, its gradient, and the gradient
+through the norm). The gradient equals the normalize-then-multiply formulation's (tests/unit/test_head_rows.py, in
+float64); rounding differs in the last bits. The cosines are clamped to [-1, 1] (rounding can take a cosine of
+unit vectors a few ulps past 1) and the gradient passes the clamp: the clamp's own gradient would be zero only
+where the cosine is +-1, where the head's gradient vanishes anyway (there the embedding is parallel to the center,
+and both `x - cos w/|w|` and the embedding normalization's projection are zero). Forward keeps one N x C tensor
+(the cosines, returned and saved); backward works in chunks of centers, so its only N x C tensor is the incoming
+gradient.
+
+`gradient` says what the table's gradient is when `index` picks rows:
+
+* ``"dense"``: a table-sized tensor, zero on unsampled rows (what `weight[index]` gives; insightface Partial FC v2:
+  the optimizer then visits every row);
+* ``"sparse"``: a sparse COO tensor holding the sampled rows only (no table-sized tensor; what `head.update:
+  lazy | sparse` feed to `trainer.row_sgd.RowSGD`).
+
+Rows of any shape (class, ..., E) work (sub-center ArcFace's (C, K, E) gives cosines (N, C, K)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+Gradient = Literal["dense", "sparse"]
+# Rows re-read per chunk in backward: bounds the temporary to CHUNK x E instead of the sampled table's size.
+CHUNK = 1 << 12
+NORM_EPS = 1e-12  # as F.normalize
+
+
+class _CenterCosine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, unit: Tensor, weight: Tensor, index: Tensor | None, gradient: Gradient) -> Tensor:
+        row_shape = weight.shape if index is None else (index.numel(), *weight.shape[1:])
+        embedding = unit.shape[1]
+        num_rows = math.prod(row_shape[:-1])  # centers (x K sub-centers)
+        per_class = max(1, num_rows // max(1, row_shape[0]))
+        flat_weight = weight.reshape(-1, embedding) if index is None else None
+        # Computed as (R, N), center-major, in chunks of centers: each chunk's rows are read once, from memory,
+        # for their norms and their dot products, and scaled and clamped while in cache; no gathered copy of the
+        # sampled rows. The (N, R) result is its transpose (a view): downstream ops take either layout.
+        cos_t = unit.new_empty(num_rows, unit.shape[0])
+        inv_norm = unit.new_empty(num_rows)
+        for lo, hi, chunk in _chunks(weight, flat_weight, index, num_rows, per_class, embedding, unit.dtype):
+            torch.linalg.vector_norm(chunk, dim=1, out=inv_norm[lo:hi])
+            inv_norm[lo:hi].clamp_min_(NORM_EPS).reciprocal_()
+            torch.mm(chunk, unit.t(), out=cos_t[lo:hi])
+            cos_t[lo:hi].mul_(inv_norm[lo:hi].unsqueeze(1)).clamp_(-1.0, 1.0)
+        cos = cos_t.t()
+        ctx.save_for_backward(unit, weight, index, cos, inv_norm)
+        ctx.gradient, ctx.row_shape = gradient, torch.Size(row_shape)
+        return cos.view(unit.shape[0], *rows_shape_without_e(ctx.row_shape))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        unit, weight, index, cos, inv_norm = ctx.saved_tensors
+        num_rows, embedding = cos.shape[1], unit.shape[1]
+        grad_out = grad_out.reshape(cos.shape)
+        grad_unit = unit.new_zeros(unit.shape) if ctx.needs_input_grad[0] else None
+        grad_rows = unit.new_empty(num_rows, embedding) if ctx.needs_input_grad[1] else None
+        flat_weight = weight.reshape(-1, embedding) if index is None else None
+        per_class = max(1, num_rows // max(1, ctx.row_shape[0]))  # sub-centers per class (1 for a plain head)
+        # Column chunks: every temporary is N x chunk or chunk x E; only the gradient is as large as the table.
+        for lo, hi, chunk in _chunks(weight, flat_weight, index, num_rows, per_class, embedding, unit.dtype):
+            c = cos[:, lo:hi]
+            g = grad_out[:, lo:hi] * inv_norm[lo:hi]
+            if grad_unit is not None:
+                grad_unit.addmm_(g, chunk)
+            if grad_rows is not None:
+                k = (g * c).sum(dim=0).mul_(inv_norm[lo:hi])  # sum_b G_bc cos_bc / |w_c|
+                torch.mm(g.t(), unit, out=grad_rows[lo:hi])
+                grad_rows[lo:hi].addcmul_(chunk, k.unsqueeze(1), value=-1.0)
+        grad_weight = None
+        if grad_rows is not None:
+            grad_rows = grad_rows.view(ctx.row_shape).to(weight.dtype)
+            if index is None:
+                grad_weight = grad_rows
+            elif ctx.gradient == "sparse":
+                grad_weight = torch.sparse_coo_tensor(
+                    index.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True, check_invariants=False
+                )
+            else:
+                grad_weight = weight.new_zeros(weight.shape).index_copy_(0, index, grad_rows)
+        return grad_unit, grad_weight, None, None
+
+
+def _chunks(
+    weight: Tensor,
+    flat_weight: Tensor | None,
+    index: Tensor | None,
+    num_rows: int,
+    per_class: int,
+    embedding: int,
+    dtype: torch.dtype,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """(lo, hi, rows lo:hi of the scored table as (hi - lo, E)) in chunks of about CHUNK rows, whole classes each."""
+    step = max(per_class, (CHUNK // per_class) * per_class)
+    for lo in range(0, num_rows, step):
+        hi = min(num_rows, lo + step)
+        if flat_weight is not None:
+            chunk = flat_weight[lo:hi]
+        else:
+            assert index is not None
+            chunk = weight.index_select(0, index[lo // per_class : hi // per_class]).reshape(-1, embedding)
+        yield lo, hi, chunk.to(dtype)
+
+
+def rows_shape_without_e(row_shape: torch.Size) -> tuple[int, ...]:
+    """(rows, ...) of a (rows, ..., E) table: the cosines' shape after the batch dimension."""
+    return tuple(row_shape[:-1])
+
+
+def center_cosine(
+    unit_embeddings: Tensor, weight: Tensor, index: Tensor | None, gradient: Gradient = "dense"
+) -> Tensor:
+    """cos(theta) (N, R, ...) of unit embeddings (N, E) with the centers `weight` (C, ..., E), or its rows `index`
+    (sorted, unique; R of them), clamped to [-1, 1]. See the module docstring for `gradient`."""
+    if unit_embeddings.dim() != 2 or weight.shape[-1] != unit_embeddings.shape[1]:
+        raise ValueError(
+            f"need unit embeddings (N, E) and centers (C, ..., E), got {tuple(unit_embeddings.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    return _CenterCosine.apply(unit_embeddings, weight, index, gradient)

@@ -1,0 +1,137 @@
+"""head.update: lazy gives dense's centers and momentum; sparse is Partial FC v1; each touches the sampled rows only.
+
+Driven by tests/head_steps.py: 240 steps of a 240-step schedule (20 warm-up steps, polynomial decay), lr 0.5,
+momentum 0.9, weight decay 5e-4, 20 % of 97 classes sampled per step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heads import list_heads
+from tests.head_steps import make_head, make_optimizer, run_steps, synced_state
+from trainer.row_sgd import RowSGD
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def _train(update: str, steps: int = 240, dtype: torch.dtype = torch.float64, **kwargs) -> dict[str, torch.Tensor]:
+    sync_every = kwargs.pop("lazy_sync_every", 100)
+    skip = kwargs.pop("skip", ())
+    micro_batches = kwargs.pop("micro_batches", 1)
+    fused = kwargs.pop("fused", False)
+    head = make_head(update=update, dtype=dtype, **kwargs)
+    optimizer = make_optimizer(head, lazy_sync_every=sync_every, fused=fused)
+    run_steps(head, optimizer, 0, steps, skip=skip, micro_batches=micro_batches)
+    return synced_state(head, optimizer)
+
+
+@pytest.mark.parametrize("sync_every", [1, 7, 1000], ids=["sync-every-step", "sync-every-7", "never-synced"])
+def test_lazy_equals_dense_in_float64(sync_every: int) -> None:
+    dense, lazy = _train("dense"), _train("lazy", lazy_sync_every=sync_every)
+    for key in ("weight", "momentum"):
+        assert _relative(lazy[key], dense[key]) < 1e-12, key
+    assert _relative(dense["weight"], make_head(update="dense").weight.detach()) > 0.1  # the centers did move
+
+
+def test_lazy_equals_dense_with_skipped_steps_and_gradient_accumulation() -> None:
+    options = {"skip": (3, 50, 51), "micro_batches": 2}
+    dense, lazy = _train("dense", **options), _train("lazy", lazy_sync_every=9, **options)
+    for key in ("weight", "momentum"):
+        assert _relative(lazy[key], dense[key]) < 1e-12, key
+
+
+def test_lazy_is_within_float32_rounding_of_dense() -> None:
+    """In float32 lazy rounds differently (one product per catch-up where dense rounds each step): it must be no
+    farther from the float64 result than dense float32 itself is (torch's fused kernel, the trainer's default)."""
+    exact = _train("dense")
+    dense32 = _train("dense", dtype=torch.float32, fused=True)
+    lazy32 = _train("lazy", dtype=torch.float32)
+    for key in ("weight", "momentum"):
+        dense_error, lazy_error = _relative(dense32[key], exact[key]), _relative(lazy32[key], exact[key])
+        assert 0 < dense_error < 1e-4
+        assert lazy_error <= 2 * dense_error, (key, lazy_error, dense_error)
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_every_head_lazy_equals_dense(name: str) -> None:
+    dense, lazy = _train("dense", steps=40, name=name), _train("lazy", steps=40, name=name, lazy_sync_every=6)
+    for key in ("weight", "momentum"):
+        assert _relative(lazy[key], dense[key]) < 1e-11, (name, key)
+
+
+def test_sparse_is_partial_fc_v1() -> None:
+    """Only the sampled centers and their momentum move, each by torch's SGD step on the sampled rows alone."""
+    head = make_head(update="sparse")
+    optimizer = make_optimizer(head)
+    reference = make_head(update="dense")
+    momentum = torch.zeros_like(reference.weight)
+    for step in range(30):
+        before = head.weight.detach().clone()
+        run_steps(head, optimizer, step, step + 1, total=30)
+        # Partial FC v1 by hand: the sampled rows as a parameter of their own, torch's SGD with their momentum.
+        index = head.last_sampled_index
+        torch.manual_seed(step * 31)
+        from tests.head_steps import batch
+
+        x, labels = batch(step, head.num_classes, torch.float64)
+        with torch.no_grad():
+            reference.weight.copy_(before)
+        reference(x, labels).backward()
+        rows = torch.nn.Parameter(before[index].clone())
+        rows.grad = reference.weight.grad[index]
+        sgd = torch.optim.SGD([rows], lr=optimizer.param_groups[0]["lr"], momentum=0.9, weight_decay=5e-4)
+        if step > 0:
+            sgd.state[rows]["momentum_buffer"] = momentum[index].clone()
+        sgd.step()
+        reference.weight.grad = None
+        expected = before.clone()
+        expected[index] = rows.detach()
+        momentum[index] = sgd.state[rows]["momentum_buffer"]
+        torch.testing.assert_close(head.weight.detach(), expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(optimizer.state[head.weight]["momentum_buffer"], momentum, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("update", ["lazy", "sparse"])
+def test_a_step_touches_only_the_sampled_rows(update: str) -> None:
+    """The gradient is a sparse tensor of the sampled rows; between syncs, unsampled rows keep their bytes."""
+    head = make_head(update=update, num_classes=200, sample_rate=0.1)
+    optimizer = make_optimizer(head, lazy_sync_every=1000)
+    run_steps(head, optimizer, 0, 3)
+    before = head.weight.detach().clone()
+    momentum = optimizer.state[head.weight]["momentum_buffer"].clone()
+    torch.manual_seed(5)
+    from tests.head_steps import batch
+
+    x, labels = batch(3, head.num_classes, torch.float64)
+    head(x, labels).backward()
+    assert head.weight.grad is not None and head.weight.grad.is_sparse
+    index = head.last_sampled_index
+    assert head.weight.grad._nnz() == index.numel() == 20
+    optimizer.step()
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[index] = False
+    assert torch.equal(head.weight.detach()[untouched], before[untouched])
+    assert torch.equal(optimizer.state[head.weight]["momentum_buffer"][untouched], momentum[untouched])
+    assert not torch.equal(head.weight.detach()[index], before[index])
+
+
+def test_sample_rate_one_is_the_same_in_every_mode() -> None:
+    dense = _train("dense", steps=20, sample_rate=1.0)
+    for update in ("lazy", "sparse"):
+        other = _train(update, steps=20, sample_rate=1.0)
+        for key in ("weight", "momentum"):
+            assert _relative(other[key], dense[key]) < 1e-14, (update, key)
+
+
+def test_the_optimizer_refuses_what_it_cannot_do() -> None:
+    head = make_head()
+    with pytest.raises(ValueError, match="rows must be one of"):
+        RowSGD([{"params": [head.weight], "rows": "eager"}], lr=0.1)
+    with pytest.raises(ValueError, match="one table and plain SGD"):
+        RowSGD([{"params": [head.weight], "rows": "lazy", "nesterov": True}], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="sync_every must be >= 1"):
+        RowSGD([head.weight], lr=0.1, sync_every=0)
