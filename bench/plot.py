@@ -43,7 +43,10 @@ def tiny_results() -> dict[str, Any]:
 
 
 def label(row: dict[str, Any]) -> str:
-    return "full FC (Linear + CE)" if row["head"] == "full_fc" else f"Partial FC, sample rate {row['sample_rate']:g}"
+    if row["head"] == "full_fc":
+        return "full FC (Linear + CE)"
+    update = f", {row['update']}" if row.get("update") and row["sample_rate"] < 1 else ""  # head.update
+    return f"Partial FC, sample rate {row['sample_rate']:g}{update}"
 
 
 def series(runs: Sequence[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:

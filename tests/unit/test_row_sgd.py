@@ -135,3 +135,28 @@ def test_the_optimizer_refuses_what_it_cannot_do() -> None:
         RowSGD([{"params": [head.weight], "rows": "lazy", "nesterov": True}], lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="sync_every must be >= 1"):
         RowSGD([head.weight], lr=0.1, sync_every=0)
+
+
+def test_an_fp16_overflow_moves_no_center() -> None:
+    """GradScaler unscales the sparse row gradient, finds the inf and skips the step: no center, no momentum moves,
+    and the lazy bookkeeping does not advance (the next steps still equal dense's)."""
+    head = make_head(update="lazy", dtype=torch.float32)
+    optimizer = make_optimizer(head, lazy_sync_every=1000)
+    run_steps(head, optimizer, 0, 3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = synced_state(head, optimizer)
+    pending = optimizer._lazy[head.weight].pending  # type: ignore[attr-defined]
+    from tests.head_steps import batch
+
+    x, labels = batch(3, head.num_classes, torch.float32)
+    scaler.scale(head(x, labels)).backward()
+    assert head.weight.grad is not None and head.weight.grad.is_sparse
+    head.weight.grad._values()[0, 0] = float("inf")  # an fp16 overflow in the head's rows
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**16  # the overflow was seen
+    optimizer.zero_grad(set_to_none=True)
+    after = synced_state(head, optimizer)
+    assert optimizer._lazy[head.weight].pending == pending  # type: ignore[attr-defined]
+    for key in ("weight", "momentum"):
+        assert torch.equal(after[key], before[key]), key
