@@ -334,6 +334,84 @@ def count_bytes(
     }
 
 
+PAIRS = (
+    # (head, rate, update) against (head, rate, update): the issue's ratios
+    (("partial_fc", 1.0, "dense"), ("full_fc", 1.0, "dense")),
+    (("partial_fc", 0.1, "lazy"), ("partial_fc", 0.1, "dense")),
+    (("partial_fc", 0.1, "sparse"), ("partial_fc", 0.1, "dense")),
+)
+
+
+def run_paired(base: dict[str, Any], pairs: int) -> list[dict[str, Any]]:
+    """Step-time ratios measured side by side: both heads in this process, their steps alternated (A B B A ...,
+    so that drift on a shared machine cancels), `pairs` pairs after one warm-up step each; median and quartiles
+    of the per-pair ratios. Lazy's full catch-up runs where it falls (every `lazy_sync_every` steps) and its share
+    is added as in `run_one`."""
+    device = torch.device(base["device"])
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch, embedding, classes = base["batch_size"], base["embedding_size"], base["num_classes"]
+    embeddings = torch.randn(batch, embedding, device=device, generator=generator).requires_grad_()
+    labels = torch.randint(0, classes, (batch,), device=device, generator=generator)
+    rows = []
+    for first, second in PAIRS:
+        configs = [{**base, "head": h, "sample_rate": r, "update": u} for h, r, u in (first, second)]
+        built = [(build_head(c, device), c) for c in configs]
+        steppers = []
+        for head, config in built:
+            optimizer = build_optimizer(config, head)
+
+            def step(head: nn.Module = head, optimizer: torch.optim.Optimizer = optimizer) -> float:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                head(embeddings, labels).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=base["grad_to_none"])
+                embeddings.grad = None
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return time.perf_counter() - start
+
+            step()  # warm-up
+            steppers.append((step, optimizer, config))
+        measured = []
+        for i in range(pairs):
+            order = (0, 1) if i % 2 == 0 else (1, 0)
+            times = [0.0, 0.0]
+            for which in order:
+                times[which] = steppers[which][0]()
+            measured.append(times)
+        amortized = [0.0, 0.0]
+        for which, (_, optimizer, config) in enumerate(steppers):  # lazy: the full catch-up's share, as run_one
+            if isinstance(optimizer, RowSGD) and config["update"] == "lazy" and config["sample_rate"] < 1:
+                start = time.perf_counter()
+                optimizer.sync_rows()
+                config["sync_s"] = time.perf_counter() - start
+                amortized[which] = config["sync_s"] / config["lazy_sync_every"]
+        ratios = [(a + amortized[0]) / (b + amortized[1]) for a, b in measured]
+        del built, steppers
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        rows.append(
+            {
+                "num_classes": classes,
+                "a": _label(configs[0]),
+                "b": _label(configs[1]),
+                "pairs": pairs,
+                "ratio_median": statistics.median(ratios),
+                "ratio_q1": quartiles[0],
+                "ratio_q3": quartiles[2],
+                "a_sync_s": configs[0].get("sync_s", 0.0),
+                "lazy_sync_every": base["lazy_sync_every"],
+            }
+        )
+        console.print(
+            f"{rows[-1]['a']} / {rows[-1]['b']}, {classes:,} classes: {rows[-1]['ratio_median']:.3f} "
+            f"[{rows[-1]['ratio_q1']:.3f}, {rows[-1]['ratio_q3']:.3f}] over {pairs} pairs",
+            markup=False,
+        )
+    return rows
+
+
 def run_isolated(config: dict[str, Any], timeout: float) -> dict[str, Any]:
     """``run_one`` in a fresh process: memory measured from a clean start, a failure (out of memory) contained."""
     command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(config)]
@@ -399,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="count the bytes the head optimizer and the whole step read and write (one more step)")
     parser.add_argument("--fit-network", help="also say how many classes fit on 80 and 141 GB GPUs beside this "
                         "backbone (e.g. r50), from the measured bytes per class")
+    parser.add_argument("--paired", type=int, default=0,
+                        help="also measure step-time ratios side by side in this process, this many alternated "
+                             "pairs: Partial FC 1 / full FC, lazy / dense and sparse / dense at 0.1 (default: off)")
+    parser.add_argument("--paired-only", action="store_true", help="only the --paired measurement")
     parser.add_argument("--fit-batch", type=int, default=128, help="the backbone's batch for --fit-network")
     parser.add_argument("--no-full-fc", action="store_true", help="leave out the plain Linear + cross-entropy head")
     parser.add_argument("--batch-size", type=int, default=128, help="embeddings per step (default 128)")
@@ -432,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for config in configurations(args, device):
+    for config in [] if args.paired_only else configurations(args, device):
         need, free = estimated_bytes(config), available_bytes(device)
         if need > 0.7 * free:
             why = f"skipped: needs ~{need / 2**30:.1f} GiB (estimate), {free / 2**30:.1f} GiB available, 70 % allowed"
@@ -450,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "minimum_bytes_per_class": minimum_bytes_per_class(args.embedding_size),
         "results": rows,
     }
+    if args.paired:
+        base = {**configurations(args, device)[0], "head": "partial_fc"}
+        results["paired"] = []
+        for classes in args.classes:
+            results["paired"] += run_paired({**base, "num_classes": classes}, args.paired)
     if args.fit_network and any("peak_bytes_per_class" in row for row in rows):
         results["fit"] = classes_that_fit(results, args.fit_network, args.fit_batch)
     _print(results)
@@ -516,6 +603,8 @@ def _progress(row: dict[str, Any]) -> None:
 
 def _print(results: dict[str, Any]) -> None:
     rows = results["results"]
+    if not rows:
+        return  # --paired-only: printed as measured
     first = rows[0]
     title = (
         f"head step (forward + backward + SGD), batch {first['batch_size']}, {first['embedding_size']}-d, "

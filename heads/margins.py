@@ -123,8 +123,12 @@ class MarginSoftmax(nn.Module):
             return cos_theta + (target - cos_theta).detach()
         return target
 
-    def forward(self, cos_theta: Tensor, labels: Tensor) -> Tensor:
-        """Return scaled logits (N, C): the margin at ``labels`` (-1 = none in this row), ``s * cos`` elsewhere."""
+    def forward(self, cos_theta: Tensor, labels: Tensor, reuse_grad: bool = False) -> Tensor:
+        """Return scaled logits (N, C): the margin at ``labels`` (-1 = none in this row), ``s * cos`` elsewhere.
+
+        ``reuse_grad``: backward may scale the incoming gradient in place. Only for a caller whose logits go to one
+        consumer that hands over its gradient buffer (Partial FC's cross-entropy): saves an N x C tensor per step.
+        """
         if cos_theta.dim() != 2:
             raise ValueError(f"cos_theta must be 2-D (N, C), got shape {tuple(cos_theta.shape)}")
         if labels.shape != (cos_theta.shape[0],):
@@ -142,7 +146,7 @@ class MarginSoftmax(nn.Module):
         def targets(cos_target: Tensor) -> Tensor:
             return torch.where(has_target, self.target_logit(cos_target), cos_target)
 
-        return margin_logits(cos_theta, column, self.s, targets)
+        return margin_logits(cos_theta, column, self.s, targets, reuse_grad)
 
     def extra_repr(self) -> str:
         return (
@@ -171,18 +175,21 @@ class _MarginLogits(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor]) -> Tensor:
+    def forward(
+        ctx: Any, cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor], reuse_grad: bool
+    ) -> Tensor:
+        ctx.reuse_grad = reuse_grad
         with torch.enable_grad():
             cos_target = cos.detach().gather(1, column).requires_grad_()
             new_target = targets(cos_target)
         ctx.save_for_backward(column)
         ctx.graph, ctx.s = (cos_target, new_target), s
-        logits = cos * s
+        logits = cos * s  # kept apart: the cosines are saved for their own backward (heads.rows)
         return logits.scatter_(1, column, new_target.detach() * s)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         (column,) = ctx.saved_tensors
         cos_target, new_target = ctx.graph
         grad_target = grad.gather(1, column) * ctx.s
@@ -193,10 +200,15 @@ class _MarginLogits(torch.autograd.Function):
             )
         if grad_cos_target is None:  # a target that does not depend on the cosine (constant)
             grad_cos_target = torch.zeros_like(grad_target)
-        return (grad * ctx.s).scatter_(1, column, grad_cos_target), None, None, None
+        # contiguous: an expanded gradient (stride 0) cannot be scaled in place
+        scaled = grad.mul_(ctx.s) if ctx.reuse_grad and grad.is_contiguous() else grad * ctx.s
+        return scaled.scatter_(1, column, grad_cos_target), None, None, None, None
 
 
-def margin_logits(cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor]) -> Tensor:
+def margin_logits(
+    cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor], reuse_grad: bool = False
+) -> Tensor:
     """``s * cos`` (N, C) with each row's ``column`` (N, 1) replaced by ``s * targets(cos[row, column])``: the
-    margin step of every head, with one N x C tensor made in forward and one in backward (`_MarginLogits`)."""
-    return _MarginLogits.apply(cos, column, s, targets)
+    margin step of every head, with one N x C tensor made in forward and one in backward (none with
+    ``reuse_grad``: see `MarginSoftmax.forward`)."""
+    return _MarginLogits.apply(cos, column, s, targets, reuse_grad)

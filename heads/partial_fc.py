@@ -261,7 +261,8 @@ class PartialFC(nn.Module):
 
     def logits(self, cos_theta: Tensor, labels: Tensor, embeddings: Tensor) -> Tensor:
         """Scaled, margined logits from the cosines; ``embeddings`` are the gathered ones, not normalized."""
-        return self.margin(cos_theta, labels)
+        # The logits go to the cross-entropy alone, whose backward hands over its buffer: reused in place.
+        return self.margin(cos_theta, labels, reuse_grad=True)
 
     def extra_loss(self, embeddings: Tensor) -> Tensor | None:
         """A term added to the loss (MagFace's regularizer); identical on every rank. None: nothing."""

@@ -14,9 +14,9 @@ through the norm). The gradient equals the normalize-then-multiply formulation's
 float64); rounding differs in the last bits. The cosines are clamped to [-1, 1] (rounding can take a cosine of
 unit vectors a few ulps past 1) and the gradient passes the clamp: the clamp's own gradient would be zero only
 where the cosine is +-1, where the head's gradient vanishes anyway (there the embedding is parallel to the center,
-and both `x - cos w/|w|` and the embedding normalization's projection are zero). Forward keeps one N x C tensor
-(the cosines, returned and saved); backward works in chunks of centers, so its only N x C tensor is the incoming
-gradient.
+and both `x - cos w/|w|` and the embedding normalization's projection are zero). Forward makes one N x C tensor (the
+cosines, returned and kept for backward) and reads each chunk of the table once; backward works chunk by chunk too,
+so its only N x C tensor is the incoming gradient.
 
 `gradient` says what the table's gradient is when `index` picks rows:
 
@@ -39,8 +39,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 Gradient = Literal["dense", "sparse"]
-# Rows re-read per chunk in backward: bounds the temporary to CHUNK x E instead of the sampled table's size.
-CHUNK = 1 << 12
+# Centers per chunk of forward and backward: large enough for efficient matrix products, small enough that a
+# chunk's N x CHUNK results stay in cache while they are scaled; sampled rows are gathered in smaller chunks.
+CHUNK = 1 << 14
+GATHER_CHUNK = 1 << 12
 NORM_EPS = 1e-12  # as F.normalize
 
 
@@ -52,20 +54,20 @@ class _CenterCosine(torch.autograd.Function):
         num_rows = math.prod(row_shape[:-1])  # centers (x K sub-centers)
         per_class = max(1, num_rows // max(1, row_shape[0]))
         flat_weight = weight.reshape(-1, embedding) if index is None else None
-        # Computed as (R, N), center-major, in chunks of centers: each chunk's rows are read once, from memory,
-        # for their norms and their dot products, and scaled and clamped while in cache; no gathered copy of the
-        # sampled rows. The (N, R) result is its transpose (a view): downstream ops take either layout.
-        cos_t = unit.new_empty(num_rows, unit.shape[0])
+        # In chunks of centers: each chunk's rows are read once, from memory, for their norms and their dot
+        # products, and scaled and clamped while in cache; no gathered copy of the sampled rows as a whole.
+        cos = unit.new_empty(unit.shape[0], num_rows)
         inv_norm = unit.new_empty(num_rows)
         for lo, hi, chunk in _chunks(weight, flat_weight, index, num_rows, per_class, embedding, unit.dtype):
             torch.linalg.vector_norm(chunk, dim=1, out=inv_norm[lo:hi])
             inv_norm[lo:hi].clamp_min_(NORM_EPS).reciprocal_()
-            torch.mm(chunk, unit.t(), out=cos_t[lo:hi])
-            cos_t[lo:hi].mul_(inv_norm[lo:hi].unsqueeze(1)).clamp_(-1.0, 1.0)
-        cos = cos_t.t()
+            block = cos[:, lo:hi]
+            torch.mm(unit, chunk.t(), out=block)
+            block.mul_(inv_norm[lo:hi]).clamp_(-1.0, 1.0)
         ctx.save_for_backward(unit, weight, index, cos, inv_norm)
         ctx.gradient, ctx.row_shape = gradient, torch.Size(row_shape)
-        return cos.view(unit.shape[0], *rows_shape_without_e(ctx.row_shape))
+        shape = rows_shape_without_e(ctx.row_shape)
+        return cos if len(shape) == 1 else cos.view(unit.shape[0], *shape)  # not a view when it need not be one
 
     @staticmethod
     @once_differentiable
@@ -74,21 +76,20 @@ class _CenterCosine(torch.autograd.Function):
         num_rows, embedding = cos.shape[1], unit.shape[1]
         grad_out = grad_out.reshape(cos.shape)
         grad_unit = unit.new_zeros(unit.shape) if ctx.needs_input_grad[0] else None
-        grad_rows = unit.new_empty(num_rows, embedding) if ctx.needs_input_grad[1] else None
+        grad_rows = unit.new_empty(num_rows, embedding)
         flat_weight = weight.reshape(-1, embedding) if index is None else None
         per_class = max(1, num_rows // max(1, ctx.row_shape[0]))  # sub-centers per class (1 for a plain head)
-        # Column chunks: every temporary is N x chunk or chunk x E; only the gradient is as large as the table.
+        # Every temporary is N x chunk or chunk x E; only the gradient is as large as the table.
         for lo, hi, chunk in _chunks(weight, flat_weight, index, num_rows, per_class, embedding, unit.dtype):
-            c = cos[:, lo:hi]
-            g = grad_out[:, lo:hi] * inv_norm[lo:hi]
+            g = grad_out[:, lo:hi] * inv_norm[lo:hi]  # G / |w|
             if grad_unit is not None:
                 grad_unit.addmm_(g, chunk)
-            if grad_rows is not None:
-                k = (g * c).sum(dim=0).mul_(inv_norm[lo:hi])  # sum_b G_bc cos_bc / |w_c|
-                torch.mm(g.t(), unit, out=grad_rows[lo:hi])
-                grad_rows[lo:hi].addcmul_(chunk, k.unsqueeze(1), value=-1.0)
+            k = (g * cos[:, lo:hi]).sum(dim=0).mul_(inv_norm[lo:hi])  # sum_b G_bc cos_bc / |w_c|
+            rows = grad_rows[lo:hi]
+            torch.mm(g.t(), unit, out=rows)
+            rows.addcmul_(chunk, k.unsqueeze(1), value=-1.0)  # grad w_c = sum_b G_bc x_b / |w_c| - k_c w_c
         grad_weight = None
-        if grad_rows is not None:
+        if ctx.needs_input_grad[1]:
             grad_rows = grad_rows.view(ctx.row_shape).to(weight.dtype)
             if index is None:
                 grad_weight = grad_rows
@@ -109,9 +110,12 @@ def _chunks(
     per_class: int,
     embedding: int,
     dtype: torch.dtype,
+    size: int = 0,
 ) -> Iterator[tuple[int, int, Tensor]]:
-    """(lo, hi, rows lo:hi of the scored table as (hi - lo, E)) in chunks of about CHUNK rows, whole classes each."""
-    step = max(per_class, (CHUNK // per_class) * per_class)
+    """(lo, hi, rows lo:hi of the scored table as (hi - lo, E)) in chunks of about `size` rows, whole classes each;
+    by default CHUNK (views of the table) or GATHER_CHUNK (copies of sampled rows: they count in the peak)."""
+    rows = size or (CHUNK if flat_weight is not None else GATHER_CHUNK)
+    step = max(per_class, (rows // per_class) * per_class)
     for lo in range(0, num_rows, step):
         hi = min(num_rows, lo + step)
         if flat_weight is not None:

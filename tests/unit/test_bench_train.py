@@ -57,7 +57,7 @@ def speed(folder: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def head_scaling(folder: Path) -> dict[str, Any]:
-    return _run("head_scaling.py", folder, "--tiny")
+    return _run("head_scaling.py", folder, "--tiny", "--count-bytes", "--paired", "2", "--fit-network", "r_lite")
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +132,32 @@ def test_speed_measures_each_switch_against_the_default(speed: dict[str, Any]) -
 
 def test_head_scaling_covers_every_head_and_size(head_scaling: dict[str, Any]) -> None:
     rows = head_scaling["results"]
-    seen = {(row["head"], row["sample_rate"], row["num_classes"]) for row in rows}
-    assert seen == {(head, rate, classes) for classes in (1000, 4000)
-                    for head, rate in (("partial_fc", 1.0), ("partial_fc", 0.1), ("full_fc", 1.0))}
+    seen = {(row["head"], row["sample_rate"], row["update"], row["num_classes"]) for row in rows}
+    heads = [("partial_fc", 1.0, "dense")] + [("partial_fc", 0.1, u) for u in ("dense", "lazy", "sparse")]
+    assert seen == {(*head, classes) for classes in (1000, 4000) for head in [*heads, ("full_fc", 1.0, "dense")]}
     assert head_scaling["minimum_bytes_per_class"] == 32 * 4 * 2  # --tiny: 32-d, fp32 center + momentum
     for row in rows:
         minimum = row["num_classes"] * head_scaling["minimum_bytes_per_class"]
         assert row["peak_vs_minimum"] == pytest.approx(row["peak_bytes"] / minimum)
         assert row["samples_per_s"] == pytest.approx(row["batch_size"] / row["step_s_median"])
+    # Bytes moved (a count, not a timing): the head optimizer's step follows the sampled rows in lazy and sparse.
+    by_update = {row["update"]: row for row in rows if row["sample_rate"] == 0.1 and row["num_classes"] == 4000}
+    assert 0 < by_update["sparse"]["optimizer_bytes_per_step"] < by_update["dense"]["optimizer_bytes_per_step"] / 2
+    assert by_update["sparse"]["optimizer_bytes_per_step"] < by_update["lazy"]["optimizer_bytes_per_step"]
+    assert by_update["lazy"]["optimizer_bytes_per_step"] < by_update["dense"]["optimizer_bytes_per_step"] / 2
+    paired = head_scaling["paired"]
+    assert [(p["num_classes"], p["a"], p["b"]) for p in paired] == [
+        (classes, a, b)
+        for classes in (1000, 4000)
+        for a, b in (
+            ("Partial FC 1", "full FC"),
+            ("Partial FC 0.1 lazy", "Partial FC 0.1 dense"),
+            ("Partial FC 0.1 sparse", "Partial FC 0.1 dense"),
+        )
+    ]
+    assert all(p["ratio_median"] > 0 and p["pairs"] == 2 for p in paired)
+    fit = head_scaling["fit"]
+    assert fit["network"] == "r_lite" and fit["backbone"]["bytes"] > 0
 
 
 def test_head_scaling_isolated_peak_counts_the_kept_tensors(folder: Path) -> None:
@@ -218,8 +236,10 @@ def test_plot_draws_head_scaling_results(folder: Path, head_scaling: dict[str, A
     png = folder / "scaling.png"
     summary = _run("plot.py", folder, str(folder / "head_scaling.json"), "--png", str(png), out="plot.json")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(summary["series"]) == {"Partial FC, sample rate 1", "Partial FC, sample rate 0.1",
-                                      "full FC (Linear + CE)"}
+    assert set(summary["series"]) == {
+        "Partial FC, sample rate 1", "full FC (Linear + CE)",
+        *(f"Partial FC, sample rate 0.1, {update}" for update in ("dense", "lazy", "sparse")),
+    }
     for points in summary["series"].values():
         assert [point["num_classes"] for point in points] == [1000, 4000]
     assert summary["left_out"] == []
