@@ -114,24 +114,28 @@ class RowSGD(torch.optim.SGD):
         group = next(g for g in self.param_groups if g["params"][0] is param and g["rows"] == "lazy")
         buf = self._buffer(param, group["momentum"])
         products = lazy.products.to(lazy.device, param.dtype)
-        rows = index if index is not None else None
-        total = param.shape[0] if rows is None else rows.numel()
+        shape = (-1,) + (1,) * (param.dim() - 1)
+        total = param.shape[0] if index is None else index.numel()
         for lo in range(0, total, CHUNK):
             hi = min(total, lo + CHUNK)
-            idx = torch.arange(lo, hi, device=param.device) if rows is None else rows[lo:hi]
-            coef = products[lazy.row_step[idx]]  # (n, 2, 2)
-            shape = (-1,) + (1,) * (param.dim() - 1)
-            w = param.index_select(0, idx)
-            if buf is None:
-                param.index_copy_(0, idx, w.mul_(coef[:, 0, 0].view(shape)))
+            # All rows: slices of the table, updated in place; some rows: gathered, updated, written back.
+            rows = None if index is None else index[lo:hi]
+            part: slice | Tensor = slice(lo, hi) if rows is None else rows
+            coef = products[lazy.row_step[part]]  # (n, 2, 2)
+            w = param[part] if rows is None else param.index_select(0, rows)
+            b = None if buf is None else buf[part] if rows is None else buf.index_select(0, rows)
+            new_w = w * coef[:, 0, 0].view(shape)
+            if b is not None:
+                new_w += b * coef[:, 0, 1].view(shape)
+                b.mul_(coef[:, 1, 1].view(shape)).add_(w * coef[:, 1, 0].view(shape))
+            if rows is None:
+                w.copy_(new_w)  # b, a slice of the buffer, is already in place
             else:
-                b = buf.index_select(0, idx)
-                new_w = w * coef[:, 0, 0].view(shape) + b * coef[:, 0, 1].view(shape)
-                b.mul_(coef[:, 1, 1].view(shape)).add_(w.mul_(coef[:, 1, 0].view(shape)))
-                param.index_copy_(0, idx, new_w)
-                buf.index_copy_(0, idx, b)
-            lazy.row_step[idx] = lazy.pending
-        if rows is None:
+                param.index_copy_(0, rows, new_w)
+                if buf is not None and b is not None:
+                    buf.index_copy_(0, rows, b)
+            lazy.row_step[part] = lazy.pending
+        if index is None:
             lazy.reset()
 
     def row_sync(self, param: Tensor) -> Any:
