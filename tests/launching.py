@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "e2e" / "tiny.yaml"
@@ -79,3 +81,20 @@ def train_directly(args: list[str], cache: Path, timeout: float = 300) -> subpro
         text=True,
         timeout=timeout,
     )
+
+
+def spawn_ranks(worker: Any, args: tuple[Any, ...], world_size: int, timeout_s: float) -> None:
+    """Run ``worker(rank, *args)`` in ``world_size`` spawned processes (torch.multiprocessing); a worker's exception
+    is re-raised here, and ranks still running after ``timeout_s`` are killed and fail the test: a hang in a
+    collective cannot block the suite."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=world_size, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout_s
+    # join() re-raises a worker's exception (and stops the other workers); poll so that a hang is bounded.
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} ranks did not finish within {timeout_s} s")

@@ -10,7 +10,6 @@ the parent compares. One process runs in the test process itself. The 2-rank spa
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from tests.heads_reference import SEED, head_cases, reference_step, state_of
+from tests.launching import spawn_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -193,19 +192,9 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str, checkpoint
 
 
 def _spawn(world_size: int, folder: Path, checkpoints: Path) -> list[dict[str, Any]]:
-    context = mp.start_processes(
-        _worker,
-        args=(world_size, str(folder / "rendezvous"), str(folder), str(checkpoints)),
-        nprocs=world_size,
-        start_method="spawn",
-        join=False,
+    spawn_ranks(
+        _worker, (world_size, str(folder / "rendezvous"), str(folder), str(checkpoints)), world_size, SPAWN_TIMEOUT_S
     )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} ranks did not finish within {SPAWN_TIMEOUT_S} s")
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

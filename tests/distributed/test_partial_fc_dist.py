@@ -7,7 +7,6 @@ computation (autograd + F.cross_entropy on the full class matrix).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from heads import MarginSoftmax, PartialFC
 from heads.distributed import all_gather_no_grad
+from tests.launching import spawn_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -84,20 +83,9 @@ def _spawn(world_size: int, cases: dict[str, dict[str, Any]], tmp_path: Path) ->
     """Run ``cases`` on ``world_size`` fresh processes (one spawn per world size: start-up dominates)."""
     cases_file = tmp_path / "cases.pt"
     torch.save(cases, cases_file)
-    context = mp.start_processes(
-        _worker,
-        args=(world_size, str(tmp_path / "rendezvous"), str(cases_file), str(tmp_path)),
-        nprocs=world_size,
-        start_method="spawn",
-        join=False,
+    spawn_ranks(
+        _worker, (world_size, str(tmp_path / "rendezvous"), str(cases_file), str(tmp_path)), world_size, SPAWN_TIMEOUT_S
     )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    # join() re-raises a worker's exception (and stops the other workers); poll so a hang cannot block the suite.
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} ranks did not finish within {SPAWN_TIMEOUT_S} s")
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
 
 

@@ -8,17 +8,16 @@ same batches and draw the same negatives, so their centers and momentum must agr
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from tests.head_steps import make_head, make_optimizer, run_steps, synced_state
+from tests.launching import spawn_ranks
 from trainer import checkpoint as ckpt
 from trainer.optim import head_rows_loaded, sync_head_rows
 
@@ -84,15 +83,7 @@ def _worker(rank: int, world_size: int, init_file: str, job: dict[str, Any]) -> 
 
 
 def _spawn(world_size: int, job: dict[str, Any], tmp: Path) -> None:
-    context = mp.start_processes(
-        _worker, args=(world_size, str(tmp / "rendezvous"), job), nprocs=world_size, start_method="spawn", join=False
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    spawn_ranks(_worker, (world_size, str(tmp / "rendezvous"), job), world_size, SPAWN_TIMEOUT_S)
 
 
 def _assert_equal(output: Path, world_size: int) -> None:
