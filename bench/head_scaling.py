@@ -232,6 +232,12 @@ class ByteCounter(TorchDispatchMode):
         return reads + writes
 
 
+def has_lazy_sync(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> bool:
+    """Whether this configuration's step leaves a full catch-up every lazy_sync_every steps (head.update lazy with
+    sampling), which is timed or counted apart and amortized."""
+    return isinstance(optimizer, RowSGD) and config.get("update") == "lazy" and config["sample_rate"] < 1
+
+
 def run_one(config: dict[str, Any]) -> dict[str, Any]:
     """Time ``config``'s head (warm-up + timed steps) and measure the memory it adds."""
     device = torch.device(config["device"])
@@ -269,7 +275,7 @@ def run_one(config: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
         probe.sample()
     sync_s = 0.0
-    if isinstance(optimizer, RowSGD) and config.get("update") == "lazy" and config["sample_rate"] < 1:
+    if has_lazy_sync(optimizer, config):
         # The full catch-up every lazy_sync_every steps: timed apart (a pass over the table), amortized below.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -320,7 +326,7 @@ def count_bytes(
         optimizer.zero_grad(set_to_none=config["grad_to_none"])
         embeddings.grad = None
         sync_bytes = 0.0
-        if isinstance(optimizer, RowSGD) and config.get("update") == "lazy" and config["sample_rate"] < 1:
+        if has_lazy_sync(optimizer, config):
             before = counter.bytes.get("optimizer", 0)
             optimizer.sync_rows()
             sync_bytes = (counter.bytes["optimizer"] - before) / config["lazy_sync_every"]
@@ -383,7 +389,7 @@ def run_paired(base: dict[str, Any], pairs: int) -> list[dict[str, Any]]:
             measured.append(times)
         amortized = [0.0, 0.0]
         for which, (_, optimizer, config) in enumerate(steppers):  # lazy: the full catch-up's share, as run_one
-            if isinstance(optimizer, RowSGD) and config["update"] == "lazy" and config["sample_rate"] < 1:
+            if has_lazy_sync(optimizer, config):
                 start = time.perf_counter()
                 optimizer.sync_rows()
                 config["sync_s"] = time.perf_counter() - start
