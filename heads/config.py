@@ -24,7 +24,7 @@ class HeadConfig:
     m3: float = 0.0
     # Fraction of this rank's class centers scored each step (every positive, plus random negatives); every head.
     sample_rate: float = 1.0
-    # How the centers move when sample_rate < 1 (docs/benchmarks.md, "Head update modes"): `dense`, insightface's
+    # How the centers move when sample_rate < 1 (README, "Partial FC at millions of classes"): `dense`, insightface's
     # Partial FC v2 (every center decays and follows its momentum every step: a table-sized gradient and pass);
     # `lazy`, the same result with SGD, each step touching only the sampled rows (the others caught up in closed
     # form when next sampled, and all of them every `lazy_sync_every` steps, at a checkpoint and at the end);

@@ -42,7 +42,7 @@ class PartialFC(nn.Module):
     disjoint and the softmax denominator just sums whatever columns each rank contributes; ranks only have to
     agree on the rows (the gathered batch), not on the columns.
 
-    ``update`` says how the centers move when ``sample_rate < 1`` (docs/benchmarks.md, "Head update modes"):
+    ``update`` says how the centers move when ``sample_rate < 1`` (README, "Partial FC at millions of classes"):
 
     * ``dense``: unsampled centers get an exact zero gradient (a table-sized tensor), so optimizers still visit
       them: SGD weight decay shrinks them (``w -= lr * wd * w``) and a momentum buffer keeps moving them
