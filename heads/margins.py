@@ -209,6 +209,7 @@ def margin_logits(
     cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor], reuse_grad: bool = False
 ) -> Tensor:
     """``s * cos`` (N, C) with each row's ``column`` (N, 1) replaced by ``s * targets(cos[row, column])``: the
-    margin step of every head, with one N x C tensor made in forward and one in backward (none with
-    ``reuse_grad``: see `MarginSoftmax.forward`)."""
+    combined margin's step (partial_fc, subcenter_arcface), with one N x C tensor made in forward and one in
+    backward (none with ``reuse_grad``: see `MarginSoftmax.forward`). The other heads still build their logits
+    with autograd's gather and scatter."""
     return _MarginLogits.apply(cos, column, s, targets, reuse_grad)
