@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +28,7 @@ from rich.logging import RichHandler
 
 from models.errors import EXIT_BAD_INPUT, InputError
 
-__all__ = ["OutputError", "atomic_output", "output_folder", "report_input_error", "setup_logging"]
+__all__ = ["OutputError", "atomic_output", "file_mode", "output_folder", "report_input_error", "setup_logging"]
 
 # Libraries whose INFO lines would drown the run's own.
 _NOISY_LOGGERS = ("DeepSpeed", "torch.distributed", "accelerate")
@@ -92,24 +94,43 @@ def output_folder(path: Path) -> Path:
     return path
 
 
+def file_mode() -> int:
+    """The permissions `open(path, "w")` gives a new file here: 0666 less the process umask (safetensors' writer and
+    `tempfile` create 0600 files; outputs should not differ from plainly written ones)."""
+    umask = os.umask(0)  # the only way to read it; set straight back (no file is created in between)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write; on success it is renamed to `path`, on any failure removed.
 
     A failed write (disk full, file too large, no permission) leaves neither a half-written `path` nor a temporary
-    file, and becomes an `OutputError` naming `path`. The parent folder is created if needed.
+    file, and becomes an `OutputError` naming `path`. The parent folder is created if needed. The temporary file is
+    created new (`O_EXCL`, a unique name), so a link planted beside `path` is never written through, and the rename
+    replaces a link at `path` instead of following it. The result has the mode of the file it replaces, or that of
+    a plainly written new file.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp: Path | None = None
     try:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             raise OutputError(f"{path}: is a folder, expected a file path")
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
+        mode = file_mode()
+        if path.is_file() and not path.is_symlink():
+            mode = stat.S_IMODE(path.stat().st_mode)  # rewriting a file keeps its permissions
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as err:
         raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # no folder to hold it (the error above says why)
-            pass
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # no folder to hold it (the error above says why)
+                pass

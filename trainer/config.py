@@ -315,11 +315,18 @@ def from_dict(
         raise ConfigError(f"{source}: {prefix}{exc}") from None
 
 
+def section_class(tp: type) -> type:
+    """The dataclass a section is parsed into: `tp`, or what its `resolve_section()` returns (a section whose keys
+    depend on what is registered, `models.recipe`)."""
+    resolve = getattr(tp, "resolve_section", None)
+    return resolve() if resolve is not None else tp
+
+
 def _coerce(tp: Any, value: Any, key: str, source: str, overridden: frozenset[str] = frozenset()) -> Any:
     origin = get_origin(tp)
     where = _where(source, key, overridden)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, source, prefix=f"{key}.", overridden=overridden)
+        return from_dict(section_class(tp), value, source, prefix=f"{key}.", overridden=overridden)
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
