@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models import build_backbone
+from models.registry import build_backbone
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models import register_backbone
+from models.registry import register_backbone
 
 __all__ = ["IBasicBlock", "IResNet"]
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models import BackboneOptionError, register_backbone
+from models.registry import BackboneOptionError, register_backbone
 
 __all__ = ["Bottleneck", "ConvUnit", "MobileFaceNet", "ResidualStage"]
 

@@ -26,7 +26,10 @@ HELP = "help"  # the metadata entry holding a key's one-line meaning
 
 
 def key(
-    default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None  # noqa: A002
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A recipe key: `default` (or `factory` for a list or section) and its one-line meaning."""
     if not help:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models import BackboneOptionError, register_backbone
+from models.registry import BackboneOptionError, register_backbone
 
 __all__ = ["Attention", "Block", "VisionTransformer"]
 

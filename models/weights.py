@@ -112,7 +112,7 @@ def load_weights_into(backbone: nn.Module, path: str | Path) -> dict[str, str]:
 
 def check_network(network: str, source: str | Path) -> None:
     """A `WeightsError` naming `source` when no backbone is registered as `network`."""
-    from models import list_backbones
+    from models.registry import list_backbones
 
     if network not in list_backbones():
         raise WeightsError(f"{source}: unknown network {network!r}; registered: {', '.join(list_backbones())}")
@@ -124,7 +124,7 @@ def infer_embedding_size(state: dict[str, torch.Tensor], network: str) -> int | 
     Builds `network` twice on the meta device (no memory, no init cost) with two probe sizes: the first tensor
     whose shape follows the size (the embedding layer) holds it, at the dimension that changed.
     """
-    from models import build_backbone
+    from models.registry import build_backbone
 
     probe_a, probe_b = 509, 511  # odd sizes that no width of a backbone equals by chance
     with torch.device("meta"):
@@ -145,7 +145,7 @@ def build_with_state(
 ) -> nn.Module:
     """This project's `network` with `embedding_size`-d embeddings holding `state` (checked key by key), in eval
     mode on the CPU."""
-    from models import build_backbone
+    from models.registry import build_backbone
 
     check_network(network, source)
     backbone = build_backbone(network, num_features=embedding_size)
