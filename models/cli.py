@@ -39,14 +39,35 @@ class OutputError(InputError):
     path that is a folder): the user's environment to fix, not a bug. The message names the path."""
 
 
+# A log record with this attribute set goes to the log file only (the end-of-run summary, already on the console
+# as a table): `logger.info(..., extra={FILE_ONLY: True})`.
+FILE_ONLY = "file_only"
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, FILE_ONLY, False)
+
+
+class _LogFile(logging.StreamHandler):  # type: ignore[type-arg]
+    """A log file opened by the caller (no-follow): closed with the handler."""
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            super().close()
+
+
 def setup_logging(is_main: bool = True, console: Console | None = None, log_file: Path | None = None) -> None:
-    """The root logger of a process: INFO through rich on the main process, WARNING elsewhere (other ranks).
+    """The root logger of a process: INFO on the main process, WARNING elsewhere (other ranks).
 
     `console`: where the lines go (default: a stderr console), the same console as a progress bar so that the two
-    do not overwrite each other. `log_file`: also written there, with times and logger names (main process only).
-    Called again, it replaces what it installed before. Handlers installed by others (a test harness's capture, a
-    program that calls a tool's `main`) are left alone, and then no console handler is added: they show the lines
-    already, and a second handler would print each line twice.
+    do not overwrite each other. On a terminal the lines are rich's; anywhere else (a log file of a batch job, a CI
+    capture) they are plain lines, never wrapped or cut, so a path in them stays whole. `log_file`: also written
+    there, with times and logger names (main process only), opened without following a symbolic link. Called
+    again, it replaces what it installed before. Handlers installed by others (a test harness's capture, a program
+    that calls a tool's `main`) are left alone, and then no console handler is added: they show the lines already,
+    and a second handler would print each line twice.
     """
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_arcface_setup", False)]:
@@ -54,13 +75,20 @@ def setup_logging(is_main: bool = True, console: Console | None = None, log_file
         handler.close()
     handlers: list[logging.Handler] = []
     if not root.handlers:
-        rich = RichHandler(
-            console=console or Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False
-        )
-        handlers.append(rich)
+        console = console or Console(stderr=True)
+        shown: logging.Handler
+        if console.is_terminal:
+            shown = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+        else:
+            shown = logging.StreamHandler(console.file)
+            shown.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        shown.addFilter(_not_file_only)
+        handlers.append(shown)
     if is_main and log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file)
+        # No symbolic link is followed: a planted `train.log -> elsewhere` is refused, not appended to.
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        file_handler = _LogFile(os.fdopen(fd, "a", encoding="utf-8"))
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(file_handler)
     for handler in handlers:

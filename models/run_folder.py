@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -328,8 +329,17 @@ class RunFolder:
 
     def append_line(self, path: Path, line: str) -> None:
         """Append one line to `path` (`metrics.jsonl`), opened without following a link."""
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:
-            os.write(fd, (line.rstrip("\n") + "\n").encode())
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            try:
+                os.write(fd, (line.rstrip("\n") + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
+
+    def publish_model(self, checkpoint: CheckpointFolder) -> Path:
+        """`model.safetensors` of a finished run: its final checkpoint's model file, copied atomically."""
+        with self.atomic(self.model) as tmp:
+            shutil.copyfile(checkpoint.model, tmp)
+        return self.model

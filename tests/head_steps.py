@@ -39,7 +39,8 @@ def make_head(
 
 def make_optimizer(head: Any, lazy_sync_every: int = 100, fused: bool = False, **optim: Any) -> torch.optim.Optimizer:
     cfg = OptimConfig(**{"lr": 0.5, "momentum": 0.9, "weight_decay": 5e-4, **optim})
-    return build_optimizer(cfg, (head, 1.0), fused=fused, lazy_sync_every=lazy_sync_every)
+    head.lazy_sync_every = lazy_sync_every  # the head owns it (head.lazy_sync_every); the optimizer reads it there
+    return build_optimizer(cfg, (head, 1.0), fused=fused)
 
 
 def batch(step: int, num_classes: int, dtype: torch.dtype, rank: int = 0, world_size: int = 1) -> tuple[Any, Any]:

@@ -34,15 +34,14 @@ Resume: `find_resumable(output)` (the newest checkpoint, which must be complete 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import re
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,19 +50,39 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from heads.base import Head
-from models.errors import InputError
+from models.cli import file_mode
+from models.run_folder import CHECKPOINTS, CheckpointError, CheckpointFolder, RunFolder
+
+if TYPE_CHECKING:
+    from trainer.state import Stateful
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_LEFTOVERS = (".tmp-step-*", ".trash-step-*")  # an interrupted save, an interrupted delete
+__all__ = [
+    "CHECKPOINTS",
+    "CheckpointError",
+    "Checkpointer",
+    "check_resumable",
+    "find_resumable",
+    "list_checkpoints",
+    "load_checkpoint",
+    "model_metadata",
+    "remove_leftovers",
+    "save_checkpoint",
+    "save_model",
+    "verify_manifest",
+]
+
 GLOBAL_PREFIX = "global::"  # a head's global state in its shard files
 MODEL_METADATA_INPUT = "RGB 112x112, (x/255 - 0.5) / 0.5"
 
 
-class CheckpointError(InputError, RuntimeError):
-    """A checkpoint that cannot be used; the message names the folder and file."""
+def _run(output: RunFolder | Path) -> RunFolder:
+    return output if isinstance(output, RunFolder) else RunFolder(output)
+
+
+def _folder(path: CheckpointFolder | Path) -> CheckpointFolder:
+    return path if isinstance(path, CheckpointFolder) else CheckpointFolder(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,42 +100,14 @@ def model_metadata(network: str, embedding_size: int) -> dict[str, str]:
 
 
 def save_model(path: Path, backbone: nn.Module, metadata: dict[str, str]) -> None:
-    """Write the backbone's state dict as `model.safetensors` atomically (temporary file, then rename)."""
+    """Write the backbone's state dict as `model.safetensors` (inside a checkpoint folder being written: the
+    folder's rename makes it appear; elsewhere use `models.cli.atomic_output`)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
-
-
-def file_mode() -> int:
-    """The permissions `open(path, "w")` gives a new file here: 0666 less the process umask. safetensors' writer
-    creates its files 0600, JSON written with `open` gets this; a checkpoint's files should not differ."""
-    umask = os.umask(0)  # the only way to read it; set straight back (no file is created in between)
-    os.umask(umask)
-    return 0o666 & ~umask
+    save_file(tensors, str(path), metadata=metadata)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Saving
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path, step: int, world_size: int) -> None:
-    """Seal a checkpoint folder: sha256 of every file in it (sub-folders included), written last and synced."""
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    manifest = {"step": step, "world_size": world_size, "files": {f: _sha256(folder / f) for f in files}}
-    with (folder / "manifest.json").open("w") as fh:
-        json.dump(manifest, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 GroupRef = tuple[torch.optim.Optimizer, int]  # (optimizer, param-group index) holding one part's parameters
@@ -164,23 +155,22 @@ def _set_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(output: Path, **kwargs: Any) -> Path:
+def save_checkpoint(output: RunFolder | Path, **kwargs: Any) -> Path:
     """Write a checkpoint (`_write_checkpoint`); a write that fails (a full disk, a file-size limit, a folder in the
     way) leaves no partial folder and is a `CheckpointError` naming the checkpoint: the user's environment to fix.
     The previous checkpoints are untouched. In a multi-process run only the rank that failed raises."""
-    step = kwargs["step"]
+    step, run = kwargs["step"], _run(output)
     try:
-        return _write_checkpoint(output, **kwargs)
+        return _write_checkpoint(run, **kwargs)
     except (OSError, SafetensorError) as exc:
         if kwargs["rank"] == 0:
-            shutil.rmtree(output / CHECKPOINTS / f".tmp-step-{step:08d}", ignore_errors=True)
+            shutil.rmtree(run.temporary_checkpoint(step).path, ignore_errors=True)
         reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
-        final = output / CHECKPOINTS / f"step-{step:08d}"
-        raise CheckpointError(f"cannot write checkpoint {final}: {reason}") from None
+        raise CheckpointError(f"cannot write checkpoint {run.checkpoint(step).path}: {reason}") from None
 
 
 def _write_checkpoint(
-    output: Path,
+    run: RunFolder,
     *,
     step: int,
     rank: int,
@@ -201,11 +191,10 @@ def _write_checkpoint(
     `engine` (and no backbone group): it writes its own state into `deepspeed/` and `model.safetensors` gets the
     fp32 master weights. `trainer_state` is JSON-able (the main process's copy is written).
     """
-    root = output / CHECKPOINTS
-    tmp = root / f".tmp-step-{step:08d}"
-    final = root / f"step-{step:08d}"
+    folder, final = run.temporary_checkpoint(step), run.checkpoint(step).path
+    tmp = folder.path
     if rank == 0:
-        remove_leftovers(output)  # this step's .tmp, or what any earlier save or delete left when it was killed
+        remove_leftovers(run)  # this step's .tmp, or what any earlier save or delete left when it was killed
         tmp.mkdir(parents=True)
     barrier()  # the folder exists before any rank writes into it
 
@@ -218,48 +207,52 @@ def _write_checkpoint(
         {f"{GLOBAL_PREFIX}{n}": t.detach().to("cpu").contiguous() for n, t in head.global_tensors().items()}
     )
     shard = head.shard_info()
-    save_file(
-        head_tensors,
-        str(tmp / f"head-rank{rank:05d}-of-{world_size:05d}.safetensors"),
-        metadata={k: str(v) for k, v in shard.items()},
-    )
+    save_file(head_tensors, str(folder.head_shard(rank, world_size)), metadata={k: str(v) for k, v in shard.items()})
     rng, rng_meta = _rng_tensors()
-    save_file(rng, str(tmp / f"rng-rank{rank:05d}.safetensors"), metadata=rng_meta)
+    save_file(rng, str(folder.rng(rank)), metadata=rng_meta)
 
     engine_optimizer: dict[str, torch.Tensor] = {}
     if engine is not None:
-        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective; writes per-rank files
+        engine.save_checkpoint(str(folder.deepspeed), tag="state")  # collective; writes per-rank files
         engine_optimizer = _deepspeed_optimizer_tensors(engine, backbone)  # collective too
         barrier()
     if rank == 0:
         if engine is not None:
-            save_model(tmp / "model.safetensors", _deepspeed_fp32_weights(tmp / "deepspeed", backbone), metadata)
+            save_model(folder.model, _deepspeed_fp32_weights(folder.deepspeed, backbone), metadata)
         else:
-            save_model(tmp / "model.safetensors", backbone, metadata)
+            save_model(folder.model, backbone, metadata)
         if backbone_group is not None:
             backbone_names = {id(p): n for n, p in backbone.named_parameters()}
-            save_file(_state_tensors(backbone_group, backbone_names), str(tmp / "optimizer.safetensors"))
+            save_file(_state_tensors(backbone_group, backbone_names), str(folder.optimizer))
         elif engine is not None:
-            save_file(engine_optimizer, str(tmp / "optimizer.safetensors"))
+            save_file(engine_optimizer, str(folder.optimizer))
         groups = {
             part: _hyperparameters(ref) for part, ref in (("backbone", backbone_group), ("head", head_group)) if ref
         }
-        state = dict(trainer_state, optimizer_param_groups=groups, world_size=world_size)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=_json_default))
+        write_trainer_state(folder, dict(trainer_state, optimizer_param_groups=groups, world_size=world_size))
     barrier()  # every shard is on disk before the manifest seals the folder
 
     if rank == 0:
-        mode = file_mode()
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                os.chmod(file, mode)
-        write_manifest(tmp, step, world_size)
+        seal(folder, step, world_size)
         if final.exists():  # the same step saved again (e.g. a resumed run): the new one replaces it
-            _delete(final)
+            _delete(run, final)
         os.rename(tmp, final)
-        _prune(root, keep)
+        _prune(run, keep)
     barrier()
     return final
+
+
+def write_trainer_state(folder: CheckpointFolder, state: Mapping[str, Any]) -> None:
+    folder.trainer_state.write_text(json.dumps(state, indent=2, default=_json_default))
+
+
+def seal(folder: CheckpointFolder, step: int, world_size: int) -> None:
+    """Give every file the mode of a plainly written one (safetensors writes 0600), then write the manifest."""
+    mode = file_mode()
+    for file in folder.path.rglob("*"):
+        if file.is_file():
+            os.chmod(file, mode)
+    folder.write_manifest(step, world_size)
 
 
 def _hyperparameters(ref: GroupRef) -> dict[str, Any]:
@@ -293,29 +286,29 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
-def _prune(root: Path, keep: int) -> None:
-    for old in list_checkpoints(root.parent)[:-keep]:
-        _delete(old)
+def _prune(run: RunFolder, keep: int) -> None:
+    for old in run.complete_checkpoints()[:-keep]:
+        _delete(run, old.path)
 
 
-def _delete(checkpoint: Path) -> None:
+def _delete(run: RunFolder, checkpoint: Path) -> None:
     """Remove a checkpoint folder so that a kill at any moment leaves either the whole checkpoint or none of it
     under its name: one atomic rename out of the `step-*` namespace, then the slow part."""
-    trash = checkpoint.with_name(f".trash-{checkpoint.name}-{os.getpid()}")
+    trash = run.trash_name(checkpoint)
     os.rename(checkpoint, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def remove_leftovers(output: Path) -> list[Path]:
+def remove_leftovers(output: RunFolder | Path) -> list[Path]:
     """Delete what an interrupted save (`.tmp-step-*`) or delete (`.trash-step-*`) left in `<output>/checkpoints`;
     return what was removed. Main process only, while no save is running (each save calls it; so should a run at
     start, once it holds the output folder)."""
-    root = output / CHECKPOINTS
-    found = sorted(p for pattern in _LEFTOVERS for p in root.glob(pattern)) if root.is_dir() else []
+    run = _run(output)
+    found = run.leftovers()
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     if found:
-        logger.info("removed %d leftover folder(s) of interrupted saves or deletes in %s", len(found), root)
+        logger.info("removed %d leftover folder(s) of interrupted saves or deletes in %s", len(found), run.checkpoints)
     return found
 
 
@@ -323,91 +316,76 @@ def remove_leftovers(output: Path) -> list[Path]:
 # Loading
 
 
-def list_checkpoints(output: Path) -> list[Path]:
+def list_checkpoints(output: RunFolder | Path) -> list[Path]:
     """Complete checkpoints (with a manifest) in step order; temporary folders are ignored."""
-    return [p for p in _step_folders(output) if (p / "manifest.json").is_file()]
+    return [c.path for c in _run(output).complete_checkpoints()]
 
 
-def find_resumable(output: Path) -> Path:
+def find_resumable(output: RunFolder | Path) -> Path:
     """The newest checkpoint in `<output>/checkpoints`, checked complete and verified against its manifest (the
     caller need not hash it again). Raises `CheckpointError` when there is none, and when the newest is incomplete
     or corrupt: an older checkpoint is never taken silently; the message names the newest valid one and the
     `--resume <path>` that resumes from it."""
-    root = output / CHECKPOINTS
-    folders = _step_folders(output)
+    run = _run(output)
+    folders = run.step_folders()
     if not folders:
-        raise CheckpointError(f"no checkpoint to resume from in {root}")
-    check_resumable(folders[-1])
-    return folders[-1]
+        raise CheckpointError(f"no checkpoint to resume from in {run.checkpoints}")
+    check_resumable(folders[-1].path)
+    return folders[-1].path
 
 
-def check_resumable(path: Path) -> dict[str, Any]:
+def check_resumable(path: CheckpointFolder | Path) -> dict[str, Any]:
     """Check that `path` is a complete checkpoint whose files match its manifest; return the manifest. The error
     (`CheckpointError`) says what is wrong and names the newest valid checkpoint beside it, if any."""
-    path = Path(path)
+    folder = _folder(path)
+    path = folder.path
     if not path.is_dir():
-        hint = " (a run's output folder: resume it with --resume auto)" if (path / CHECKPOINTS).is_dir() else ""
-        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
-    if not _STEP_DIR.match(path.name):
-        if (path / CHECKPOINTS).is_dir():
-            raise CheckpointError(f"{path} is a run's output folder, not a checkpoint: resume it with --resume auto")
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if folder.step is None:
+        if RunFolder(path).checkpoints.is_dir():
+            complete = RunFolder(path).complete_checkpoints()
+            hint = f"give one of its checkpoints, e.g. --resume {complete[-1].path}" if complete else "it holds none"
+            raise CheckpointError(f"{path} is a run's output folder, not a checkpoint folder: {hint}")
         raise CheckpointError(f"{path} is not a checkpoint folder (step-XXXXXXXX)")
     try:
-        if not (path / "manifest.json").is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json)")
-        return verify_manifest(path)
+        if not folder.is_complete():
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {folder.MANIFEST})")
+        return folder.verify()
     except CheckpointError as problem:
-        raise CheckpointError(f"{problem}: {_newest_valid_hint(path)}") from None
+        raise CheckpointError(f"{problem}: {_newest_valid_hint(folder)}") from None
 
 
-def _step_folders(output: Path) -> list[Path]:
-    """Every `step-*` folder in step order, complete or not (`.tmp-*`/`.trash-*` are not checkpoints)."""
-    root = output / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def _newest_valid_hint(broken: Path) -> str:
+def _newest_valid_hint(broken: CheckpointFolder) -> str:
     """'the newest valid one is Y; resume from it with --resume Y', looking beside `broken`, newest first."""
-    for candidate in reversed(_step_folders(broken.parent.parent)):
-        if candidate == broken or not (candidate / "manifest.json").is_file():
+    for candidate in reversed(RunFolder(broken.path.parent.parent).step_folders()):
+        if candidate.path == broken.path or not candidate.is_complete():
             continue
         try:
-            verify_manifest(candidate)
+            candidate.verify()
         except CheckpointError:
             continue
-        return f"the newest valid one is {candidate}; resume from it with --resume {candidate}"
-    return f"no other checkpoint in {broken.parent} is valid"
+        return f"the newest valid one is {candidate.path}; resume from it with --resume {candidate.path}"
+    return f"no other checkpoint in {broken.path.parent} is valid"
 
 
-def verify_manifest(path: Path) -> dict[str, Any]:
+def verify_manifest(path: CheckpointFolder | Path) -> dict[str, Any]:
     """Check every file's sha256 against the manifest; raise naming the first mismatch."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: unreadable manifest.json ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"checkpoint {path}: manifest.json has no 'files' mapping")
-    for name, digest in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path}: {name} is listed in manifest.json but missing")
-        if _sha256(file) != digest:
-            raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum in manifest.json")
-    return manifest
+    return _folder(path).verify()
 
 
-def read_trainer_state(path: Path) -> dict[str, Any]:
+def read_trainer_state(path: CheckpointFolder | Path) -> dict[str, Any]:
+    folder = _folder(path)
     try:
-        return json.loads((path / "trainer_state.json").read_text())
+        state = json.loads(folder.trainer_state.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: unreadable trainer_state.json ({exc})") from None
+        raise CheckpointError(f"checkpoint {folder.path}: unreadable {folder.TRAINER_STATE} ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {folder.path}: {folder.TRAINER_STATE} is not a mapping")
+    return state
 
 
 def load_checkpoint(
-    path: Path,
+    path: CheckpointFolder | Path,
     *,
     rank: int,
     world_size: int,
@@ -427,20 +405,22 @@ def load_checkpoint(
     AdamW moments and the step count) from `optimizer.safetensors`, written into ZeRO's new partitions through
     DeepSpeed's tensor-fragment API: nothing is lost.
     """
+    folder = _folder(path)
+    path = folder.path
     if verify:
-        verify_manifest(path)
-    state = read_trainer_state(path)
+        folder.verify()
+    state = read_trainer_state(folder)
     same_world = state["world_size"] == world_size
-    if engine is not None and (path / "deepspeed").is_dir() and same_world:
-        engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_lr_scheduler_states=False)
+    if engine is not None and folder.deepspeed.is_dir() and same_world:
+        engine.load_checkpoint(str(folder.deepspeed), tag="state", load_lr_scheduler_states=False)
     else:
-        weights = load_file(str(path / "model.safetensors"))
+        weights = load_file(str(folder.model))
         own = backbone.state_dict()
         backbone.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in weights.items()}, strict=True)
         if engine is not None:
             _set_engine_master_weights(backbone, weights)
-            if (path / "optimizer.safetensors").is_file():
-                _set_deepspeed_optimizer_state(engine, backbone, load_file(str(path / "optimizer.safetensors")))
+            if folder.optimizer.is_file():
+                _set_deepspeed_optimizer_state(engine, backbone, load_file(str(folder.optimizer)))
                 logger.info(
                     "checkpoint %s: DeepSpeed backbone state moved from %d to %d ranks (fp32 weights and optimizer "
                     "state re-partitioned)",
@@ -452,9 +432,9 @@ def load_checkpoint(
                 logger.warning(
                     "checkpoint %s has no optimizer.safetensors: the DeepSpeed backbone optimizer starts fresh", path
                 )
-        if backbone_group is not None and (path / "optimizer.safetensors").is_file():
-            _restore_group(backbone_group, backbone, load_file(str(path / "optimizer.safetensors")))
-    head_tensors = _load_head_rows(path, head)
+        if backbone_group is not None and folder.optimizer.is_file():
+            _restore_group(backbone_group, backbone, load_file(str(folder.optimizer)))
+    head_tensors = _load_head_rows(folder, head)
     head.load_global_tensors(
         {k[len(GLOBAL_PREFIX) :]: head_tensors.pop(k) for k in list(head_tensors) if k.startswith(GLOBAL_PREFIX)}
     )
@@ -468,7 +448,7 @@ def load_checkpoint(
             # head.update ("rows") is this run's recipe's: checkpoints are the same in every mode (row_sgd.py).
             ref[0].param_groups[ref[1]].update({k: v for k, v in saved.items() if k != "rows"})
 
-    rng_file = path / f"rng-rank{rank:05d}.safetensors"
+    rng_file = folder.rng(rank)
     if same_world and rng_file.is_file():
         _set_rng(rng_file)
     else:
@@ -586,16 +566,18 @@ def _restore_group(ref: GroupRef, module: nn.Module | Head, tensors: dict[str, t
             optimizer.state[param] = {k: v if v.dim() == 0 else v.to(param.device) for k, v in saved.items()}
 
 
-def _load_head_rows(path: Path, head: Head) -> dict[str, torch.Tensor]:
+def _load_head_rows(folder: CheckpointFolder, head: Head) -> dict[str, torch.Tensor]:
     """Assemble this rank's rows [class_start, class_start + num_local) from every overlapping shard."""
+    path = folder.path
     info = head.shard_info()
     start, stop = int(info["class_start"]), int(info["class_start"]) + int(info["num_local"])
-    shards = sorted(path.glob("head-rank*-of-*.safetensors"))
+    shards = folder.head_shards()
     if not shards:
         raise CheckpointError(f"checkpoint {path}: no head-rank*.safetensors shard")
     rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
     scalars: dict[str, torch.Tensor] = {}
     covered = 0
+    shapes = {name: list(tensor.shape[1:]) for name, tensor in head.row_tensors().items()}
     for shard in shards:
         with safe_open(str(shard), framework="pt") as fh:
             meta = fh.metadata()
@@ -611,8 +593,16 @@ def _load_head_rows(path: Path, head: Head) -> dict[str, torch.Tensor]:
                 sl = fh.get_slice(key)
                 if len(sl.get_shape()) == 0 or key.startswith(GLOBAL_PREFIX):
                     scalars[key] = fh.get_tensor(key)  # Adam's step count, global state: the same on every shard
-                elif lo < hi:
-                    rows.setdefault(key, []).append((lo, sl[lo - s_start : hi - s_start]))
+                else:
+                    row_shape = list(sl.get_shape()[1:])
+                    if key in shapes and row_shape != shapes[key]:
+                        raise CheckpointError(
+                            f"cannot resume from {path}: its head's {key!r} has rows of shape {row_shape}, this run's "
+                            f"head ({type(head).__name__}) has {shapes[key]}: a head setting that shapes the centers "
+                            "differs from the one the checkpoint was made with"
+                        )
+                    if lo < hi:
+                        rows.setdefault(key, []).append((lo, sl[lo - s_start : hi - s_start]))
             if lo < hi:
                 covered += hi - lo
     if covered != stop - start:
@@ -620,3 +610,105 @@ def _load_head_rows(path: Path, head: Head) -> dict[str, torch.Tensor]:
     out = {key: torch.cat([t for _, t in sorted(parts, key=lambda x: x[0])]) for key, parts in rows.items()}
     out.update(scalars)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The checkpointer: the run's parts, saved, loaded and rolled back together
+
+
+def compose_state(parts: Mapping[str, Stateful]) -> dict[str, Any]:
+    """`trainer_state.json`'s entries from every part (each owns its top-level entries: trainer.state)."""
+    state: dict[str, Any] = {}
+    for name, part in parts.items():
+        entries = part.state_dict()
+        clash = set(entries) & set(state)
+        if clash:  # a programming error: two parts claiming one entry
+            raise ValueError(f"part {name!r} writes entries {sorted(clash)} that another part already wrote")
+        state.update(entries)
+    return state
+
+
+class Checkpointer:
+    """Saves, loads and rolls back the whole run: the tensors (backbone, head shards, optimizer state, RNG, a
+    DeepSpeed engine's own files) and every stateful part's entries of `trainer_state.json`, in one checkpoint
+    folder of `folder` (`models.run_folder`: layout, atomic rename, manifest).
+
+    `parts` are loaded in their order (trainer.state: the step before the sampler position that follows from it);
+    a rollback loads every part but those named in `keep` (the guard's account of the rollback itself is newer than
+    the checkpoint). Collective: every rank calls `save` and `load` at the same step.
+    """
+
+    def __init__(
+        self,
+        folder: RunFolder,
+        *,
+        rank: int,
+        world_size: int,
+        barrier: Callable[[], None],
+        backbone: Callable[[], nn.Module],
+        head: Head,
+        stepper: Any,
+        parts: Mapping[str, Stateful],
+        metadata: dict[str, str],
+        keep: int,
+    ) -> None:
+        self.folder, self.rank, self.world_size, self.barrier = folder, rank, world_size, barrier
+        self.backbone, self.head, self.stepper = backbone, head, stepper
+        self.parts, self.metadata, self.keep = dict(parts), metadata, keep
+
+    def state_dict(self) -> dict[str, Any]:
+        return compose_state(self.parts)
+
+    def save(self, step: int) -> Path:
+        """Write step `step`'s checkpoint (every rank; the main process writes the shared files)."""
+        from trainer.guard import DivergenceError, all_finite
+
+        backbone = self.backbone()
+        self.stepper.sync_head_rows()  # head.update lazy: the checkpoint holds every center as dense would have it
+        if not (all_finite(backbone) and all_finite(self.head)):  # the guard's promise: never a NaN checkpoint
+            raise DivergenceError(f"step {step}: the model has non-finite weights; not saving a checkpoint")
+        path = save_checkpoint(
+            self.folder,
+            step=step,
+            rank=self.rank,
+            world_size=self.world_size,
+            barrier=self.barrier,
+            backbone=backbone,
+            head=self.head,
+            backbone_group=self.stepper.backbone_group,
+            head_group=self.stepper.head_group,
+            engine=self.stepper.engine,
+            trainer_state=self.state_dict(),
+            metadata=self.metadata,
+            keep=self.keep,
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def load(self, path: Path, keep: tuple[str, ...] = (), verify: bool = False) -> dict[str, Any]:
+        """Continue from the checkpoint folder `path`: the parts' entries first (their checks refuse a checkpoint
+        of another run shape before any tensor moves), then the tensors. `verify=False`: the caller has checked it
+        against its manifest already (`check_resumable`; hashing a large checkpoint twice costs minutes)."""
+        folder = CheckpointFolder(path)
+        if verify:
+            check_resumable(folder)
+        saved = read_trainer_state(folder)
+        try:
+            for name, part in self.parts.items():
+                if name not in keep:
+                    part.load_state_dict(saved)
+        except CheckpointError as problem:
+            raise CheckpointError(f"cannot resume from {folder.path}: {problem}") from None
+        load_checkpoint(
+            folder,
+            rank=self.rank,
+            world_size=self.world_size,
+            backbone=self.backbone(),
+            head=self.head,
+            backbone_group=self.stepper.backbone_group,
+            head_group=self.stepper.head_group,
+            engine=self.stepper.engine,
+            verify=False,
+        )
+        self.stepper.head_rows_loaded()
+        return saved

@@ -465,13 +465,35 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         cfg.eval.bins[i] = str(found)
 
 
+def resolve_batch_size(train: TrainConfig, world_size: int) -> None:
+    """`train.global_batch_size`, when given, decides the per-process batch (written back into the config, so
+    config.yaml and the checkpoint say what ran)."""
+    if train.global_batch_size:
+        per_step = world_size * train.gradient_accumulation_steps
+        if train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={train.global_batch_size} is not divisible by {world_size} "
+                f"processes x {train.gradient_accumulation_steps} accumulation steps"
+            )
+        train.batch_size = train.global_batch_size // per_step
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The resolved tree as plain data (for config.yaml and checkpoint compatibility checks)."""
     return dataclasses.asdict(cfg)
 
 
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved tree as recipe YAML (what `<output>/config.yaml` holds; it loads back unchanged)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """`dump_config` into `path`, atomically."""
+    from models.cli import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(dump_config(cfg))
 
 
 # Keys whose change makes a checkpoint unusable: the shapes of what it stores, or the meaning of its classes.

@@ -25,7 +25,6 @@ no half-written output. docs/checkpoints.md has the details.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -42,6 +41,7 @@ from torch import nn
 
 from models.cli import OutputError, atomic_output, output_folder, report_input_error, setup_logging
 from models.errors import InputError
+from models.run_folder import RunFolder
 from models.weights import build_with_state, check_network, infer_embedding_size
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,9 @@ def convert_head(
 ) -> Path:
     """insightface's per-rank `checkpoint_gpu_{rank}.pt` -> `<out>/checkpoints/step-<global_step>/`; returns it."""
     from trainer import checkpoint as ckpt
-    from trainer.config import STRUCTURAL_KEYS, ExperimentConfig, flatten, to_dict
+    from trainer.config import ExperimentConfig
+    from trainer.guard import DivergenceGuard
+    from trainer.state import Nested, RunIdentity, SamplerPosition, Stateful, TrainState
 
     files = rank_order([Path(f) for f in files])
     world_size = len(files)
@@ -220,16 +222,15 @@ def convert_head(
                 f"are {embedding_size}-d"
             )
 
-    root = out / ckpt.CHECKPOINTS
-    final = root / f"step-{step:08d}"
+    run = RunFolder(out)
+    final, folder = run.checkpoint(step).path, run.temporary_checkpoint(step)
     if final.exists():
         raise ConvertError(f"{final} already exists: choose another --out")
-    tmp = root / f".tmp-{final.name}"  # the trainer's own temporary name: resume ignores it, the next save removes it
-    output_folder(root)
-    shutil.rmtree(tmp, ignore_errors=True)
+    output_folder(run.checkpoints)
+    shutil.rmtree(folder.path, ignore_errors=True)  # the trainer's own temporary name: resume ignores it
     try:
-        tmp.mkdir()
-        ckpt.save_model(tmp / "model.safetensors", backbone, ckpt.model_metadata(network, embedding_size))
+        folder.path.mkdir()
+        ckpt.save_model(folder.model, backbone, ckpt.model_metadata(network, embedding_size))
         for rank, (weight, (start, num_local)) in enumerate(zip(weights, split, strict=True)):
             meta = {
                 "class_start": start,
@@ -240,32 +241,34 @@ def convert_head(
             }
             save_file(
                 {"weight": weight.to(torch.float32).contiguous()},
-                str(tmp / f"head-rank{rank:05d}-of-{world_size:05d}.safetensors"),
+                str(folder.head_shard(rank, world_size)),
                 metadata={k: str(v) for k, v in meta.items()},
             )
         cfg = ExperimentConfig()
         cfg.network.name, cfg.network.embedding_size, cfg.optim.name = network, embedding_size, optimizer
+        # The trainer's own parts write the state: insightface saves at the end of an epoch, `epoch` being the next
+        # one, so nothing of it is consumed yet; no loss history, no scaler, no bad steps.
+        parts: dict[str, Stateful] = {
+            "identity": RunIdentity(cfg, num_classes),
+            "train": TrainState(steps_per_epoch=1, step=step, epoch=epoch),
+            "input": Nested("input", None),
+            "verification": Nested("verification", None),
+            "divergence": DivergenceGuard(max_bad_steps=cfg.train.max_bad_steps),
+        }
         trainer_state = {
-            "step": step,
-            "epoch": epoch,
-            # insightface saves at the end of an epoch, `epoch` being the next one: nothing of it is consumed yet.
-            "sampler": {"epoch": epoch, "position": 0},
+            **ckpt.compose_state(parts),
+            **SamplerPosition.entries(0),
             "scaler": None,
-            "num_classes": num_classes,
-            "config": {k: v for k, v in flatten(to_dict(cfg)).items() if k in STRUCTURAL_KEYS},
-            "loss_history": [],
-            "skipped_steps": 0,
-            "skipped_at": [],
             # No optimizer state and no saved hyperparameters: the resumed run's recipe sets them, buffers start at 0.
             "optimizer_param_groups": {},
             "world_size": world_size,
             "converted_from": {"format": "insightface arcface_torch", "files": [f.name for f in files]},
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        ckpt.write_manifest(tmp, step, world_size)
-        os.rename(tmp, final)  # the folder appears complete or not at all
+        ckpt.write_trainer_state(folder, trainer_state)
+        ckpt.seal(folder, step, world_size)
+        os.rename(folder.path, final)  # the folder appears complete or not at all
     except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error type
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        shutil.rmtree(folder.path, ignore_errors=True)  # nothing half-written stays behind
         reason = err.strerror if isinstance(err, OSError) and err.strerror else err
         raise OutputError(f"{final}: cannot be written ({reason})") from None
     logger.info(

@@ -9,7 +9,6 @@ matplotlib's object API (`Figure`, rendered by Agg): no pyplot, so no global sta
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-CURVES_FILE = "curves.png"
+from models.run_folder import RunFolder
+
 VAL_PREFIX = "val/"
 
 
@@ -36,13 +36,13 @@ def _empty(axes: Axes, text: str) -> None:
     axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, color="grey")
 
 
-def plot_run(output: Path, history: Sequence[dict[str, Any]], title: str | None = None) -> Path:
+def plot_run(output: RunFolder | Path, history: Sequence[dict[str, Any]], title: str | None = None) -> Path:
     """Write `<output>/curves.png` (atomically: a temporary file, then a rename) and return its path."""
-    output = Path(output)
+    folder = output if isinstance(output, RunFolder) else RunFolder(output)
     figure = Figure(figsize=(11, 7), layout="constrained")
     (loss_axes, lr_axes), (val_axes, speed_axes) = figure.subplots(2, 2, sharex=True)
     last_step = max((int(entry["step"]) for entry in history), default=0)
-    figure.suptitle(title or f"{output.name}: {last_step} steps")
+    figure.suptitle(title or f"{folder.root.name}: {last_step} steps")
 
     for axes, key, label, colour in (
         (loss_axes, "loss", "training loss", "tab:blue"),
@@ -72,12 +72,6 @@ def plot_run(output: Path, history: Sequence[dict[str, Any]], title: str | None 
     for axes in (val_axes, speed_axes):
         axes.set_xlabel("optimizer step")
 
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / CURVES_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with folder.atomic(folder.curves) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return folder.curves

@@ -31,7 +31,7 @@ from accelerate.utils import (
 )
 
 from models.errors import InputError
-from trainer.config import ConfigError, SpeedConfig
+from trainer.config import ConfigError, ExperimentConfig, SpeedConfig, to_dict
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,6 +164,28 @@ def check_same_on_every_rank(values: dict[str, object]) -> None:
         if any(v != per_rank[0] for v in per_rank):
             shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(per_rank))
             raise ConfigError(f"{key} differs between ranks ({shown}); every process must run the same recipe")
+
+
+def check_same_run_on_every_rank(cfg: ExperimentConfig, num_classes: int, num_samples: int) -> None:
+    """Every rank runs the same recipe on the same data (one machine launched with another batch size would
+    deadlock or mis-shard the classes), and there is a class center for every rank. Collective."""
+    check_same_on_every_rank(
+        {
+            "train.batch_size": cfg.train.batch_size,
+            "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+            "train.seed": cfg.train.seed,
+            "network": to_dict(cfg.network),
+            "head": to_dict(cfg.head),
+            "data.num_classes": num_classes,
+            "dataset size": num_samples,
+        }
+    )
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if num_classes < world_size:
+        raise ConfigError(
+            f"data.num_classes={num_classes} is smaller than the {world_size} processes: every rank needs at least "
+            "one class center"
+        )
 
 
 def seed_everything(seed: int) -> None:

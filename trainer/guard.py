@@ -16,13 +16,16 @@ and the data stream stay aligned with an uninterrupted run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from heads.base import Head
+from trainer.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +40,23 @@ class DivergenceError(RuntimeError):
 
 @dataclass
 class DivergenceGuard:
-    """Counts bad steps; restores the backbone's buffers after one; says when the run must stop or roll back."""
+    """Counts bad steps; restores the backbone's buffers after one; says when the run must stop or roll back, and
+    keeps the rollbacks' account (how many, the lr scale they left, which checkpoints they went back to)."""
 
     max_bad_steps: int
+    on_divergence: Literal["stop", "rollback"] = "stop"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
     consecutive: int = 0
     bad_steps: list[int] = field(default_factory=list)  # every bad step of the run (resumed runs included)
+    lr_scale: float = 1.0  # the lr multiplier the rollbacks so far left (kept across resumes)
+    rollbacks: int = 0
+    rolled_back_to: list[int] = field(default_factory=list)  # steps of the checkpoints rollbacks went back to
     _buffers: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> DivergenceGuard:
+        return cls(train.max_bad_steps, train.on_divergence, train.rollback_lr_factor, train.max_rollbacks)
 
     def begin_step(self, backbone: nn.Module) -> None:
         """Remember the backbone's floating-point buffers before the step's first forward pass (a few KiB to MiB:
@@ -70,16 +84,64 @@ class DivergenceGuard:
     def good_step(self) -> None:
         self.consecutive = 0
 
+    def rollback_target(self, step: int, checkpoints: list[int]) -> int | None:
+        """The checkpoint step a rollback at `step` goes back to, or None when the run must stop.
+
+        Only checkpoints saved before the streak began qualify, and never one that an earlier rollback already went
+        back to: diverging again from it (at any lr) means its weights are already damaged, so the rollback goes
+        back further, or the run stops. At most `max_rollbacks` rollbacks, and only with `on_divergence: rollback`.
+        """
+        if self.on_divergence != "rollback" or self.rollbacks >= self.max_rollbacks:
+            return None
+        first_bad = step - self.consecutive + 1
+        usable = [s for s in checkpoints if s < first_bad and s not in self.rolled_back_to]
+        return max(usable) if usable else None
+
+    def roll_back(self, to_step: int) -> None:
+        """Account for a rollback to the checkpoint of `to_step`: lr x `rollback_lr_factor`, the streak ends."""
+        self.rollbacks += 1
+        self.lr_scale *= self.rollback_lr_factor
+        self.rolled_back_to.append(to_step)
+        self.consecutive = 0
+
+    def where_to_go_back(self, checkpoints: Mapping[int, Path]) -> str:
+        """For the error that ends a diverged run: which checkpoint to continue from, told as it is (a checkpoint
+        saved before the first non-finite step has finite weights, which may still be far off)."""
+        if not checkpoints:
+            return "no checkpoint was saved"
+        newest = max(checkpoints)
+        if newest in self.rolled_back_to:
+            return (
+                f"the run diverged again after rolling back to {checkpoints[newest]}, and no older checkpoint is left "
+                "to go back to: lower optim.lr"
+            )
+        return (
+            f"the newest checkpoint, {checkpoints[newest]}, was saved at step {newest}, before the first non-finite "
+            "step (its weights are finite; its loss says whether they are still good)"
+        )
+
     @staticmethod
     def _float_buffers(backbone: nn.Module) -> list[torch.Tensor]:
         return [b for b in backbone.buffers() if b.is_floating_point()]
 
-    def state_dict(self) -> dict[str, object]:
-        return {"bad_steps": list(self.bad_steps)}
+    def state_dict(self) -> dict[str, Any]:
+        """The `divergence` entry of a checkpoint."""
+        return {
+            "divergence": {
+                "bad_steps": list(self.bad_steps),
+                "lr_scale": self.lr_scale,
+                "rollbacks": self.rollbacks,
+                "rolled_back_to": list(self.rolled_back_to),
+            }
+        }
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        steps = state.get("bad_steps", [])
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("divergence") or {}
+        steps = saved.get("bad_steps", [])
         self.bad_steps = [int(s) for s in steps] if isinstance(steps, list) else []
+        self.lr_scale, self.rollbacks = float(saved.get("lr_scale", 1.0)), int(saved.get("rollbacks", 0))
+        self.rolled_back_to = [int(s) for s in saved.get("rolled_back_to", [])]
+        self.consecutive = 0
 
 
 def all_finite(module: nn.Module | Head) -> bool:

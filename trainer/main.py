@@ -16,9 +16,18 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainer.config import DEFAULT_RECIPE, ConfigError, load_config
+from models.cli import FILE_ONLY
+from models.errors import EXIT_BAD_INPUT, InputError
+from trainer.config import DEFAULT_RECIPE, ConfigError, ExperimentConfig, dump_config, load_config
 from trainer.distributed import StopSignal, exit_with_launcher
+from trainer.guard import EXIT_DIVERGED, DivergenceError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from trainer.loop import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,27 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def run(cfg: ExperimentConfig, accelerator: Accelerator, resume_from: Path | None = None) -> Trainer:
+    """Build, resume from `resume_from` if given (`main` chose it: trainer.runlock), train.
+
+    The resolved config goes to `<output>/config.yaml` only once the resume checks passed: a refused resume leaves
+    the folder's config.yaml the one of the run that wrote its checkpoints.
+    """
+    from trainer.loop import Trainer
+    from trainer.trackers import start_trackers
+
+    trainer = Trainer(cfg, accelerator)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    if accelerator.is_main_process:  # after the Trainer: derived values (batch_size from global_batch_size) included
+        trainer.folder.write_text(trainer.folder.config, dump_config(cfg))
+    start_trackers(accelerator, cfg)  # train.trackers, if any; the resolved config as hyper-parameters
+    if trainer.state.step >= trainer.schedule.total_steps:
+        logger.info("nothing to do: step %d of %d", trainer.state.step, trainer.schedule.total_steps)
+    trainer.train()
+    return trainer
+
+
 def main(argv: list[str] | None = None) -> int:
     # First: a SIGTERM during start-up must not kill the process (it stops the run at the first step boundary),
     # and the kernel must tell this process when its launcher dies.
@@ -57,28 +87,31 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    from models.errors import InputError
+        return EXIT_BAD_INPUT
+    from models.cli import setup_logging
+    from models.run_folder import RunFolder
     from trainer.checkpoint import remove_leftovers
     from trainer.distributed import RefusedByMainProcess, build_accelerator, main_process_decides
-    from trainer.guard import EXIT_DIVERGED, DivergenceError
-    from trainer.loop import run
-    from trainer.reporting import setup_logging
+    from trainer.reporting import console
     from trainer.runlock import RunLock, RunPlan, plan_run
 
-    accelerator = build_accelerator(
-        cfg.output, cfg.train.gradient_accumulation_steps, cfg.train.trackers, speed=cfg.speed
-    )
-    output = Path(cfg.output)
+    folder = RunFolder(cfg.output)
     resume = args.resume if args.resume in (None, "newest", "auto") else Path(args.resume)
-    lock = RunLock(output)
+    lock = RunLock(folder)
+    try:
+        accelerator = build_accelerator(
+            cfg.output, cfg.train.gradient_accumulation_steps, cfg.train.trackers, cfg.speed
+        )
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     def open_run() -> RunPlan:
         """Main process: take the folder, then decide fresh/resume/refuse; only then may train.log be written."""
         lock.acquire()
-        plan = plan_run(output, resume, args.overwrite)  # --overwrite moves the old train.log away first
-        leftovers = remove_leftovers(output)  # what a killed save or prune left; the lock says no save is running
-        setup_logging(output, True)
+        plan = plan_run(folder, resume, args.overwrite)  # --overwrite moves the old train.log away first
+        leftovers = remove_leftovers(folder)  # what a killed save or prune left; the lock says no save is running
+        setup_logging(True, console=console, log_file=folder.log)
         if lock.took_over:
             logger.warning("took over %s: its holder (%s) is no longer running", lock.path, lock.took_over)
         if leftovers:
@@ -88,28 +121,33 @@ def main(argv: list[str] | None = None) -> int:
         return plan
 
     if not accelerator.is_main_process:
-        setup_logging(output, False)
+        setup_logging(False, console=console)
+    code, reason = 0, "finished"
     try:
         plan = main_process_decides(open_run)
-        run(cfg, accelerator, resume_from=plan.resume_from)
+        trainer = run(cfg, accelerator, resume_from=plan.resume_from)
+        if StopSignal.received:
+            reason = f"stopped by {StopSignal.received[0]} at step {trainer.state.step}, with its checkpoint"
     except InputError as exc:
         # Bad input: one clear line naming the file, key or value, not a traceback; in train.log too, once this
         # run holds the folder (a run refused for a busy folder must not write into the other run's log).
         if isinstance(exc, RefusedByMainProcess):
-            return 2  # the main process says why
+            return EXIT_BAD_INPUT  # the main process says why
         if accelerator.is_main_process and lock.fd is not None:
-            setup_logging(output, True)
+            setup_logging(True, console=console, log_file=folder.log)
             logger.error("refused: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code, reason = EXIT_BAD_INPUT, "bad input"
     except DivergenceError as exc:
-        # Not bad input: the run itself went non-finite (trainer.guard). Its checkpoints end with the last good one.
+        # Not bad input: the run itself went non-finite (trainer.guard). Its checkpoints end before it diverged.
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
+        code, reason = EXIT_DIVERGED, "diverged"
     finally:
+        if lock.fd is not None:
+            logger.info("exit: %s (exit code %d)", reason, code, extra={FILE_ONLY: True})
         lock.release()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

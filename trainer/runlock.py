@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -25,12 +24,8 @@ from types import TracebackType
 from typing import Literal
 
 from models.errors import InputError
+from models.run_folder import CheckpointFolder, RunFolder
 from trainer import checkpoint as ckpt
-
-LOCK_FILE = ".lock"
-# What a run leaves in its output folder that a fresh run would overwrite or mix with its own.
-RUN_RESULTS = ("checkpoints", "model.safetensors", "config.yaml", "train.log", "tensorboard", "wandb", "curves.png")
-_STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 ResumeRequest = Literal["newest", "auto"] | Path | None
 
@@ -42,20 +37,22 @@ class RunFolderError(InputError):
 class RunLock:
     """Holds `<output>/.lock` (pid, host, start time) from `acquire()` to `release()` (or a `with` block)."""
 
-    def __init__(self, output: Path) -> None:
-        self.output = output
-        self.path = output / LOCK_FILE
+    def __init__(self, output: RunFolder | Path) -> None:
+        self.folder = output if isinstance(output, RunFolder) else RunFolder(output)
+        self.output = self.folder.root
+        self.path = self.folder.lock
         self.fd: int | None = None
         self.took_over: str | None = None  # the stale holder this run replaced, for a log line once logging is up
 
     def acquire(self) -> None:
         """Take the folder, or raise `RunFolderError` naming the run that holds it."""
+        self.folder.refuse_links()  # a planted link (.lock, train.log, ...) is never written through
         try:
             self.output.mkdir(parents=True, exist_ok=True)
             # Never unlinked: a run that opened the old file while another deleted it would lock a file nobody else
-            # sees.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:  # a file in the way, a read-only or missing file system, no permission
+            # sees. O_NOFOLLOW: a link planted after the check above fails here (ELOOP) instead of being followed.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a file in the way, a read-only or missing file system, no permission, a link
             raise RunFolderError(f"output folder {self.output}: cannot use it ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,14 +106,15 @@ class RunPlan:
     why: str = ""  # for the log line that says what was moved
 
 
-def plan_run(output: Path, resume: ResumeRequest, overwrite: bool) -> RunPlan:
+def plan_run(output: RunFolder | Path, resume: ResumeRequest, overwrite: bool) -> RunPlan:
     """Decide from the folder's contents; raise `RunFolderError`/`CheckpointError` naming the way out.
 
     `resume`: None (a fresh run), "newest" (`--resume`), "auto" (resume if there is a checkpoint, else start
     fresh) or a checkpoint folder (`--resume PATH`). `overwrite` moves an earlier run's results to
     `<output>/replaced-<time>/` instead of refusing a fresh run.
     """
-    steps = _step_dirs(output)
+    output = output if isinstance(output, RunFolder) else RunFolder(output)
+    steps = [c.path for c in output.step_folders()]
     if resume == "newest" or (resume == "auto" and steps):
         if overwrite:
             raise RunFolderError("--overwrite and --resume contradict each other: give one")
@@ -124,7 +122,7 @@ def plan_run(output: Path, resume: ResumeRequest, overwrite: bool) -> RunPlan:
     if isinstance(resume, Path):
         path = resume.resolve()
         ckpt.check_resumable(path)  # complete, and every file matches its manifest
-        if path.parent != (output / ckpt.CHECKPOINTS).resolve():
+        if path.parent != output.checkpoints.resolve():
             return _clear_for_new_run(output, overwrite, RunPlan(resume_from=path))  # another run's checkpoint
         if overwrite:
             raise RunFolderError(f"--overwrite would move away {path}, the checkpoint --resume names")
@@ -132,19 +130,19 @@ def plan_run(output: Path, resume: ResumeRequest, overwrite: bool) -> RunPlan:
     return _clear_for_new_run(output, overwrite, RunPlan())
 
 
-def newest_checkpoint(output: Path) -> Path:
+def newest_checkpoint(output: RunFolder) -> Path:
     """The checkpoint `--resume` continues from: the newest in `<output>/checkpoints`, verified (an incomplete or
     corrupt newest one is an error naming the newest valid one, never skipped silently)."""
-    if not _step_dirs(output):
-        raise ckpt.CheckpointError(f"--resume: no checkpoint in {output / ckpt.CHECKPOINTS}")
+    if not output.step_folders():
+        raise ckpt.CheckpointError(f"--resume: no checkpoint in {output.checkpoints}")
     return ckpt.find_resumable(output)
 
 
-def _drop_later_broken(output: Path, path: Path, steps: list[Path]) -> RunPlan:
+def _drop_later_broken(output: RunFolder, path: Path, steps: list[Path]) -> RunPlan:
     """`--resume PATH` inside this folder. Later valid checkpoints would be mixed with this run's (a later
     `--resume` would continue the old trajectory): refused. Later broken ones (what makes a user pick an older
     checkpoint) would shadow this run's own as the newest: moved to `<output>/replaced-<time>/checkpoints/`."""
-    later = [p for p in steps if _step_of(p) > _step_of(path)]
+    later = [p for p in steps if (CheckpointFolder(p).step or -1) > (CheckpointFolder(path).step or -1)]
     valid, broken = [], []
     for folder in later:
         try:
@@ -154,60 +152,33 @@ def _drop_later_broken(output: Path, path: Path, steps: list[Path]) -> RunPlan:
             broken.append(folder)
     if valid:
         raise RunFolderError(
-            f"--resume {path}: {output / ckpt.CHECKPOINTS} also holds later checkpoints ({', '.join(valid)}) that "
+            f"--resume {path}: {output.checkpoints} also holds later checkpoints ({', '.join(valid)}) that "
             "this run would mix with its own: move them away, or resume into another --output"
         )
     plan = RunPlan(resume_from=path, why="later checkpoints that cannot be resumed")
     if broken:
-        plan.moved_to = _replaced_folder(output) / ckpt.CHECKPOINTS
+        plan.moved_to = output.new_replaced_folder() / output.CHECKPOINTS
         plan.moved_to.mkdir()
         for folder in broken:
             shutil.move(folder, plan.moved_to / folder.name)
-            plan.moved.append(f"{ckpt.CHECKPOINTS}/{folder.name}")
+            plan.moved.append(f"{output.CHECKPOINTS}/{folder.name}")
     return plan
 
 
-def _clear_for_new_run(output: Path, overwrite: bool, plan: RunPlan) -> RunPlan:
+def _clear_for_new_run(output: RunFolder, overwrite: bool, plan: RunPlan) -> RunPlan:
     """A run that does not continue this folder's checkpoints: refuse to mix with an earlier run's results."""
-    steps = _step_dirs(output)
-    earlier = [f"checkpoints up to {steps[-1].name}"] if steps else []
-    if (output / "model.safetensors").exists():
-        earlier.append("model.safetensors")
+    earlier = output.holds_a_run()
     if not earlier:
         return plan
     if not overwrite:
         raise RunFolderError(
-            f"{output} holds an earlier run's {' and '.join(earlier)}: continue it with --resume, start over with "
-            f"--overwrite (moves them to {output}/replaced-<time>/), or choose another --output"
+            f"{output.root} holds an earlier run's {' and '.join(earlier)}: continue it with --resume, start over "
+            f"with --overwrite (moves them to {output.root}/replaced-<time>/), or choose another --output"
         )
-    plan.moved_to, plan.why = _replaced_folder(output), "--overwrite: the earlier run's results"
-    for name in RUN_RESULTS:
-        if (output / name).exists():
-            shutil.move(output / name, plan.moved_to / name)
+    plan.moved_to, plan.why = output.new_replaced_folder(), "--overwrite: the earlier run's results"
+    for name in output.RESULTS:
+        path = output.root / name
+        if path.exists() or path.is_symlink():
+            shutil.move(path, plan.moved_to / name)
             plan.moved.append(name)
     return plan
-
-
-def _replaced_folder(output: Path) -> Path:
-    """A new `<output>/replaced-<time>/` for what this run moves out of its way."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder, suffix = output / f"replaced-{stamp}", 1
-    while folder.exists():  # two runs within a second
-        suffix += 1
-        folder = output / f"replaced-{stamp}-{suffix}"
-    folder.mkdir()
-    return folder
-
-
-def _step_dirs(output: Path) -> list[Path]:
-    """Every `step-*` folder, complete or not: an incomplete one is still an earlier run's."""
-    root = output / ckpt.CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=_step_of)
-
-
-def _step_of(path: Path) -> int:
-    """The step of a `step-XXXXXXXX` folder; -1 for any other name."""
-    match = _STEP_DIR.match(path.name)
-    return int(match.group(1)) if match else -1

@@ -36,6 +36,9 @@ _PACKAGES = {
 }
 
 
+_EXTRAS = ("tensorboard", "wandb")  # setup.cfg's extras_require
+
+
 def check_trackers(trackers: Sequence[str]) -> list[str]:
     """The tracker names, each once, in order; a `ConfigError` naming `train.trackers` if one's package is missing."""
     names = list(dict.fromkeys(trackers))
@@ -44,7 +47,9 @@ def check_trackers(trackers: Sequence[str]) -> list[str]:
             raise ConfigError(f"train.trackers: unknown tracker {name!r} (known: {', '.join(_PACKAGES)})")
         module, package = _PACKAGES[name]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"train.trackers: {name!r} needs the {package} package: pip install {package}")
+            # The project's extras (setup.cfg) for the trackers it names; the package itself for the others.
+            install = f"pip install -e '.[{name}]'" if name in _EXTRAS else f"pip install {package}"
+            raise ConfigError(f"train.trackers: {name!r} needs the {package} package, not installed here: {install}")
     return names
 
 

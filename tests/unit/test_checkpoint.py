@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from heads import PartialFC
+from models.cli import atomic_output
 from trainer import checkpoint as ckpt
 
 EMBEDDING = 4
@@ -248,7 +249,8 @@ def test_every_checkpoint_file_gets_the_mode_of_a_plainly_written_file(tmp_path:
         plain.write_text("x")
         expected = plain.stat().st_mode & 0o777
         path = Parts().save(tmp_path / "run", step=1)
-        ckpt.save_model(tmp_path / "model.safetensors", Parts().backbone, ckpt.model_metadata("tiny", EMBEDDING))
+        with atomic_output(tmp_path / "model.safetensors") as tmp:  # how a model file outside a checkpoint is written
+            ckpt.save_model(tmp, Parts().backbone, ckpt.model_metadata("tiny", EMBEDDING))
     finally:
         os.umask(previous)
     assert expected == 0o666 & ~umask
@@ -336,7 +338,9 @@ def test_an_unusable_newest_checkpoint_names_the_newest_valid_one(tmp_path: Path
 
 def test_check_resumable_names_what_is_not_a_checkpoint(tmp_path: Path) -> None:
     _checkpoints(tmp_path, steps=(1,))
-    with pytest.raises(ckpt.CheckpointError, match=r"is a run's output folder, not a checkpoint: .*--resume auto"):
+    # Not "--resume auto": with another --output that would start fresh instead of continuing this run.
+    newest = tmp_path / ckpt.CHECKPOINTS / "step-00000001"
+    with pytest.raises(ckpt.CheckpointError, match=rf"is a run's output folder, not a checkpoint folder: .*{newest}$"):
         ckpt.check_resumable(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=r"step-00000009 does not exist"):
         ckpt.check_resumable(tmp_path / ckpt.CHECKPOINTS / "step-00000009")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from models.run_folder import RunFolder
 from trainer import checkpoint as ckpt
 from trainer.runlock import RunFolderError, RunLock, plan_run
 
@@ -30,12 +31,12 @@ time.sleep(60)
 
 
 def _checkpoint(out: Path, step: int, complete: bool = True) -> Path:
-    folder = out / "checkpoints" / f"step-{step:08d}"
-    folder.mkdir(parents=True)
-    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    folder = RunFolder(out).checkpoint(step)
+    folder.path.mkdir(parents=True)
+    folder.trainer_state.write_text(json.dumps({"step": step}))
     if complete:
-        ckpt.write_manifest(folder, step, 1)
-    return folder
+        folder.write_manifest(step, 1)
+    return folder.path
 
 
 def test_a_second_holder_is_refused_and_a_killed_one_taken_over(tmp_path: Path) -> None:
