@@ -24,12 +24,25 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and the `--section.key value` overrides of the recipe (every other argument).
+
+    `--help` lists every recipe key (`trainer.keys`); `--print-config` prints the resolved recipe as YAML and, as
+    `--help` does, exits here (0, or 2 with one `config error:` line), before anything is created or read.
+    """
+    from trainer.config import config_text
+    from trainer.keys import render_help
+
     parser = argparse.ArgumentParser(
         prog="trainer/main.py",
+        usage="%(prog)s [-h] [--config RECIPE] [--resume [auto|PATH] | --overwrite] [--print-config] [--output DIR] "
+        "[--section.key VALUE ...]",
         description="Train a face embedder with margin softmax through Partial FC.",
-        epilog="Any other --section.key value pair overrides the recipe, e.g. --optim.lr 0.05 --train.batch_size 64.",
+        epilog=render_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: %(default)s)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_RECIPE), metavar="RECIPE", help="YAML recipe (default: %(default)s)"
+    )
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -44,7 +57,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="start fresh in an output folder that holds an earlier run: its checkpoints/, model.safetensors, "
         "config.yaml, train.log, tensorboard/, wandb/ and curves.png are moved to <output>/replaced-<time>/",
     )
-    return parser.parse_known_args(argv)
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the recipe as it resolves (overrides applied, keys checked) as YAML and exit; the output "
+        "folder and the data are not touched (their checks wait for the run)",
+    )
+    args, overrides = parser.parse_known_args(argv)
+    if args.print_config:
+        try:
+            cfg = load_config(args.config, overrides, check_files=False)
+        except ConfigError as exc:
+            parser.exit(2, f"config error: {exc}\n")
+        sys.stdout.write(config_text(cfg))
+        parser.exit(0)
+    return args, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
