@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from data.faces import FacesConfig
+from models.recipe import key
 
 
 @dataclass
@@ -18,24 +19,36 @@ class DataConfig:
     `rec: synthetic`).
     """
 
-    source: Literal["recordio", "image_folder", "generated", "synthetic"] = "recordio"
-    root: str = ""
-    # `gpu`: decode the JPEGs of a `recordio` source in batches on the GPU (nvJPEG through torchvision).
-    decode: Literal["cpu", "gpu"] = "cpu"
-    # 0 = take it from the dataset (record-0 header, `property` file); otherwise checked against the data.
-    num_classes: int = 0
-    # `synthetic` only: how many samples an epoch has.
-    num_images: int = 0
-    # Processes that read and decode (data.loader.FaceLoader; 0 = in the training process), and how many batches
-    # each decodes ahead of the step.
-    num_workers: int = 2
-    prefetch: int = 2
-    # On a CUDA machine, page-lock the loader's batch slots once, so each batch's copy to the GPU is asynchronous.
-    pin_memory: bool = True
-    random_flip: bool = True
-    # A corrupt image is replaced by another sample and counted; past this fraction (per rank) the run stops.
-    max_bad_fraction: float = 0.01
-    # `recordio`: an .idx that lists fewer records than its .rec holds (a copy cut short, an .idx from another
-    # build) stops the run at start, naming both counts; true trains on the listed records with a warning instead.
-    allow_partial_index: bool = False
-    generated: FacesConfig = field(default_factory=FacesConfig)  # data.faces: the generator's own settings
+    source: Literal["recordio", "image_folder", "generated", "synthetic"] = key(
+        "recordio",
+        help="where the images come from: recordio (root/train.rec + train.idx), image_folder "
+        "(root/<identity>/*.jpg), generated (the embedded procedural faces), synthetic (throughput only)",
+    )
+    root: str = key("", help="the dataset folder (recordio, image_folder); eval.bins names resolve against it")
+    # `gpu` decodes the JPEGs of a `recordio` source (the generated faces are one) in batches with nvJPEG through
+    # torchvision.
+    decode: Literal["cpu", "gpu"] = key(
+        "cpu", help="where JPEGs are decoded: cpu (in the loader) or gpu (nvJPEG, in batches; RecordIO sources)"
+    )
+    num_classes: int = key(
+        0, help="identities; 0 = from the dataset (record-0 header, property file), otherwise checked against it"
+    )
+    num_images: int = key(0, help="synthetic only: samples per epoch")
+    # data.loader.FaceLoader.
+    num_workers: int = key(2, help="processes that read and decode (0 = in the training process)")
+    prefetch: int = key(2, help="batches each worker decodes ahead of the step")
+    pin_memory: bool = key(
+        True, help="on a CUDA machine, page-lock the batch slots once, so each copy to the GPU is asynchronous"
+    )
+    random_flip: bool = key(True, help="flip training images horizontally at random")
+    max_bad_fraction: float = key(
+        0.01,
+        help="a corrupt image is replaced by another sample and counted; past this fraction (per rank) the run stops",
+    )
+    # A copy cut short, or an .idx from another build: by default the run stops at start, naming both counts.
+    allow_partial_index: bool = key(
+        False, help="recordio: train on the records an .idx lists when its .rec holds more, with a warning"
+    )
+    generated: FacesConfig = key(
+        factory=FacesConfig, help="source generated: the generator's own settings (data/faces.py), its cache key"
+    )

@@ -26,6 +26,7 @@ import numpy as np
 import simplejpeg
 
 from data.recordio import write_insightface_layout
+from models.recipe import key
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +80,19 @@ _IRIS_COLOURS = np.array(
 class FacesConfig:
     """What `generate` renders; every field is part of the cache key."""
 
-    num_identities: int = 300
-    images_per_identity: int = 30
-    num_val_identities: int = 60
-    num_val_pairs: int = 1200
-    seed: int = 0
-    # Each image gets a JPEG quality drawn uniformly from [jpeg_quality_min, jpeg_quality].
-    jpeg_quality: int = 95
-    jpeg_quality_min: int = 60
-    # Scales every nuisance factor (pose, expression, lighting, noise): 0 renders each identity canonically.
-    variation: float = 1.0
+    num_identities: int = key(300, help="identities of the training set")
+    images_per_identity: int = key(30, help="training images per identity")
+    num_val_identities: int = key(60, help="held-out identities of the verification set val.bin (>= 2)")
+    num_val_pairs: int = key(1200, help="pairs in val.bin, half the same identity, half different (even)")
+    seed: int = key(0, help="the generator's seed: the same settings render the same images")
+    jpeg_quality: int = key(
+        95, help="highest JPEG quality: each image's is drawn uniformly from [jpeg_quality_min, jpeg_quality]"
+    )
+    jpeg_quality_min: int = key(60, help="lowest JPEG quality")
+    variation: float = key(
+        1.0,
+        help="scales every nuisance factor (pose, expression, lighting, noise); 0 renders each identity canonically",
+    )
 
     def __post_init__(self) -> None:
         if self.num_identities < 1 or self.images_per_identity < 1:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from models.recipe import key
 from models.registry import build_backbone
 
 
@@ -13,17 +14,28 @@ from models.registry import build_backbone
 class NetworkConfig:
     """The backbone: a name from `models.list_backbones()`."""
 
-    name: str = "r50"
-    embedding_size: int = 512
-    dropout: float = 0.0
-    # BatchNorm layers use their running statistics and never update them (fine-tuning; exact equivalence tests).
-    freeze_batchnorm: bool = False
-    # Fine-tuning: start the backbone from this model.safetensors (this project's, or converted from insightface
-    # with `python -m trainer.convert`); the head is new, for this run's classes.
-    init_weights: str = ""
-    # Recompute each block's activations in backward instead of keeping them (less memory, about a third more
-    # compute); the gradients are the same.
-    gradient_checkpointing: bool = False
+    name: str = key(
+        "r50",
+        help="the backbone, a name from models.list_backbones(): r18 ... r2060, mbf, mbf_large, vit_t ... vit_h, "
+        "r_lite (README, Models)",
+    )
+    embedding_size: int = key(512, help="length of the face embedding the backbone outputs")
+    dropout: float = key(
+        0.0, help="embedding dropout, in [0, 1) (IResNet: before fc; MobileFaceNet and ViT refuse a non-zero value)"
+    )
+    # Also what the exact equivalence tests across process counts rely on: batch statistics depend on the split.
+    freeze_batchnorm: bool = key(
+        False, help="BatchNorm layers use their running statistics and never update them (fine-tuning)"
+    )
+    # This project's model.safetensors, or one converted from insightface with `python -m trainer.convert`.
+    init_weights: str = key(
+        "", help="fine-tuning: start the backbone from this model.safetensors ('' = random init); the head is new"
+    )
+    gradient_checkpointing: bool = key(
+        False,
+        help="recompute each block's activations in backward instead of keeping them (less memory, about a third "
+        "more compute, the same gradients)",
+    )
 
 
 def build_network(cfg: NetworkConfig) -> nn.Module:

@@ -15,7 +15,7 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -25,6 +25,7 @@ from data.config import DataConfig
 from heads.config import HeadConfig
 from models.config import NetworkConfig
 from models.errors import InputError
+from models.recipe import key
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO_ROOT / "launch" / "recipes" / "default.yaml"
@@ -38,16 +39,18 @@ class ConfigError(InputError, ValueError):
 class OptimConfig:
     """One optimizer over backbone and head (separate parameter groups)."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    # The backbone's learning rate is lr x backbone_lr_scale (e.g. 0.1 when fine-tuning a pretrained backbone).
-    backbone_lr_scale: float = 1.0
-    # torch's fused optimizer kernels (CPU and CUDA); the DeepSpeed engine's own optimizer is left unfused.
-    fused: bool = True
+    name: Literal["sgd", "adamw"] = key("sgd", help="the optimizer of backbone and head: sgd (with momentum) or adamw")
+    lr: float = key(0.1, help="the peak learning rate, after the warm-up (the backbone's is lr x backbone_lr_scale)")
+    momentum: float = key(0.9, help="sgd: momentum")
+    weight_decay: float = key(5e-4, help="weight decay of backbone and head (adamw: decoupled, as torch's AdamW)")
+    betas: list[float] = key(factory=lambda: [0.9, 0.999], help="adamw: (beta1, beta2), the moments' decay rates")
+    eps: float = key(1e-8, help="adamw: added to the second moment's square root")
+    backbone_lr_scale: float = key(
+        1.0, help="the backbone's lr is lr x this (e.g. 0.1 when fine-tuning a pretrained backbone)"
+    )
+    fused: bool = key(
+        True, help="torch's fused optimizer kernels (CPU and CUDA); the DeepSpeed engine's own optimizer stays unfused"
+    )
 
 
 @dataclass
@@ -59,33 +62,46 @@ class SpeedConfig:
     run logs the resolved choices at start (`speed: ...`). (`optim.fused` is the optimizer's own switch.)
     """
 
-    # Backbone weights and input batches in NHWC memory layout: what cuDNN's fastest convolutions want on tensor-core
-    # GPUs (a transpose per layer otherwise). The uint8 batches come from the dataset NHWC-strided already, so only
-    # the normalization pass touches them. Refused under DeepSpeed (its engine needs contiguous parameters).
-    channels_last: bool = False
-    # torch.compile the backbone in place (`nn.Module.compile`): state_dict keys and checkpoints stay as they are.
-    # The first step compiles (20-30 s for r_lite or r18 on the 2-core CPU of docs/benchmarks.md, longer for deeper
-    # networks), and evaluation its own graph on first use. Under DDP dynamo splits the graph at DDP's buckets, so
-    # the all-reduce still overlaps the backward. Works in one process, under DDP and under DeepSpeed ZeRO-1/2.
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    # DDP only (Accelerate's DistributedDataParallelKwargs). Under DeepSpeed or with one process there is no DDP:
-    # non-default values are logged as ignored, not refused, so that one recipe runs on any launch topology.
-    # Gradients are all-reduced in buckets of this many MiB, each launched as soon as its gradients are ready: small
-    # buckets overlap more of the backward but pay a latency each; large ones the reverse.
-    ddp_bucket_cap_mb: int = 25
-    # Gradient compression before the all-reduce: `fp16`/`bf16` halve the bytes (rounding each gradient to 16 bits);
-    # `power_sgd` sends a rank-`ddp_power_sgd_rank` approximation with error feedback. `bf16` needs the NCCL or XCCL
-    # backend (refused at start on gloo, where torch refuses the hook).
-    ddp_comm_hook: Literal["none", "fp16", "bf16", "power_sgd"] = "none"
-    # `.grad` tensors are views into DDP's buckets: one gradient-sized copy less per step, and less peak memory. With
-    # `compile`, torch warns "Grad strides do not match bucket view strides": inductor lays some gradients out
+    # What cuDNN's fastest convolutions want on tensor-core GPUs (a transpose per layer otherwise). The uint8 batches
+    # come from the dataset NHWC-strided already, so only the normalization pass touches them.
+    channels_last: bool = key(
+        False,
+        help="backbone weights and input batches in NHWC memory layout (tensor-core GPUs); refused under DeepSpeed "
+        "(its engine needs contiguous parameters)",
+    )
+    # `nn.Module.compile`: state_dict keys and checkpoints stay as they are. The first step compiles (20-30 s for
+    # r_lite or r18 on the 2-core CPU of docs/benchmarks.md, longer for deeper networks), and evaluation its own graph
+    # on first use. Under DDP dynamo splits the graph at DDP's buckets, so the all-reduce still overlaps the backward.
+    compile: bool = key(
+        False,
+        help="torch.compile the backbone in place (one process, DDP, DeepSpeed ZeRO-1/2); the first step compiles",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = key(
+        "default", help="torch.compile's mode (with compile: true)"
+    )
+    # The ddp_* keys reach Accelerate's DistributedDataParallelKwargs only. Under DeepSpeed or with one process there is
+    # no DDP: non-default values are logged as ignored, not refused, so that one recipe runs on any launch topology.
+    ddp_bucket_cap_mb: int = key(
+        25,
+        help="DDP: gradients are all-reduced in buckets of this many MiB, each as soon as it is ready (small buckets "
+        "overlap more of the backward, each pays a latency)",
+    )
+    # `fp16`/`bf16` round each gradient to 16 bits; `bf16` needs the NCCL or XCCL backend (refused at start on gloo,
+    # where torch refuses the hook). `power_sgd` sends a rank-`ddp_power_sgd_rank` approximation with error feedback.
+    ddp_comm_hook: Literal["none", "fp16", "bf16", "power_sgd"] = key(
+        "none",
+        help="DDP: gradient compression before the all-reduce: fp16, bf16 (half the bytes) or power_sgd (low rank)",
+    )
+    # With `compile`, torch warns "Grad strides do not match bucket view strides": inductor lays some gradients out
     # otherwise, and those are copied as without this option (correct, just not faster).
-    ddp_gradient_as_bucket_view: bool = False
-    # PowerSGD: rank of the approximation, and how many optimizer steps use the plain all-reduce before it compresses
-    # (the PowerSGD paper's warm-up). Its error-feedback state is not checkpointed: a resumed run warms up again.
-    ddp_power_sgd_rank: int = 1
-    ddp_power_sgd_warmup_steps: int = 1000
+    ddp_gradient_as_bucket_view: bool = key(
+        False, help="DDP: .grad tensors are views into DDP's buckets (a gradient-sized copy less per step, less memory)"
+    )
+    # Its error-feedback state is not checkpointed: a resumed run warms up again.
+    ddp_power_sgd_rank: int = key(1, help="DDP power_sgd: rank of the gradients' approximation")
+    ddp_power_sgd_warmup_steps: int = key(
+        1000, help="DDP power_sgd: optimizer steps with the plain all-reduce before it compresses (>= 2)"
+    )
 
 
 @dataclass
@@ -100,14 +116,21 @@ class ScheduleConfig:
     * `cosine`: 0.5 * (1 + cos(pi * progress)) down to 0.
     """
 
-    name: Literal["polynomial", "step", "cosine"] = "polynomial"
-    epochs: int = 20
-    warmup_epochs: float = 0.0
-    power: float = 1.0  # polynomial only
-    decay_epochs: list[float] = field(default_factory=list)  # step only, increasing
-    decay_factor: float = 0.1  # step only
-    # > 0: stop after this many optimizer steps (the schedule is stretched over them instead of `epochs`).
-    max_steps: int = 0
+    name: Literal["polynomial", "step", "cosine"] = key(
+        "polynomial",
+        help="the lr after the warm-up: polynomial ((1 - progress) ** power, to 0), step (x decay_factor at each of "
+        "decay_epochs) or cosine (to 0)",
+    )
+    epochs: int = key(20, help="epochs to train")
+    warmup_epochs: float = key(0.0, help="linear warm-up from 0 over this many epochs (a fraction is fine)")
+    power: float = key(1.0, help="polynomial: the exponent (1 = linear, insightface's PolynomialLRWarmup)")
+    decay_epochs: list[float] = key(
+        factory=list, help="step: increasing epochs (completed) at which the lr is multiplied by decay_factor"
+    )
+    decay_factor: float = key(0.1, help="step: the lr's factor at each of decay_epochs, in (0, 1]")
+    max_steps: int = key(
+        0, help="> 0: stop after this many optimizer steps, the schedule stretched over them instead of epochs"
+    )
 
     def __post_init__(self) -> None:
         if not self.power > 0:
@@ -128,53 +151,72 @@ TrackerName = Literal["tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlf
 class TrainConfig:
     """The loop: batch, accumulation, clipping, logging and checkpoint cadence."""
 
-    batch_size: int = 128  # per process, per micro-step
-    # > 0: the batch over all processes and accumulation steps; batch_size is then derived and must divide evenly.
-    global_batch_size: int = 0
-    gradient_accumulation_steps: int = 1
-    clip_grad_norm: float = 5.0  # backbone gradients, as insightface; 0 = off
-    seed: int = 2048
-    log_every: int = 50
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    # Also a checkpoint once this many minutes passed since the last one (preemptible machines); 0 = off.
-    save_every_minutes: float = 0.0
-    keep_checkpoints: int = 2
+    batch_size: int = key(128, help="samples per process and micro-step")
+    global_batch_size: int = key(
+        0,
+        help="> 0: the batch over all processes and accumulation steps (batch_size is then derived and must divide "
+        "evenly); 0 = batch_size x processes x accumulation",
+    )
+    gradient_accumulation_steps: int = key(1, help="micro-steps per optimizer step")
+    clip_grad_norm: float = key(5.0, help="the backbone's gradient norm is clipped to this, as insightface; 0 = off")
+    seed: int = key(2048, help="seed of initialisation, sampling and augmentation")
+    log_every: int = key(50, help="optimizer steps between log lines and tracker points")
+    save_every: int = key(0, help="optimizer steps between checkpoints; 0 = only at the end")
+    save_every_minutes: float = key(
+        0.0, help="also a checkpoint once this many minutes passed since the last one (preemptible machines); 0 = off"
+    )
+    keep_checkpoints: int = key(2, help="how many of the newest checkpoints are kept")
     # Divergence guard (trainer/guard.py): a step with a non-finite loss or gradient norm moves nothing and is
-    # logged; this many in a row end the run (exit code 3, the newest checkpoint is the last good one) or, with
+    # logged; max_bad_steps in a row end the run (exit code 3, the newest checkpoint is the last good one) or, with
     # on_divergence: rollback, reload the newest checkpoint, multiply the lr by rollback_lr_factor and go on (at
     # most max_rollbacks times, then stop).
-    max_bad_steps: int = 5
-    on_divergence: Literal["stop", "rollback"] = "stop"
-    rollback_lr_factor: float = 0.5
-    max_rollbacks: int = 3
-    # Experiment trackers through Accelerate (trainer/trackers.py), e.g. [tensorboard, wandb]; each needs its package.
+    max_bad_steps: int = key(5, help="divergence guard: this many non-finite steps in a row end the run or roll back")
+    on_divergence: Literal["stop", "rollback"] = key(
+        "stop",
+        help="after max_bad_steps: stop (exit code 3) or rollback (reload the newest checkpoint, lower the lr, go on)",
+    )
+    rollback_lr_factor: float = key(0.5, help="rollback: the lr is multiplied by this at each rollback, in (0, 1]")
+    max_rollbacks: int = key(3, help="rollback: at most this many rollbacks, then stop")
     # Replaces `tensorboard: true` (a recipe with the old key is refused as an unknown key, naming this one).
-    trackers: list[TrackerName] = field(default_factory=list)
+    trackers: list[TrackerName] = key(
+        factory=list, help="experiment trackers through Accelerate, e.g. [tensorboard, wandb]; each needs its package"
+    )
 
 
 @dataclass
 class EvalConfig:
     """`.bin` verification during training (main process only)."""
 
-    bins: list[str] = field(default_factory=list)  # paths; the generated dataset adds its own val.bin
-    # Optimizer steps between evaluations, or "epoch" (at the end of every epoch); 0 = only at the end of the run.
-    every: int | Literal["epoch"] = 2000
-    batch_size: int = 64
+    bins: list[str] = key(
+        factory=list,
+        help="verification .bin files: paths, or names under data.root (lfw: <root>/lfw.bin); source generated "
+        "adds its own val.bin",
+    )
+    every: int | Literal["epoch"] = key(
+        2000, help="optimizer steps between evaluations, or epoch (at each epoch's end); 0 = only at the end of the run"
+    )
+    batch_size: int = key(64, help="images per forward pass of the evaluation")
 
 
 @dataclass
 class ExperimentConfig:
-    """The whole experiment. `output` receives config.yaml, train.log, checkpoints/ and model.safetensors."""
+    """The whole experiment: a recipe's top level."""
 
-    output: str = "runs/default"
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    speed: SpeedConfig = field(default_factory=SpeedConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: str = key(
+        "runs/default", help="the run's folder: config.yaml, train.log, checkpoints/, model.safetensors, curves.png"
+    )
+    network: NetworkConfig = key(factory=NetworkConfig, help="the backbone (models/config.py)")
+    head: HeadConfig = key(
+        factory=HeadConfig, help="the head: which one, its margin, Partial FC's sampling (heads/config.py)"
+    )
+    data: DataConfig = key(factory=DataConfig, help="the training images and their loader (data/config.py)")
+    optim: OptimConfig = key(factory=OptimConfig, help="the optimizer")
+    speed: SpeedConfig = key(
+        factory=SpeedConfig, help="how fast a step runs, not what it computes; all off (docs/benchmarks.md)"
+    )
+    schedule: ScheduleConfig = key(factory=ScheduleConfig, help="the learning rate per optimizer step")
+    train: TrainConfig = key(factory=TrainConfig, help="the loop: batch, clipping, logging, checkpoints, divergence")
+    eval: EvalConfig = key(factory=EvalConfig, help="verification on .bin files during training (main process)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -233,10 +275,12 @@ def load_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     from_command_line: set[str] = set()
-    for key, value in parse_overrides(overrides or []):
-        from_command_line.update(_set_dotted(raw, key, value))
+    given: set[str] = set()  # the keys as given: a section an override created holds defaults too, from neither
+    for dotted, value in parse_overrides(overrides or []):
+        from_command_line.update(_set_dotted(raw, dotted, value))
+        given.add(dotted)
     cfg = from_dict(ExperimentConfig, raw, source=str(path), overridden=frozenset(from_command_line))
-    validate(cfg, check_files=check_files)
+    validate(cfg, check_files=check_files, source=str(path), overridden=frozenset(given))
     return cfg
 
 
@@ -282,11 +326,14 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> list[str]:
     return created
 
 
+def _from_command_line(key: str, overridden: frozenset[str]) -> bool:
+    """Whether `key` (or the list or section holding it) was set on the command line."""
+    return any(key == o or key.startswith((f"{o}.", f"{o}[")) for o in overridden)
+
+
 def _where(source: str, key: str, overridden: frozenset[str]) -> str:
     """`--key` when `key` (or the list or section holding it) was set on the command line, else `<file>: key`."""
-    if any(key == o or key.startswith((f"{o}.", f"{o}[")) for o in overridden):
-        return f"--{key}"
-    return f"{source}: {key}"
+    return f"--{key}" if _from_command_line(key, overridden) else f"{source}: {key}"
 
 
 def from_dict(
@@ -299,12 +346,12 @@ def from_dict(
         raise ConfigError(f"{where} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            where = _where(source, f"{prefix}{key}", overridden)
-            where = where if where.startswith("--") else source  # "<file>: unknown key 'a.b'", not "a.b" twice
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known in this section: {known})")
+    unknown = next((name for name in raw if name not in fields), None)
+    if unknown is not None:
+        known = ", ".join(sorted(fields))
+        where = _where(source, f"{prefix}{unknown}", overridden)
+        where = where if where.startswith("--") else source  # "<file>: unknown key 'a.b'", not "a.b" twice
+        raise ConfigError(f"{where}: unknown key '{prefix}{unknown}' (known in this section: {known})")
     kwargs = {}
     for name in fields:
         if name in raw:
@@ -312,7 +359,25 @@ def from_dict(
     try:
         return cls(**kwargs)
     except ValueError as exc:  # a section that validates itself (head, data.generated): "<field> must ..."
-        raise ConfigError(f"{source}: {prefix}{exc}") from None
+        raise ConfigError(
+            _section_error(str(exc), [n for n in fields if n in raw], source, prefix, overridden)
+        ) from None
+
+
+def _section_error(message: str, given: list[str], source: str, prefix: str, overridden: frozenset[str]) -> str:
+    """A section's own "<field> must ..." message, blamed as `_where` blames: on `--<prefix><field>` when that field
+    came from the command line, else on another key the message names that did (`--head.magface_u_m: head.magface_l_m
+    must be in [0, magface_u_m] ...`), else on the recipe file. Only the fields the mapping sets (`given`) count (a
+    default came from neither), and past the leading word only names with an underscore: a plain word of the
+    message (`epochs`, `name`) may be English."""
+    words = re.findall(r"[\w']+", message)
+    lead = words[0] if words and words[0] in given else None
+    if lead is not None and _from_command_line(f"{prefix}{lead}", overridden):
+        return f"--{prefix}{message}"
+    for word in words:
+        if word != lead and word in given and "_" in word and _from_command_line(f"{prefix}{word}", overridden):
+            return f"--{prefix}{word}: {prefix}{message}"
+    return f"{source}: {prefix}{message}"
 
 
 def section_class(tp: type) -> type:
@@ -367,8 +432,13 @@ def _coerce(tp: Any, value: Any, key: str, source: str, overridden: frozenset[st
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - a bug in this file
 
 
-def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
-    """Checks that need more than one key, or the file system. Each error names the key.
+def validate(
+    cfg: ExperimentConfig, check_files: bool = True, source: str = "recipe", overridden: frozenset[str] = frozenset()
+) -> None:
+    """Checks that need more than one key, or the file system. Each error names the key, blamed as `from_dict`
+    blames: `--key` when it (or the list or section holding it) is one of the dotted keys given on the command line
+    (`overridden`), else `source` (the recipe file). An error about several keys is blamed on the first of them
+    that came from the command line.
 
     `eval.bins` entries that are not existing paths resolve against `data.root` (`lfw` -> `<root>/lfw.bin`),
     as insightface's `val_targets`.
@@ -376,10 +446,18 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
     from heads import list_heads
     from models import list_backbones
 
+    def where(key: str) -> str:  # "--key" or "<file>: key", for a message about one key
+        return _where(source, key, overridden)
+
+    def blame(*keys: str) -> str:  # "--key" or "<file>", for a message that names several keys itself
+        return next((f"--{key}" for key in keys if _from_command_line(key, overridden)), source)
+
     if cfg.network.name not in list_backbones():
-        raise ConfigError(f"network.name: unknown backbone {cfg.network.name!r} (known: {', '.join(list_backbones())})")
+        raise ConfigError(
+            f"{where('network.name')}: unknown backbone {cfg.network.name!r} (known: {', '.join(list_backbones())})"
+        )
     if cfg.head.name not in list_heads():
-        raise ConfigError(f"head.name: unknown head {cfg.head.name!r} (known: {', '.join(list_heads())})")
+        raise ConfigError(f"{where('head.name')}: unknown head {cfg.head.name!r} (known: {', '.join(list_heads())})")
     positive = {
         "network.embedding_size": cfg.network.embedding_size,
         "optim.lr": cfg.optim.lr,
@@ -388,15 +466,14 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         "train.log_every": cfg.train.log_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.max_bad_steps": cfg.train.max_bad_steps,
-        "train.rollback_lr_factor": cfg.train.rollback_lr_factor,
         "eval.batch_size": cfg.eval.batch_size,
         "speed.ddp_bucket_cap_mb": cfg.speed.ddp_bucket_cap_mb,
         "data.prefetch": cfg.data.prefetch,
         "speed.ddp_power_sgd_rank": cfg.speed.ddp_power_sgd_rank,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
+    for dotted, value in positive.items():
+        if not value > 0:  # not `<= 0`: nan is refused too
+            raise ConfigError(f"{where(dotted)} must be > 0, got {value}")
     non_negative = {
         "data.num_classes": cfg.data.num_classes,
         "data.num_workers": cfg.data.num_workers,
@@ -411,57 +488,72 @@ def validate(cfg: ExperimentConfig, check_files: bool = True) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.backbone_lr_scale": cfg.optim.backbone_lr_scale,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for dotted, value in non_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"{where(dotted)} must be >= 0, got {value}")
     if isinstance(cfg.eval.every, int) and cfg.eval.every < 0:
-        raise ConfigError(f"eval.every must be >= 0 or 'epoch', got {cfg.eval.every}")
+        raise ConfigError(f"{where('eval.every')} must be >= 0 or 'epoch', got {cfg.eval.every}")
     if cfg.schedule.epochs == 0 and cfg.schedule.max_steps == 0:
-        raise ConfigError("schedule.epochs and schedule.max_steps are both 0: nothing to train")
+        raise ConfigError(
+            f"{blame('schedule.epochs', 'schedule.max_steps')}: schedule.epochs and schedule.max_steps are both 0: "
+            "nothing to train"
+        )
+    if not 0.0 < cfg.train.rollback_lr_factor <= 1.0:  # > 1 would raise the lr of a run that just diverged
+        raise ConfigError(f"{where('train.rollback_lr_factor')} must be in (0, 1], got {cfg.train.rollback_lr_factor}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
+        raise ConfigError(f"{where('data.max_bad_fraction')} must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if not 0.0 <= cfg.network.dropout < 1.0:
-        raise ConfigError(f"network.dropout must be in [0, 1), got {cfg.network.dropout}")
+        raise ConfigError(f"{where('network.dropout')} must be in [0, 1), got {cfg.network.dropout}")
     if cfg.speed.ddp_power_sgd_warmup_steps < 2:
         # torch's PowerSGDState: error feedback and warm start need two plain all-reduce steps first.
         raise ConfigError(
-            f"speed.ddp_power_sgd_warmup_steps must be >= 2 (PowerSGD needs two plain all-reduce steps first), "
-            f"got {cfg.speed.ddp_power_sgd_warmup_steps}"
+            f"{where('speed.ddp_power_sgd_warmup_steps')} must be >= 2 (PowerSGD needs two plain all-reduce steps "
+            f"first), got {cfg.speed.ddp_power_sgd_warmup_steps}"
         )
     if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+        raise ConfigError(f"{where('optim.betas')} must have two values, got {cfg.optim.betas}")
     if cfg.optim.name == "adamw" and cfg.head.update != "dense":
         # AdamW's step divides by the running second moment: not linear in its state, so no closed-form catch-up
         # (lazy), and Partial FC v1's frozen rows (sparse) would be a different optimizer than the one configured.
         raise ConfigError(
-            f"head.update: {cfg.head.update} needs optim.name: sgd; with adamw only head.update: dense is exact "
-            "(set it in the recipe's head section)"
+            f"{blame('head.update', 'optim.name')}: head.update: {cfg.head.update} needs optim.name: sgd; with adamw "
+            "only head.update: dense is exact (set it in the recipe's head section)"
         )
     data = cfg.data
     if data.source == "synthetic" and (data.num_classes <= 0 or data.num_images <= 0):
-        raise ConfigError("data.source 'synthetic' needs data.num_classes > 0 and data.num_images > 0")
+        raise ConfigError(
+            f"{blame('data.source', 'data.num_classes', 'data.num_images')}: data.source 'synthetic' needs "
+            "data.num_classes > 0 and data.num_images > 0"
+        )
     if not check_files:
         return
     if data.decode == "gpu" and data.source not in ("recordio", "generated"):
-        raise ConfigError(f"data.decode 'gpu' reads RecordIO; data.source is {data.source!r}")
+        raise ConfigError(
+            f"{blame('data.decode', 'data.source')}: data.decode 'gpu' reads RecordIO; data.source is {data.source!r}"
+        )
     if data.source == "image_folder":
         if not data.root or not Path(data.root).is_dir():
-            raise ConfigError(f"data.root: image folder {data.root!r} does not exist")
+            raise ConfigError(f"{where('data.root')}: image folder {data.root!r} does not exist")
     if data.source == "recordio":
         if not data.root:
-            raise ConfigError("data.root is empty: data.source 'recordio' needs a folder with train.rec and train.idx")
+            raise ConfigError(
+                f"{blame('data.root', 'data.source')}: data.root is empty: data.source 'recordio' needs a folder "
+                "with train.rec and train.idx"
+            )
         for name in ("train.rec", "train.idx"):
             if not (Path(data.root) / name).is_file():
-                raise ConfigError(f"data.root: {Path(data.root) / name} does not exist")
+                raise ConfigError(f"{where('data.root')}: {Path(data.root) / name} does not exist")
     if cfg.network.init_weights and not Path(cfg.network.init_weights).is_file():
-        raise ConfigError(f"network.init_weights: {cfg.network.init_weights} does not exist")
+        raise ConfigError(f"{where('network.init_weights')}: {cfg.network.init_weights} does not exist")
     for i, entry in enumerate(cfg.eval.bins):
         candidates = [Path(entry)]
         if data.root and not Path(entry).is_absolute():
             candidates += [Path(data.root) / entry, Path(data.root) / f"{entry}.bin"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise ConfigError(f"eval.bins[{i}]: {entry!r} not found (looked at {', '.join(map(str, candidates))})")
+            raise ConfigError(
+                f"{where(f'eval.bins[{i}]')}: {entry!r} not found (looked at {', '.join(map(str, candidates))})"
+            )
         cfg.eval.bins[i] = str(found)
 
 
@@ -483,17 +575,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: ExperimentConfig) -> str:
-    """The resolved tree as recipe YAML (what `<output>/config.yaml` holds; it loads back unchanged)."""
+def config_text(cfg: ExperimentConfig) -> str:
+    """The resolved tree as a recipe (YAML that `load_config` reads back into an equal tree): `<output>/config.yaml`
+    and `--print-config`."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
-    """`dump_config` into `path`, atomically."""
+    """`config_text` into `path`, atomically."""
     from models.cli import atomic_output
 
     with atomic_output(path) as tmp:
-        tmp.write_text(dump_config(cfg))
+        tmp.write_text(config_text(cfg))
 
 
 # Keys whose change makes a checkpoint unusable: the shapes of what it stores, or the meaning of its classes.
@@ -507,9 +600,9 @@ STRUCTURAL_KEYS = (
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, value in tree.items():
+    for name, value in tree.items():
         if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{name}."))
         else:
-            out[f"{prefix}{key}"] = value
+            out[f"{prefix}{name}"] = value
     return out

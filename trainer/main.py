@@ -6,7 +6,7 @@ a few minutes on a CPU. Precision and backend come from the Accelerate config fi
 
 Exit codes: 0 the run finished, or stopped on SIGTERM/SIGINT with a checkpoint; 2 bad input (one line on stderr:
 config, data, checkpoint, or an output folder in use or holding an earlier run); 3 the run diverged
-(`train.max_bad_steps` non-finite steps in a row; the newest checkpoint is the last good one). README.md lists what the
+(`train.max_bad_steps` non-finite steps in a row; the newest checkpoint predates them). README.md lists what the
 launcher returns in each case.
 """
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from models.cli import FILE_ONLY
 from models.errors import EXIT_BAD_INPUT, InputError
-from trainer.config import DEFAULT_RECIPE, ConfigError, ExperimentConfig, dump_config, load_config
+from trainer.config import DEFAULT_RECIPE, ConfigError, ExperimentConfig, config_text, load_config
 from trainer.distributed import StopSignal, exit_with_launcher
 from trainer.guard import EXIT_DIVERGED, DivergenceError
 
@@ -33,12 +33,25 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and the `--section.key value` overrides of the recipe (every other argument).
+
+    `--help` lists every recipe key (`trainer.keys`); `--print-config` prints the resolved recipe as YAML and, as
+    `--help` does, exits here (0, or 2 with one `config error:` line), before anything is created or read.
+    """
+    from trainer.config import config_text
+    from trainer.keys import render_help
+
     parser = argparse.ArgumentParser(
         prog="trainer/main.py",
+        usage="%(prog)s [-h] [--config RECIPE] [--resume [auto|PATH] | --overwrite] [--print-config] [--output DIR] "
+        "[--section.key VALUE ...]",
         description="Train a face embedder with margin softmax through Partial FC.",
-        epilog="Any other --section.key value pair overrides the recipe, e.g. --optim.lr 0.05 --train.batch_size 64.",
+        epilog=render_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: %(default)s)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_RECIPE), metavar="RECIPE", help="YAML recipe (default: %(default)s)"
+    )
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -53,7 +66,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="start fresh in an output folder that holds an earlier run: its checkpoints/, model.safetensors, "
         "config.yaml, train.log, tensorboard/, wandb/ and curves.png are moved to <output>/replaced-<time>/",
     )
-    return parser.parse_known_args(argv)
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the recipe as it resolves (overrides applied, keys checked) as YAML and exit; the output "
+        "folder and the data are not touched (their checks wait for the run)",
+    )
+    args, overrides = parser.parse_known_args(argv)
+    if args.print_config:
+        try:
+            cfg = load_config(args.config, overrides, check_files=False)
+        except ConfigError as exc:
+            parser.exit(2, f"config error: {exc}\n")
+        sys.stdout.write(config_text(cfg))
+        parser.exit(0)
+    return args, overrides
 
 
 def run(cfg: ExperimentConfig, accelerator: Accelerator, resume_from: Path | None = None) -> Trainer:
@@ -69,7 +96,7 @@ def run(cfg: ExperimentConfig, accelerator: Accelerator, resume_from: Path | Non
     if resume_from is not None:
         trainer.resume(resume_from)
     if accelerator.is_main_process:  # after the Trainer: derived values (batch_size from global_batch_size) included
-        trainer.folder.write_text(trainer.folder.config, dump_config(cfg))
+        trainer.folder.write_text(trainer.folder.config, config_text(cfg))
     start_trackers(accelerator, cfg)  # train.trackers, if any; the resolved config as hyper-parameters
     if trainer.state.step >= trainer.schedule.total_steps:
         logger.info("nothing to do: step %d of %d", trainer.state.step, trainer.schedule.total_steps)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.launching import MAIN, TINY, env_for
 from trainer.config import (
     DEFAULT_RECIPE,
     REPO_ROOT,
@@ -218,3 +221,92 @@ def test_errors_blame_the_command_line_or_the_recipe(tmp_path: Path) -> None:
     recipe.write_text("optim:\n  lr: fast\n")
     with pytest.raises(ConfigError, match=rf"^{recipe}: optim.lr expects a number"):
         load_config(recipe, ["--optim.momentum", "0.8"], check_files=False)
+
+
+@pytest.mark.parametrize("factor", ["0", "-0.5", "1.5", ".nan"])
+def test_rollback_lr_factor_is_in_0_1(factor: str) -> None:
+    """A rollback lowers the lr of a run that just diverged: 0 would stop it learning, > 1 raise it."""
+    with pytest.raises(ConfigError, match=r"^--train.rollback_lr_factor must be in \(0, 1\], got "):
+        load_config(None, ["--train.rollback_lr_factor", factor])
+    assert load_config(None, ["--train.rollback_lr_factor", "1"]).train.rollback_lr_factor == 1.0
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    return recipe
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        # A section that checks itself (__post_init__): the key it names, from the command line or the file.
+        ("", ["--schedule.power", "-1"], "--schedule.power must be > 0, got -1.0"),
+        ("schedule:\n  power: -1\n", [], "{recipe}: schedule.power must be > 0, got -1.0"),
+        ("schedule:\n  power: -1\n", ["--schedule.epochs", "3"], "{recipe}: schedule.power must be > 0"),
+        ("head:\n  s: 32.0\n", ["--head.m2", "4"], "--head.m2 must be in [0, pi), got 4.0"),
+        ("head:\n  m2: 4\n", ["--head.s", "32"], "{recipe}: head.m2 must be in [0, pi), got 4.0"),
+        (
+            "data:\n  generated:\n    jpeg_quality: 90\n",
+            ["--data.generated.jpeg_quality_min", "95"],
+            "--data.generated.jpeg_quality_min must be in [1, jpeg_quality]",
+        ),
+        # The message leads with the recipe's key; the other key it names came from the command line.
+        (
+            "data:\n  generated:\n    jpeg_quality_min: 80\n",
+            ["--data.generated.jpeg_quality", "70"],
+            "--data.generated.jpeg_quality: data.generated.jpeg_quality_min must be in [1, jpeg_quality]",
+        ),
+        # ... but a plain word of the message is not taken for a key ("positive epochs" is not schedule.epochs).
+        (
+            "schedule:\n  decay_epochs: [5, 3]\n",
+            ["--schedule.epochs", "8"],
+            "{recipe}: schedule.decay_epochs must be increasing positive epochs",
+        ),
+        # Checks across sections (validate): one key, or the first named key that came from the command line.
+        ("", ["--optim.lr", "-1"], "--optim.lr must be > 0, got -1.0"),
+        ("optim:\n  lr: -1\n", [], "{recipe}: optim.lr must be > 0, got -1.0"),
+        ("", ["--optim.lr", ".nan"], "--optim.lr must be > 0, got nan"),
+        ("network:\n  name: r9000\n", [], "{recipe}: network.name: unknown backbone 'r9000'"),
+        ("", ["--network.dropout", "1"], "--network.dropout must be in [0, 1), got 1.0"),
+        ("optim:\n  name: adamw\n", [], "{recipe}: head.update: lazy needs optim.name: sgd"),
+        ("", ["--optim.name", "adamw"], "--optim.name: head.update: lazy needs optim.name: sgd"),
+        ("optim:\n  name: adamw\n", ["--head.update", "sparse"], "--head.update: head.update: sparse needs"),
+        ("schedule:\n  max_steps: 0\n", ["--schedule.epochs", "0"], "--schedule.epochs: schedule.epochs and"),
+        ("schedule:\n  epochs: 0\n", [], "{recipe}: schedule.epochs and schedule.max_steps are both 0"),
+        ("", ["--data.source", "recordio"], "--data.source: data.root is empty"),
+        # A section the recipe lacks, made by an override, holds defaults: those came from neither.
+        ("optim:\n  lr: 0.1\n", ["--data.source", "recordio"], "--data.source: data.root is empty"),
+        ("optim:\n  lr: 0.1\n", ["--schedule.name", "step"], "{recipe}: schedule.decay_epochs is empty"),
+        ("data:\n  source: recordio\n", [], "{recipe}: data.root is empty"),
+        ("", ["--eval.bins", "[nowhere]"], "--eval.bins[0]: 'nowhere' not found"),
+    ],
+)
+def test_errors_name_the_source_of_the_value(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    """#25: a bad value is blamed on the `--key` that gave it, or on the recipe file that did; never the other."""
+    recipe = _recipe(tmp_path, text or "data:\n  source: generated\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, overrides)
+    expected = message.format(recipe=recipe)
+    assert str(info.value).startswith(expected), str(info.value)
+    if expected.startswith("--"):
+        assert str(recipe) not in str(info.value)
+
+
+@pytest.mark.e2e
+def test_a_bad_override_is_blamed_on_the_command_line_by_the_cli(tmp_path: Path) -> None:
+    """The same through the real entry point: exit 2, one line naming `--schedule.power`, nothing written."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(MAIN), "--config", str(TINY), "--schedule.power", "-1", "--output", str(out)],
+        cwd=REPO_ROOT,
+        env=env_for(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "config error:"))]
+    assert errors == ["config error: --schedule.power must be > 0, got -1.0"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and str(TINY) not in proc.stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()
