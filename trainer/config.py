@@ -168,7 +168,7 @@ class ExperimentConfig:
 
     output: str = "runs/default"
     network: NetworkConfig = field(default_factory=NetworkConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
+    head: HeadConfig = field(default_factory=lambda: HeadConfig.resolve_section()())
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
