@@ -6,7 +6,7 @@ millions of classes. What `bench/gpu.sh` runs.
     python bench/gpu_bench.py --tiny                      # CPU, seconds: what the test suite runs
 
 Backbones (``--networks``, default r50 r100) x ``--precisions`` (bf16, fp16) x channels_last off/on x
-``torch.compile`` off/on, both applied by ``trainer.loop.apply_speed``, the trainer's code path for the recipe's
+``torch.compile`` off/on, both applied by ``trainer.backbone.apply_speed``, the trainer's code path for the recipe's
 ``speed.channels_last`` and ``speed.compile`` (NHWC weights and inputs; compiled in place, mode default). A step is
 what the trainer computes: backbone forward under ``torch.autocast``, Partial FC (fp32, ``--head-classes`` classes,
 sample rate 1), backward (fp16 through a ``GradScaler``), gradient clipping at 5, SGD (momentum 0.9, weight decay
@@ -56,10 +56,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
-from heads import PartialFC  # noqa: E402
+from heads import PartialFC, PartialFCOptions  # noqa: E402
 from models import build_backbone, count_flops  # noqa: E402
 from trainer.config import OptimConfig, SpeedConfig  # noqa: E402
-from trainer.loop import apply_speed  # noqa: E402
+from trainer.backbone import apply_speed  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 from trainer.reporting import machine_info  # noqa: E402
 from trainer.row_sgd import RowSGD  # noqa: E402
@@ -156,7 +156,7 @@ def run_backbone(config: dict[str, Any], args: argparse.Namespace, device: torch
     speed = SpeedConfig(channels_last=config["channels_last"], compile=config["compile"])
     memory_format = apply_speed(backbone, speed, compile_backend=args.compile_backend)
     with device:
-        head = PartialFC(args.embedding_size, args.head_classes)
+        head = PartialFC(PartialFCOptions(args.embedding_size, args.head_classes))
     trainable = [p for p in backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         [{"params": trainable}, {"params": list(head.parameters())}], lr=0.1, momentum=0.9, weight_decay=5e-4
@@ -215,9 +215,16 @@ def run_partial_fc(config: dict[str, Any], args: argparse.Namespace, device: tor
     base = _memory_base(device)
     try:
         with device:  # 10M centers initialized on the GPU: seconds, where the CPU would take minutes
-            head = PartialFC(embedding, classes, sample_rate=config["sample_rate"], update=config["update"])
+            options = PartialFCOptions(
+                embedding,
+                classes,
+                sample_rate=config["sample_rate"],
+                update=config["update"],
+                lazy_sync_every=args.pfc_lazy_sync_every,
+            )
+            head = PartialFC(options)
         cfg = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
-        optimizer = build_optimizer(cfg, (head, 1.0), fused=True, lazy_sync_every=args.pfc_lazy_sync_every)
+        optimizer = build_optimizer(cfg, (head, 1.0), fused=True)
         generator = torch.Generator(device=device).manual_seed(0)
         embeddings = torch.randn(config["batch_size"], embedding, device=device, generator=generator)
         embeddings.requires_grad_()

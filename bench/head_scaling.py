@@ -64,7 +64,7 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from heads import PartialFC  # noqa: E402
+from heads import PartialFC, PartialFCOptions  # noqa: E402
 from models import build_backbone  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.optim import build_optimizer as trainer_optimizer  # noqa: E402
@@ -167,12 +167,14 @@ def build_head(config: dict[str, Any], device: torch.device) -> nn.Module:
     with device:
         if config["head"] == "full_fc":
             return FullFC(config["embedding_size"], config["num_classes"])
-        return PartialFC(
+        options = PartialFCOptions(
             config["embedding_size"],
             config["num_classes"],
             sample_rate=config["sample_rate"],
             update=config.get("update", "dense"),
+            lazy_sync_every=config["lazy_sync_every"],
         )
+        return PartialFC(options)
 
 
 def build_optimizer(config: dict[str, Any], head: nn.Module) -> torch.optim.Optimizer:
@@ -181,7 +183,7 @@ def build_optimizer(config: dict[str, Any], head: nn.Module) -> torch.optim.Opti
     if config["head"] == "full_fc":
         return torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
     cfg = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return trainer_optimizer(cfg, (head, 1.0), fused=bool(fused), lazy_sync_every=config["lazy_sync_every"])
+    return trainer_optimizer(cfg, (head, 1.0), fused=bool(fused))  # the head carries lazy_sync_every
 
 
 class ByteCounter(TorchDispatchMode):

@@ -149,7 +149,8 @@ def markdown(report: dict[str, Any]) -> str:
         "```",
         "",
         'How to choose a head: README.md, "Choosing a head and a backbone". Each head\'s settings, what it does',
-        "and how it differs from its official code: `heads/config.py` and the docstring of its class in `heads/`.",
+        "and how it differs from its official code: its module in `heads/` (its settings class and its class's "
+        "docstring).",
         "",
     ]
     return "\n".join(lines)

@@ -3,22 +3,46 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from heads.partial_fc import PartialFC
+from heads.base import PartialFCOptions
+from heads.partial_fc import PartialFC, ScaleSettings, require_finite
+from heads.registry import register_head
+from models.recipe import key
 
 NORM_MIN, NORM_MAX = 1e-3, 100.0  # the official clip of the feature norm
 EPS = 1e-3  # the official clamp of cosines and angles, and the std's offset
 
 
+@dataclass
+class AdaFaceSettings(ScaleSettings):
+    """`adaface` (Kim et al. 2022): a margin adapted to the feature norm, normalized by the batch's norm statistics."""
+
+    adaface_m: float = key(0.4, help="AdaFace's margin")
+    adaface_h: float = key(0.333, help="how far the norm moves the margin (0 = CosFace with adaface_m)")
+    adaface_t_alpha: float = key(0.01, help="EMA weight of the new global batch's norm mean and std")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_finite(self, "adaface_m", "adaface_h", "adaface_t_alpha")
+        if not 0.0 <= self.adaface_m < math.pi / 2:
+            raise ValueError(f"adaface_m must be in [0, pi/2), got {self.adaface_m}")
+        if self.adaface_h < 0:
+            raise ValueError(f"adaface_h must be >= 0, got {self.adaface_h}")
+        if not 0.0 < self.adaface_t_alpha <= 1.0:
+            raise ValueError(f"adaface_t_alpha must be in (0, 1], got {self.adaface_t_alpha}")
+
+
+@register_head("adaface", settings=AdaFaceSettings)
 class AdaFacePartialFC(PartialFC):
     """AdaFace's target logit, with the norm statistics of the global batch.
 
     Per gathered row i, with n_i = clip(||x_i||, 1e-3, 100) (no gradient: the norm steers the margin, it is not
-    trained by it), the running mean and std are first updated (EMA weight ``t_alpha``, as the official code: before
-    use) with the mean and unbiased std of all n over the global batch, then
+    trained by it), the running mean and std are first updated (EMA weight t_alpha = ``adaface_t_alpha``, as the
+    official code: before use) with the mean and unbiased std of all n over the global batch, then
 
         ms_i = clip(h * (n_i - mean) / (std + 1e-3), -1, 1)
         target = s * [cos(clip(theta_y - m * ms_i, 1e-3, pi - 1e-3)) - (m + m * ms_i)]
@@ -34,22 +58,10 @@ class AdaFacePartialFC(PartialFC):
     batch_mean: Tensor
     batch_std: Tensor
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.4,
-        h: float = 0.333,
-        t_alpha: float = 0.01,
-        sample_rate: float = 1.0,
-        dp_average: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        update: str = "dense",
-    ) -> None:
-        self.s, self.m, self.h, self.t_alpha = float(s), float(m), float(h), float(t_alpha)
-        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size, update)
+    def __init__(self, options: PartialFCOptions, settings: AdaFaceSettings) -> None:
+        self.s, self.m, self.h = settings.s, settings.adaface_m, settings.adaface_h
+        self.t_alpha = settings.adaface_t_alpha
+        super().__init__(options)
 
     def register_state(self) -> None:
         self.register_buffer("batch_mean", torch.zeros(()))

@@ -2,8 +2,13 @@
 
 A head turns this rank's embeddings (N, E) and labels (N,) into the global batch's loss (a scalar, identical on
 every rank). Its class centers are sharded by class: rank r holds the contiguous range
-[class_start, class_start + num_local) of the num_classes classes. A new head is a new file in `heads/` and a
-`@register_head("name")` line; the trainer never names a head's class or its constructor arguments.
+[class_start, class_start + num_local) of the num_classes classes. A new head is one file in `heads/`: its class,
+its settings dataclass and a `@register_head("name", settings=...)` line (docs/architecture.md, "A new head is one
+file"); the trainer never names a head's class or its constructor arguments.
+
+How a head is built: `heads.build_head` calls the registered class as `cls(options=PartialFCOptions(...),
+settings=<its settings>)`. `PartialFCOptions` (below) is what every head shares (shape, shard, sampling, how the
+centers move); the settings are the head's own recipe keys.
 
 State, and how it survives a checkpoint and a resume on another number of ranks:
 
@@ -21,10 +26,53 @@ State, and how it survives a checkpoint and a resume on another number of ranks:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+# How the centers move when sample_rate < 1 (`head.update`; README, "Partial FC at millions of classes").
+HeadUpdate = Literal["dense", "lazy", "sparse"]
+UPDATES: tuple[HeadUpdate, ...] = get_args(HeadUpdate)
+
+
+def check_sampling(sample_rate: float, update: str, lazy_sync_every: int) -> None:
+    """The checks of the keys every head shares (the recipe's and `PartialFCOptions`'): "<key> must ..."."""
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
+    if lazy_sync_every < 1:
+        raise ValueError(f"lazy_sync_every must be >= 1, got {lazy_sync_every!r}")
+
+
+@dataclass(frozen=True)
+class PartialFCOptions:
+    """What every head shares, given once to its constructor: the class table's shape and this rank's shard of it,
+    how many centers a step scores and how they move.
+
+    ``rank`` / ``world_size``: None takes the process group's (one process without one). ``sample_rate``: the
+    fraction of this rank's centers scored each step (every positive, plus random negatives). ``update``: how they
+    move when sampled (`heads.partial_fc.PartialFC`); ``lazy_sync_every``: with ``lazy``, the optimizer's steps
+    between catching every center up (the head owns its update mode, the optimizer reads both from it).
+    ``dp_average``: the backbone gradient, after DDP/ZeRO averaging, is one process's on the global batch
+    (`heads.distributed.all_gather_with_grad`).
+    """
+
+    embedding_size: int
+    num_classes: int
+    rank: int | None = None
+    world_size: int | None = None
+    sample_rate: float = 1.0
+    update: HeadUpdate = "dense"
+    lazy_sync_every: int = 100
+    dp_average: bool = True
+
+    def __post_init__(self) -> None:
+        if self.embedding_size < 1:
+            raise ValueError(f"embedding_size must be >= 1, got {self.embedding_size!r}")
+        check_sampling(self.sample_rate, self.update, self.lazy_sync_every)
 
 
 @runtime_checkable
@@ -74,8 +122,11 @@ class Head(Protocol):
 
     # How the centers move (`head.update`): "dense", or "lazy" / "sparse" (a sparse gradient of the scored rows,
     # for trainer.row_sgd.RowSGD, which then registers its catch-up here: forward calls it with the rows it is
-    # about to read, None meaning all). Only `weight` is trained in the row-wise modes.
-    update: str
+    # about to read, None meaning all). Only `weight` is trained in the row-wise modes. The optimizer reads the
+    # mode and, for lazy, the steps between full catch-ups from the head (`PartialFCOptions`).
+    update: HeadUpdate
+    lazy_sync_every: int
+    sample_rate: float
 
     def set_row_sync(self, sync: Callable[[Tensor | None], None] | None) -> None: ...
 

@@ -3,21 +3,42 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from heads.partial_fc import PartialFC
+from heads.base import PartialFCOptions
+from heads.partial_fc import PartialFC, ScaleSettings, require_finite
+from heads.registry import register_head
+from models.recipe import key
 
 
+@dataclass
+class CurricularFaceSettings(ScaleSettings):
+    """`curricularface` (Huang et al. 2020): hard negatives reweighted by the running mean target cosine t."""
+
+    curricular_m: float = key(0.5, help="CurricularFace's angular margin")
+    curricular_t_alpha: float = key(0.01, help="EMA weight of the new global batch's mean target cosine")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_finite(self, "curricular_m", "curricular_t_alpha")
+        if not 0.0 <= self.curricular_m < math.pi / 2:
+            raise ValueError(f"curricular_m must be in [0, pi/2), got {self.curricular_m}")
+        if not 0.0 < self.curricular_t_alpha <= 1.0:
+            raise ValueError(f"curricular_t_alpha must be in (0, 1], got {self.curricular_t_alpha}")
+
+
+@register_head("curricularface", settings=CurricularFaceSettings)
 class CurricularFacePartialFC(PartialFC):
     """CurricularFace's logits, with one running ``t`` for all ranks.
 
-    Per step, t <- t_alpha * mean(cos(theta_y)) + (1 - t_alpha) * t over the **global** batch, before use (no
-    gradient). The target logit is ArcFace's with the official fallback, s*cos(theta_y + m) while
-    cos(theta_y) > cos(pi - m), else s*(cos(theta_y) - m*sin(pi - m)); a negative j is hard when
-    cos(theta_j) > cos(theta_y + m), and its logit becomes s*cos(theta_j)*(t + cos(theta_j)) (gradient through both
-    factors), the others stay s*cos(theta_j).
+    Per step, t <- t_alpha * mean(cos(theta_y)) + (1 - t_alpha) * t (t_alpha: ``curricular_t_alpha``) over the
+    **global** batch, before use (no gradient). The target logit is ArcFace's with the official fallback,
+    s*cos(theta_y + m) while cos(theta_y) > cos(pi - m), else s*(cos(theta_y) - m*sin(pi - m)); a negative j is hard
+    when cos(theta_j) > cos(theta_y + m), and its logit becomes s*cos(theta_j)*(t + cos(theta_j)) (gradient through
+    both factors), the others stay s*cos(theta_j).
 
     A row's target cosine lives on one rank only; every rank needs it (for t and for the hard-negative threshold of
     its own columns), so it is all-reduced (a collective, N numbers). ``t`` is global state: every rank computes it
@@ -27,21 +48,9 @@ class CurricularFacePartialFC(PartialFC):
     global_buffers = ("t",)
     t: Tensor
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.5,
-        t_alpha: float = 0.01,
-        sample_rate: float = 1.0,
-        dp_average: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        update: str = "dense",
-    ) -> None:
-        self.s, self.m, self.t_alpha = float(s), float(m), float(t_alpha)
-        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size, update)
+    def __init__(self, options: PartialFCOptions, settings: CurricularFaceSettings) -> None:
+        self.s, self.m, self.t_alpha = settings.s, settings.curricular_m, settings.curricular_t_alpha
+        super().__init__(options)
 
     def register_state(self) -> None:
         self.register_buffer("t", torch.zeros(()))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from heads.partial_fc import PartialFC
+from heads.base import PartialFCOptions
+from heads.partial_fc import PartialFC, ScaleSettings, require_finite
+from heads.registry import register_head
+from models.recipe import key
 
 ElasticKind = Literal["arc", "cos"]
 PlusPairing = Literal["sorted", "official"]
@@ -19,6 +24,32 @@ def margin_generator(seed: int, draw: int) -> torch.Generator:
     """The CPU generator of the `draw`-th step's margins: a function of (seed, draw) alone, so every rank draws the
     same margins, and a resumed run (which restores `draw`) the margins the uninterrupted run would have drawn."""
     return torch.Generator().manual_seed((seed * 1_000_003 + draw) % 2**63)
+
+
+@dataclass
+class ElasticFaceSettings(ScaleSettings):
+    """`elasticface_arc` / `_cos` and their "+" variants (Boutros et al. 2022): a margin per sample from N(m, std).
+
+    None = the paper's: m 0.5 (Arc), 0.35 (Cos); std 0.05 (Arc, Cos), 0.0175 (Arc+), 0.02 (Cos+).
+    """
+
+    elastic_m: float | None = key(None, help="mean margin (none: the paper's for the variant)")
+    elastic_std: float | None = key(None, help="standard deviation of the margins (none: the paper's)")
+    # "+": `sorted` gives the sample closest to its center the smallest margin (the pairing the official code's two
+    # sorts describe); `official` repeats that code's indexing, which pairs them by neither order.
+    elastic_plus_pairing: PlusPairing = key(
+        "sorted", help="the + variants: sorted (closest sample, smallest margin) or the official code's indexing"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_finite(self, "elastic_m", "elastic_std")
+        if self.elastic_m is not None and not 0.0 <= self.elastic_m < math.pi / 2:
+            raise ValueError(f"elastic_m must be in [0, pi/2), got {self.elastic_m}")
+        if self.elastic_std is not None and self.elastic_std < 0:
+            raise ValueError(f"elastic_std must be >= 0, got {self.elastic_std}")
+        if self.elastic_plus_pairing not in ("sorted", "official"):
+            raise ValueError(f"elastic_plus_pairing must be 'sorted' or 'official', got {self.elastic_plus_pairing!r}")
 
 
 class ElasticFacePartialFC(PartialFC):
@@ -35,37 +66,23 @@ class ElasticFacePartialFC(PartialFC):
     margins ascending) describe. ``official``: that code's own indexing, sample i gets sorted_margins[order[i]]
     (``order`` the descending-cosine permutation, used where its inverse was meant): margins are then not monotone
     in the cosine. Both keep the multiset of margins.
+
+    The four variants are the subclasses below, one registered head each; ``kind`` and ``plus`` are theirs.
     """
+
+    kind: ClassVar[ElasticKind]
+    plus: ClassVar[bool]
 
     global_buffers = ("margin_draws",)
     margin_draws: Tensor
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        kind: ElasticKind = "arc",
-        plus: bool = False,
-        s: float = 64.0,
-        m: float | None = None,
-        std: float | None = None,
-        plus_pairing: PlusPairing = "sorted",
-        sample_rate: float = 1.0,
-        dp_average: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        update: str = "dense",
-    ) -> None:
-        if kind not in ("arc", "cos"):
-            raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
-        if plus_pairing not in ("sorted", "official"):
-            raise ValueError(f"plus_pairing must be 'sorted' or 'official', got {plus_pairing!r}")
-        self.kind, self.plus, self.plus_pairing = kind, bool(plus), plus_pairing
-        self.s = float(s)
-        self.m = PAPER_M[kind] if m is None else float(m)
-        self.std = PAPER_STD[(kind, self.plus)] if std is None else float(std)
+    def __init__(self, options: PartialFCOptions, settings: ElasticFaceSettings) -> None:
+        self.plus_pairing = settings.elastic_plus_pairing
+        self.s = settings.s
+        self.m = PAPER_M[self.kind] if settings.elastic_m is None else settings.elastic_m
+        self.std = PAPER_STD[(self.kind, self.plus)] if settings.elastic_std is None else settings.elastic_std
         self.seed = 0
-        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size, update)
+        super().__init__(options)
 
     def register_state(self) -> None:
         self.register_buffer("margin_draws", torch.zeros((), dtype=torch.int64))
@@ -106,3 +123,31 @@ class ElasticFacePartialFC(PartialFC):
     def extra_repr(self) -> str:
         plus = f", plus ({self.plus_pairing})" if self.plus else ""
         return f"{super().extra_repr()}, kind={self.kind}{plus}, s={self.s}, m={self.m}, std={self.std}"
+
+
+@register_head("elasticface_arc", settings=ElasticFaceSettings)
+class ElasticFaceArc(ElasticFacePartialFC):
+    """ElasticFace-Arc: target s*cos(theta_y + m_i)."""
+
+    kind, plus = "arc", False
+
+
+@register_head("elasticface_cos", settings=ElasticFaceSettings)
+class ElasticFaceCos(ElasticFacePartialFC):
+    """ElasticFace-Cos: target s*(cos(theta_y) - m_i)."""
+
+    kind, plus = "cos", False
+
+
+@register_head("elasticface_arc_plus", settings=ElasticFaceSettings)
+class ElasticFaceArcPlus(ElasticFacePartialFC):
+    """ElasticFace-Arc+: ElasticFace-Arc with the margins paired to the samples by their target cosine."""
+
+    kind, plus = "arc", True
+
+
+@register_head("elasticface_cos_plus", settings=ElasticFaceSettings)
+class ElasticFaceCosPlus(ElasticFacePartialFC):
+    """ElasticFace-Cos+: ElasticFace-Cos with the margins paired to the samples by their target cosine."""
+
+    kind, plus = "cos", True

@@ -3,14 +3,45 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from heads.base import PartialFCOptions
 from heads.distributed import all_reduce_sum_no_grad
-from heads.partial_fc import PartialFC
+from heads.partial_fc import PartialFC, ScaleSettings, require_finite
+from heads.registry import register_head
+from models.recipe import key
 
 
+@dataclass
+class MagFaceSettings(ScaleSettings):
+    """`magface` (Meng et al. 2021): a margin linear in the feature magnitude a in [l_a, u_a], from l_m to u_m."""
+
+    magface_l_a: float = key(10.0, help="lowest feature magnitude the margin follows")
+    magface_u_a: float = key(110.0, help="highest feature magnitude the margin follows")
+    magface_l_m: float = key(0.45, help="margin at magnitude magface_l_a")
+    magface_u_m: float = key(0.8, help="margin at magnitude magface_u_a")
+    # The paper's; MagFace's trainer.py uses 20.
+    magface_lambda_g: float = key(35.0, help="weight of the magnitude regularizer")
+    magface_easy_margin: bool = key(True, help="margin only where cos(theta_y) > 0, as MagFace's code")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_finite(self, "magface_l_a", "magface_u_a", "magface_l_m", "magface_u_m", "magface_lambda_g")
+        if not 0.0 < self.magface_l_a < self.magface_u_a:
+            raise ValueError(f"magface_l_a must be in (0, magface_u_a={self.magface_u_a}), got {self.magface_l_a}")
+        if not 0.0 <= self.magface_l_m <= self.magface_u_m < math.pi / 2:
+            raise ValueError(
+                f"magface_l_m must be in [0, magface_u_m] and magface_u_m below pi/2, got {self.magface_l_m} and "
+                f"{self.magface_u_m}"
+            )
+        if self.magface_lambda_g < 0:
+            raise ValueError(f"magface_lambda_g must be >= 0, got {self.magface_lambda_g}")
+
+
+@register_head("magface", settings=MagFaceSettings)
 class MagFacePartialFC(PartialFC):
     """MagFace's loss: cross-entropy with a magnitude-dependent ArcFace margin, plus the magnitude regularizer.
 
@@ -25,28 +56,11 @@ class MagFacePartialFC(PartialFC):
     summed over ranks (a collective) so that every rank returns the same loss.
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        l_a: float = 10.0,
-        u_a: float = 110.0,
-        l_m: float = 0.45,
-        u_m: float = 0.8,
-        lambda_g: float = 35.0,
-        easy_margin: bool = True,
-        sample_rate: float = 1.0,
-        dp_average: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        update: str = "dense",
-    ) -> None:
-        if not 0 < l_a < u_a:
-            raise ValueError(f"need 0 < l_a < u_a, got l_a={l_a!r}, u_a={u_a!r}")
-        self.s, self.l_a, self.u_a, self.l_m, self.u_m = float(s), float(l_a), float(u_a), float(l_m), float(u_m)
-        self.lambda_g, self.easy_margin = float(lambda_g), bool(easy_margin)
-        super().__init__(embedding_size, num_classes, None, sample_rate, dp_average, rank, world_size, update)
+    def __init__(self, options: PartialFCOptions, settings: MagFaceSettings) -> None:
+        self.s, self.l_a, self.u_a = settings.s, settings.magface_l_a, settings.magface_u_a
+        self.l_m, self.u_m = settings.magface_l_m, settings.magface_u_m
+        self.lambda_g, self.easy_margin = settings.magface_lambda_g, settings.magface_easy_margin
+        super().__init__(options)
 
     def magnitude(self, embeddings: Tensor) -> Tensor:
         """a = clamp(||x||, l_a, u_a), differentiable inside the range."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heads.base import HeadUpdate, PartialFCOptions
 from heads.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -16,13 +19,80 @@ from heads.distributed import (
     distributed_softmax_cross_entropy,
     world_info,
 )
-from heads.margins import MarginSoftmax
+from heads.margins import MarginGrad, MarginSoftmax
+from heads.registry import register_head
 from heads.rows import Gradient, center_cosine
+from models.recipe import key
 
-UPDATES = ("dense", "lazy", "sparse")
 RowSync = Callable[[Tensor | None], None]
 
 
+def require_finite(settings: object, *names: str) -> None:
+    """Refuse a NaN or infinite value among the fields ``names`` of ``settings`` (None, "the paper's", passes)."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+@dataclass
+class ScaleSettings:
+    """The logit scale: every head's settings start from this class, so that the key is declared once."""
+
+    s: float = key(64.0, help="logit scale, every head")
+
+    def __post_init__(self) -> None:
+        require_finite(self, "s")
+        if not self.s > 0:
+            raise ValueError(f"s must be > 0, got {self.s}")
+
+
+@dataclass
+class MarginSettings(ScaleSettings):
+    """`partial_fc`: the combined margin, target logit s*cos(m1*theta + m2) - s*m3 (`heads.margins.MarginSoftmax`).
+
+    ArcFace is (m1, m2, m3) = (1, 0.5, 0), CosFace (1, 0, 0.4); the options match insightface HEAD by default.
+    """
+
+    m1: float = key(1.0, help="combined margin: multiplicative angular margin")
+    m2: float = key(0.5, help="combined margin: additive angular margin (ArcFace's m)")
+    m3: float = key(0.0, help="combined margin: additive cosine margin (CosFace's m)")
+    # Past theta + m2 > pi, insightface's pre-2023 fallback cos(theta) - m2*sin(pi - m2); off = cos(theta + m2).
+    arcface_fallback: bool = key(False, help="ArcFace past theta + m2 > pi: insightface's pre-2023 fallback")
+    # `exact`: differentiate through the margin; `constant`: as insightface, the margin is a constant in backward.
+    margin_grad: MarginGrad = key("exact", help="exact: differentiate through the margin; constant: insightface's")
+    # > 0: non-target cosines above it count as mislabelled duplicates: set to 0, no gradient (insightface: 0.4).
+    interclass_filtering_threshold: float = key(
+        0.0, help="> 0: non-target cosines above it are dropped as duplicate identities (0 = off)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_finite(self, "m1", "m2", "m3", "interclass_filtering_threshold")
+        if not self.m1 > 0:
+            raise ValueError(f"m1 must be > 0, got {self.m1}")
+        if not 0.0 <= self.m2 < math.pi:
+            raise ValueError(f"m2 must be in [0, pi), got {self.m2}")
+        if self.m3 < 0:
+            raise ValueError(f"m3 must be >= 0, got {self.m3}")
+        if not 0.0 <= self.interclass_filtering_threshold < 1.0:
+            raise ValueError(
+                f"interclass_filtering_threshold must be in [0, 1) (0 = off), got {self.interclass_filtering_threshold}"
+            )
+
+    def margin(self) -> MarginSoftmax:
+        return MarginSoftmax(
+            s=self.s,
+            m1=self.m1,
+            m2=self.m2,
+            m3=self.m3,
+            arcface_fallback=self.arcface_fallback,
+            margin_grad=self.margin_grad,
+            interclass_filtering_threshold=self.interclass_filtering_threshold,
+        )
+
+
+@register_head("partial_fc", settings=MarginSettings)
 class PartialFC(nn.Module):
     """Margin softmax over ``num_classes`` centers, each rank holding a contiguous range of them (Partial FC).
 
@@ -42,6 +112,9 @@ class PartialFC(nn.Module):
     disjoint and the softmax denominator just sums whatever columns each rank contributes; ranks only have to
     agree on the rows (the gathered batch), not on the columns.
 
+    ``options`` (`heads.base.PartialFCOptions`) are what every head shares; ``settings`` the combined margin
+    (`MarginSettings`, ArcFace with s = 64 and m = 0.5 by default).
+
     ``update`` says how the centers move when ``sample_rate < 1`` (README, "Partial FC at millions of classes"):
 
     * ``dense``: unsampled centers get an exact zero gradient (a table-sized tensor), so optimizers still visit
@@ -58,53 +131,40 @@ class PartialFC(nn.Module):
     The other heads (`heads.subcenter`, `heads.adaface`, ...) are this class with its hooks overridden: `cosine`
     (how a row scores a class), `logits` (the margin), `extra_loss`, `register_state` / `reset_state` (their
     buffers, named in `row_buffers` and `global_buffers` so that checkpoints find them) and `start_epoch`. Gathering,
-    sharding, sampling and the distributed cross-entropy stay here, the same for all.
+    sharding, sampling and the distributed cross-entropy stay here, the same for all. Their constructors take
+    (options, their settings), set their plain hyperparameters and then call ``PartialFC.__init__(options)``.
     """
 
     # Names of the buffers that are per-class state (class as dim 0) and global state (identical on every rank).
     row_buffers: tuple[str, ...] = ()
     global_buffers: tuple[str, ...] = ()
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        margin: MarginSoftmax | None = None,
-        sample_rate: float = 1.0,
-        dp_average: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        update: str = "dense",
-    ) -> None:
+    def __init__(self, options: PartialFCOptions, settings: MarginSettings | None = None) -> None:
         super().__init__()
         default_rank, default_world = world_info()
-        rank = default_rank if rank is None else rank
-        world_size = default_world if world_size is None else world_size
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be >= 1, got {embedding_size!r}")
+        rank = default_rank if options.rank is None else options.rank
+        world_size = default_world if options.world_size is None else options.world_size
+        num_classes = options.num_classes
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
         if num_classes < world_size:
             raise ValueError(f"num_classes ({num_classes!r}) must be >= world size ({world_size}): one class per rank")
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        if update not in UPDATES:
-            raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
 
-        self.embedding_size = embedding_size
+        self.embedding_size = options.embedding_size
         self._num_classes = num_classes
-        self.sample_rate = float(sample_rate)
-        self.dp_average = dp_average
-        self.update = update
+        self.sample_rate = float(options.sample_rate)
+        self.dp_average = options.dp_average
+        self.update: HeadUpdate = options.update
+        self.lazy_sync_every = options.lazy_sync_every
         self._row_sync: RowSync | None = None
         self.rank = rank
         self.world_size = world_size
-        self.margin = MarginSoftmax.arcface(s=64.0, m=0.5) if margin is None else margin
+        self.margin = (MarginSettings() if settings is None else settings).margin()
 
         per_rank, remainder = divmod(num_classes, world_size)
         self._num_local = per_rank + int(rank < remainder)
         self._class_start = per_rank * rank + min(rank, remainder)
-        self.weight = nn.Parameter(torch.empty(self._num_local, *self.center_shape(embedding_size)))
+        self.weight = nn.Parameter(torch.empty(self._num_local, *self.center_shape(self.embedding_size)))
         # Set by forward when sample_rate < 1 (rank-local, for tests and logging); None otherwise.
         self.last_sampled_index: Tensor | None = None
         self.register_state()
@@ -290,5 +350,6 @@ class PartialFC(nn.Module):
             "sample_rate": self.sample_rate,
             "dp_average": self.dp_average,
             "update": self.update,
+            "lazy_sync_every": self.lazy_sync_every,
         }
         return ", ".join(f"{key}={value}" for key, value in info.items())

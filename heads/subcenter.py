@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from heads.margins import MarginSoftmax
-from heads.partial_fc import PartialFC
+from heads.base import PartialFCOptions
+from heads.partial_fc import MarginSettings, PartialFC
+from heads.registry import register_head
 from heads.rows import center_cosine
+from models.recipe import key
 
 
+@dataclass
+class SubCenterSettings(MarginSettings):
+    """`subcenter_arcface` (Deng et al. 2020): the combined margin's keys, plus K sub-centers per class."""
+
+    num_subcenters: int = key(3, help="sub-centers per class (K); a class scores its closest one")
+    # From this epoch on each class keeps only its dominant sub-center (the one that won the most of its samples
+    # during the previous epoch).
+    subcenter_drop_epoch: int = key(0, help="> 0: from this epoch on keep each class's dominant sub-center (0 = all)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_subcenters < 1:
+            raise ValueError(f"num_subcenters must be >= 1, got {self.num_subcenters}")
+        if self.subcenter_drop_epoch < 0:
+            raise ValueError(f"subcenter_drop_epoch must be >= 0 (0 = never), got {self.subcenter_drop_epoch}")
+
+
+@register_head("subcenter_arcface", settings=SubCenterSettings)
 class SubCenterPartialFC(PartialFC):
     """K sub-centers per class; a row's cosine with a class is the max over the class's sub-centers, then the
     combined margin (`MarginSoftmax`, ArcFace by default) on the target, as insightface's `subcenter_arcface`.
@@ -18,14 +40,14 @@ class SubCenterPartialFC(PartialFC):
     ``weight`` is (num_local, K, E): class-major, so checkpoints shard and reshard it by class like any center table
     (insightface's flat layout is the same memory, rows c*K ... c*K + K - 1).
 
-    Dropping (``drop_epoch`` > 0): during each epoch, ``subcenter_hits`` (num_local, K) counts, per class, which
-    sub-center won each of the class's samples (counted over the global batch, so the same on any number of ranks).
-    At the start of epoch ``drop_epoch`` (`start_epoch`) each class keeps only its dominant sub-center, the one
-    with the most wins in the previous epoch (the lowest index on a tie, 0 for a class never seen), and the others
-    are masked out of the max for the rest of training (``subcenter_active``, (num_local, K)); their rows stay in
-    ``weight`` (the table keeps its shape, and so do checkpoints and optimizer state) but get zero gradient.
-    The official pipeline then also drops the training images far from their dominant center and retrains; that
-    data cleaning is not done here.
+    Dropping (``subcenter_drop_epoch`` > 0): during each epoch, ``subcenter_hits`` (num_local, K) counts, per
+    class, which sub-center won each of the class's samples (counted over the global batch, so the same on any number
+    of ranks). At the start of epoch ``subcenter_drop_epoch`` (`start_epoch`) each class keeps only its dominant
+    sub-center, the one with the most wins in the previous epoch (the lowest index on a tie, 0 for a class never
+    seen), and the others are masked out of the max for the rest of training (``subcenter_active``,
+    (num_local, K)); their rows stay in ``weight`` (the table keeps its shape, and so do checkpoints and optimizer
+    state) but get zero gradient. The official pipeline then also drops the training images far from their dominant
+    center and retrains; that data cleaning is not done here.
     """
 
     row_buffers = ("subcenter_hits", "subcenter_active")
@@ -36,27 +58,11 @@ class SubCenterPartialFC(PartialFC):
     subcenter_active: Tensor
     hits_epoch: Tensor
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        num_subcenters: int = 3,
-        drop_epoch: int = 0,
-        margin: MarginSoftmax | None = None,
-        sample_rate: float = 1.0,
-        dp_average: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-        update: str = "dense",
-    ) -> None:
-        if num_subcenters < 1:
-            raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters!r}")
-        if drop_epoch < 0:
-            raise ValueError(f"drop_epoch must be >= 0 (0 = never), got {drop_epoch!r}")
+    def __init__(self, options: PartialFCOptions, settings: SubCenterSettings) -> None:
         # Plain attributes before nn.Module.__init__: PartialFC.__init__ needs them (center_shape, register_state).
-        self.num_subcenters = num_subcenters
-        self.drop_epoch = drop_epoch
-        super().__init__(embedding_size, num_classes, margin, sample_rate, dp_average, rank, world_size, update)
+        self.num_subcenters = settings.num_subcenters
+        self.drop_epoch = settings.subcenter_drop_epoch
+        super().__init__(options, settings)
 
     def center_shape(self, embedding_size: int) -> tuple[int, ...]:
         return (self.num_subcenters, embedding_size)

@@ -31,7 +31,8 @@ def make_head(
     dtype: torch.dtype = torch.float64,
     **extra: Any,
 ) -> Any:
-    cfg = HeadConfig(name=name, update=update, sample_rate=sample_rate, **extra)  # type: ignore[arg-type]
+    section = HeadConfig.resolve_section()  # every registered head's keys
+    cfg = section(name=name, update=update, sample_rate=sample_rate, **extra)  # type: ignore[arg-type]
     head = build_head(cfg, embedding_size=EMBEDDING, num_classes=num_classes, rank=rank, world_size=world_size)
     head.reset_parameters(seed=7)
     return head.to(dtype)

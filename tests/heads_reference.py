@@ -168,37 +168,38 @@ SEED = 11  # the trainer's seed, given to `reset_parameters` (ElasticFace's marg
 def head_cases() -> dict[str, tuple[HeadConfig, dict[str, Any]]]:
     """Every registered head: (its recipe section, the reference's settings). Non-default values where a default
     would hide a mistake (a larger EMA weight, the official "+" pairing for one variant)."""
+    section = HeadConfig.resolve_section()  # the recipe's `head:` section: every registered head's keys
     arc = {"s": 16.0, "m2": 0.5}
     elastic = {"s": 16.0, "seed": SEED}
     return {
-        "partial_fc": (HeadConfig(name="partial_fc", s=16.0), arc),
-        "subcenter_arcface": (HeadConfig(name="subcenter_arcface", s=16.0, subcenter_drop_epoch=1), arc),
+        "partial_fc": (section(name="partial_fc", s=16.0), arc),
+        "subcenter_arcface": (section(name="subcenter_arcface", s=16.0, subcenter_drop_epoch=1), arc),
         "adaface": (
-            HeadConfig(name="adaface", s=16.0, adaface_t_alpha=0.5),
+            section(name="adaface", s=16.0, adaface_t_alpha=0.5),
             {"s": 16.0, "m": 0.4, "h": 0.333, "t_alpha": 0.5},
         ),
         "magface": (
-            HeadConfig(name="magface", s=16.0),
+            section(name="magface", s=16.0),
             {"s": 16.0, "l_a": 10.0, "u_a": 110.0, "l_m": 0.45, "u_m": 0.8, "lambda_g": 35.0},
         ),
         "curricularface": (
-            HeadConfig(name="curricularface", s=16.0, curricular_t_alpha=0.3),
+            section(name="curricularface", s=16.0, curricular_t_alpha=0.3),
             {"s": 16.0, "m": 0.5, "t_alpha": 0.3},
         ),
         "elasticface_arc": (
-            HeadConfig(name="elasticface_arc", s=16.0),
+            section(name="elasticface_arc", s=16.0),
             {**elastic, "kind": "arc", "m": 0.5, "std": 0.05},
         ),
         "elasticface_cos": (
-            HeadConfig(name="elasticface_cos", s=16.0, elastic_std=0.1),
+            section(name="elasticface_cos", s=16.0, elastic_std=0.1),
             {**elastic, "kind": "cos", "m": 0.35, "std": 0.1},
         ),
         "elasticface_arc_plus": (
-            HeadConfig(name="elasticface_arc_plus", s=16.0),
+            section(name="elasticface_arc_plus", s=16.0),
             {**elastic, "kind": "arc", "m": 0.5, "std": 0.0175, "plus": True, "pairing": "sorted"},
         ),
         "elasticface_cos_plus": (
-            HeadConfig(name="elasticface_cos_plus", s=16.0, elastic_plus_pairing="official"),
+            section(name="elasticface_cos_plus", s=16.0, elastic_plus_pairing="official"),
             {**elastic, "kind": "cos", "m": 0.35, "std": 0.02, "plus": True, "pairing": "official"},
         ),
     }

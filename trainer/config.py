@@ -207,7 +207,8 @@ class ExperimentConfig:
     )
     network: NetworkConfig = key(factory=NetworkConfig, help="the backbone (models/config.py)")
     head: HeadConfig = key(
-        factory=HeadConfig, help="the head: which one, its margin, Partial FC's sampling (heads/config.py)"
+        factory=lambda: HeadConfig.resolve_section()(),
+        help="the head: which one, its margin, Partial FC's sampling (heads/config.py)",
     )
     data: DataConfig = key(factory=DataConfig, help="the training images and their loader (data/config.py)")
     optim: OptimConfig = key(factory=OptimConfig, help="the optimizer")

@@ -10,6 +10,7 @@ the parent compares. One process runs in the test process itself. The 2-rank spa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,9 @@ def _table(head: Any) -> torch.Tensor:
 
 
 def _build(name: str, rank: int, world_size: int, sample_rate: float = 1.0) -> Any:
-    from heads import HeadConfig, build_head
+    from heads import build_head
 
-    cfg = HeadConfig(**{**head_cases()[name][0].__dict__, "sample_rate": sample_rate})
+    cfg = dataclasses.replace(head_cases()[name][0], sample_rate=sample_rate)
     head: Any = build_head(cfg, embedding_size=EMBEDDING, num_classes=CLASSES, rank=rank, world_size=world_size)
     head.reset_parameters(seed=SEED)
     return head.to(DTYPE)

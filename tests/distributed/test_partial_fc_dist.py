@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from heads import MarginSoftmax, PartialFC
+from heads import MarginSettings, MarginSoftmax, PartialFC, PartialFCOptions
 from heads.distributed import all_gather_no_grad
 from tests.launching import spawn_ranks
 
@@ -40,13 +40,10 @@ def _run_case(rank: int, world_size: int, case: dict[str, Any]) -> dict[str, Any
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     results: dict[str, Any] = {}
     for dp_average in (False, True):
-        head = PartialFC(
-            EMBEDDING_SIZE,
-            case["num_classes"],
-            margin=MarginSoftmax(**MARGIN),
-            sample_rate=case["sample_rate"],
-            dp_average=dp_average,
-        ).to(DTYPE)
+        options = PartialFCOptions(
+            EMBEDDING_SIZE, case["num_classes"], sample_rate=case["sample_rate"], dp_average=dp_average
+        )
+        head = PartialFC(options, MarginSettings(**MARGIN)).to(DTYPE)
         with torch.no_grad():
             head.weight.copy_(weight_global[head.class_start : head.class_start + head.num_local])
         x = x_global[rows].clone().requires_grad_()

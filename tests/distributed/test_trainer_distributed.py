@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from heads import PartialFC
+from heads import PartialFC, PartialFCOptions
 from tests.launching import CONFIGS, MAIN, REPO, TINY, command, env_for, free_port, launch, losses
 
 pytestmark = pytest.mark.dist
@@ -178,7 +178,7 @@ def test_deepspeed_fp16_skips_overflow_for_head_and_backbone(tmp_path: Path, fac
             shard = load_file(
                 str(tmp_path / "checkpoints" / "step-00000001" / f"head-rank{rank:05d}-of-00002.safetensors")
             )
-            head = PartialFC(32, 12, rank=rank, world_size=2)
+            head = PartialFC(PartialFCOptions(32, 12, rank=rank, world_size=2))
             head.reset_parameters(seed=2048)
             assert torch.equal(shard["weight"], head.weight.detach()), rank
     assert all(loss == loss for loss in losses(tmp_path))  # no NaN reached the logged losses

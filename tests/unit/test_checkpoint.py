@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from heads import PartialFC
+from heads import PartialFC, PartialFCOptions
 from models.cli import atomic_output
 from trainer import checkpoint as ckpt
 
@@ -24,7 +24,7 @@ class Parts:
 
     def __init__(self, num_classes: int = 6, rank: int = 0, world_size: int = 1) -> None:
         self.backbone = nn.Sequential(nn.Linear(8, EMBEDDING), nn.BatchNorm1d(EMBEDDING))
-        self.head = PartialFC(EMBEDDING, num_classes, rank=rank, world_size=world_size)
+        self.head = PartialFC(PartialFCOptions(EMBEDDING, num_classes, rank=rank, world_size=world_size))
         self.optimizer = torch.optim.SGD(
             [{"params": list(self.backbone.parameters())}, {"params": list(self.head.parameters())}],
             lr=0.1,

@@ -57,10 +57,10 @@ def _insightface_run(
 
 def test_insightface_split_is_partial_fc_split() -> None:
     assert class_split(12, 5) == [(0, 3), (3, 3), (6, 2), (8, 2), (10, 2)]
-    from heads import PartialFC
+    from heads import PartialFC, PartialFCOptions
 
     for rank, (start, num_local) in enumerate(class_split(101, 7)):
-        head = PartialFC(4, 101, rank=rank, world_size=7)
+        head = PartialFC(PartialFCOptions(4, 101, rank=rank, world_size=7))
         assert (head.class_start, head.num_local) == (start, num_local)
 
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from heads import PartialFC
+from heads import PartialFC, PartialFCOptions
 from models import build_backbone
 from trainer import checkpoint as ckpt
 from trainer import export
@@ -160,7 +160,7 @@ def test_network_from_the_command_line_when_metadata_lacks_it(
 
 def test_onnx_from_a_checkpoint_folder(tmp_path: Path) -> None:
     """`--weights runs/x/checkpoints/step-N` (a folder that exists) uses its model.safetensors."""
-    backbone, head = _backbone(seed=2), PartialFC(EMBEDDING, 4, rank=0, world_size=1)
+    backbone, head = _backbone(seed=2), PartialFC(PartialFCOptions(EMBEDDING, 4, rank=0, world_size=1))
     optimizer = torch.optim.SGD([{"params": list(backbone.parameters())}, {"params": list(head.parameters())}], lr=0.1)
     path = ckpt.save_checkpoint(
         tmp_path / "run",
@@ -188,7 +188,7 @@ def test_onnx_from_a_checkpoint_folder(tmp_path: Path) -> None:
 
 
 def test_safetensors_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    backbone, head = _backbone(), PartialFC(EMBEDDING, 4, rank=0, world_size=1)
+    backbone, head = _backbone(), PartialFC(PartialFCOptions(EMBEDDING, 4, rank=0, world_size=1))
     optimizer = torch.optim.SGD([{"params": list(backbone.parameters())}, {"params": list(head.parameters())}], lr=0.1)
     path = ckpt.save_checkpoint(
         tmp_path / "run",

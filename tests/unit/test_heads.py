@@ -5,6 +5,7 @@ the `head:` section's validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -42,7 +43,7 @@ def centers(head: Head) -> torch.Tensor:
 
 def build(name: str, sample_rate: float = 1.0) -> Any:
     cfg, _ = CASES[name]
-    cfg = HeadConfig(**{**cfg.__dict__, "sample_rate": sample_rate})
+    cfg = dataclasses.replace(cfg, sample_rate=sample_rate)
     head: Any = build_head(cfg, embedding_size=EMBEDDING, num_classes=CLASSES, rank=0, world_size=1)
     head.reset_parameters(seed=SEED)
     return head.to(DTYPE)
@@ -210,7 +211,7 @@ def test_magface_magnitude_is_trained() -> None:
 )
 def test_config_errors_name_the_field(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as error:
-        HeadConfig(**overrides)
+        HeadConfig.resolve_section()(**overrides)
     assert str(error.value).startswith(message)
 
 

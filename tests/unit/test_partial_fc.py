@@ -8,15 +8,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads import Head, HeadConfig, MarginSoftmax, PartialFC, build_head, list_heads, register_head
+from heads import (
+    Head,
+    HeadConfig,
+    MarginSettings,
+    MarginSoftmax,
+    PartialFC,
+    PartialFCOptions,
+    build_head,
+    list_heads,
+    register_head,
+)
 from heads.distributed import all_gather_no_grad, all_gather_with_grad, distributed_softmax_cross_entropy, world_info
 
 DTYPE = torch.float64
 
 MARGINS = {
-    "arcface": MarginSoftmax.arcface(s=64.0, m=0.5),
-    "cosface": MarginSoftmax.cosface(s=64.0, m=0.4),
-    "combined": MarginSoftmax(s=32.0, m1=0.9, m2=0.4, m3=0.15),
+    "arcface": MarginSettings(s=64.0, m2=0.5),
+    "cosface": MarginSettings(s=64.0, m2=0.0, m3=0.4),
+    "combined": MarginSettings(s=32.0, m1=0.9, m2=0.4, m3=0.15),
 }
 
 
@@ -38,9 +48,11 @@ def reference(
     return loss.detach(), x.grad, weight.grad
 
 
-def make_head(num_classes: int, embedding_size: int = 16, seed: int = 0, **kwargs: object) -> PartialFC:
+def make_head(
+    num_classes: int, embedding_size: int = 16, seed: int = 0, margin: MarginSettings | None = None, **options: object
+) -> PartialFC:
     torch.manual_seed(seed)
-    return PartialFC(embedding_size, num_classes, **kwargs).to(DTYPE)  # type: ignore[arg-type]
+    return PartialFC(PartialFCOptions(embedding_size, num_classes, **options), margin).to(DTYPE)  # type: ignore[arg-type]
 
 
 def run_head(head: PartialFC, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,13 +66,14 @@ def run_head(head: PartialFC, x: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 def test_single_process_defaults() -> None:
     assert world_info() == (0, 1)
-    head = PartialFC(8, 10)
+    head = PartialFC(PartialFCOptions(8, 10))
     assert (head.rank, head.world_size, head.class_start, head.num_local) == (0, 1, 0, 10)
     assert head.margin.extra_repr() == MarginSoftmax.arcface(64.0, 0.5).extra_repr()
     assert head.weight.shape == (10, 8) and head.weight.dtype == torch.float32
     assert 0.005 < head.weight.std().item() < 0.02  # normal(0, 0.01)
     assert head.last_sampled_index is None
     assert "num_classes=10" in repr(head) and "sample_rate=1.0" in repr(head)
+    assert (head.update, head.lazy_sync_every, head.dp_average) == ("dense", 100, True)
 
 
 @pytest.mark.parametrize("margin_name", list(MARGINS))
@@ -72,7 +85,7 @@ def test_full_softmax_equals_cross_entropy(margin_name: str, dp_average: bool) -
     x = torch.randn(24, 16, dtype=DTYPE) * 3
     labels = torch.randint(0, 40, (24,))
     loss, x_grad, w_grad = run_head(head, x, labels)
-    ref_loss, ref_x_grad, ref_w_grad = reference(x, head.weight, labels, margin)
+    ref_loss, ref_x_grad, ref_w_grad = reference(x, head.weight, labels, head.margin)
     assert_tight(loss, ref_loss)
     assert_tight(x_grad, ref_x_grad)
     assert_tight(w_grad, ref_w_grad)
@@ -81,7 +94,7 @@ def test_full_softmax_equals_cross_entropy(margin_name: str, dp_average: bool) -
 @pytest.mark.parametrize("fallback", [False, True], ids=["insightface-head", "legacy-fallback"])
 def test_fallback_region_targets_match_too(fallback: bool) -> None:
     # Embeddings opposite to their own centers: targets sit where theta + m > pi (ArcFace's old fallback region).
-    head = make_head(6, embedding_size=4, margin=MarginSoftmax(s=64.0, m2=0.5, arcface_fallback=fallback))
+    head = make_head(6, embedding_size=4, margin=MarginSettings(s=64.0, m2=0.5, arcface_fallback=fallback))
     labels = torch.tensor([0, 1, 2, 3])
     x = -head.weight.detach()[labels] + 1e-3 * torch.randn(4, 4, dtype=DTYPE)
     cos = F.cosine_similarity(x, head.weight.detach()[labels])
@@ -204,7 +217,7 @@ def test_unsampled_rows_do_not_move_without_weight_decay_and_momentum() -> None:
 @pytest.mark.parametrize(("num_classes", "world_size"), [(10, 3), (12, 4), (7, 7), (1000, 16)])
 def test_class_split_is_contiguous_and_balanced(num_classes: int, world_size: int) -> None:
     shards = [
-        PartialFC(4, num_classes, rank=r, world_size=world_size, sample_rate=0.5).shard_info()
+        PartialFC(PartialFCOptions(4, num_classes, rank=r, world_size=world_size, sample_rate=0.5)).shard_info()
         for r in range(world_size)
     ]
     start = 0
@@ -256,16 +269,16 @@ def test_collectives_are_identities_in_one_process() -> None:
 
 def test_registry() -> None:
     assert "partial_fc" in list_heads()
-    head = build_head(
-        HeadConfig(name="partial_fc", sample_rate=0.5), embedding_size=8, num_classes=5, rank=0, world_size=1
-    )
-    assert isinstance(head, PartialFC) and head.sample_rate == 0.5
+    cfg = HeadConfig(name="partial_fc", sample_rate=0.5, update="sparse", lazy_sync_every=7)
+    head = build_head(cfg, embedding_size=8, num_classes=5, rank=0, world_size=1)
+    # The head owns its update mode and its settings: the optimizer reads them from it.
+    assert isinstance(head, PartialFC) and (head.sample_rate, head.update, head.lazy_sync_every) == (0.5, "sparse", 7)
     assert isinstance(head, Head)  # the contract (heads.base) holds for the reference head
     assert set(head.row_tensors()) == {"weight"} and head.global_tensors() == {}
     with pytest.raises(ValueError, match=r"unknown head 'nope'.*partial_fc"):
         build_head(HeadConfig(name="nope"), embedding_size=8, num_classes=5, rank=0, world_size=1)
     with pytest.raises(ValueError, match="already registered"):
-        register_head("partial_fc")(PartialFC)
+        register_head("partial_fc", settings=MarginSettings)(PartialFC)
 
 
 @pytest.mark.parametrize(
@@ -276,21 +289,24 @@ def test_registry() -> None:
         ({"sample_rate": 1.5}, r"sample_rate .* got 1\.5"),
         ({"rank": 2, "world_size": 2}, "rank=2"),
         ({"embedding_size": 0}, "embedding_size"),
+        ({"update": "eager"}, "update must be one of dense, lazy, sparse, got 'eager'"),
+        ({"lazy_sync_every": 0}, "lazy_sync_every must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
     params: dict[str, object] = {"embedding_size": 8, "num_classes": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
-        PartialFC(**params)  # type: ignore[arg-type]
+        PartialFC(PartialFCOptions(**params))  # type: ignore[arg-type]
 
 
 def test_bad_forward_inputs() -> None:
-    head = PartialFC(8, 10)
+    head = PartialFC(PartialFCOptions(8, 10))
     with pytest.raises(ValueError, match=r"shape \(N, 8\)"):
         head(torch.randn(4, 7), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="one label per embedding"):
         head(torch.randn(4, 8), torch.zeros(3, dtype=torch.long))
-    shard = PartialFC(8, 10, rank=0, world_size=2)  # a shard built for 2 ranks, used without a process group
+    # A shard built for 2 ranks, used without a process group.
+    shard = PartialFC(PartialFCOptions(8, 10, rank=0, world_size=2))
     with pytest.raises(RuntimeError, match="world_size=2"):
         shard(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))
 
@@ -298,16 +314,16 @@ def test_bad_forward_inputs() -> None:
 def test_seeded_init_does_not_depend_on_the_number_of_ranks() -> None:
     """reset_parameters(seed): the concatenated shards of 2 and 3 ranks equal the 1-rank matrix."""
     num_classes = (1 << 14) + 37  # spans two init chunks
-    whole = PartialFC(8, num_classes, rank=0, world_size=1)
+    whole = PartialFC(PartialFCOptions(8, num_classes, rank=0, world_size=1))
     whole.reset_parameters(seed=5)
     for world in (2, 3):
         shards = []
         for rank in range(world):
-            head = PartialFC(8, num_classes, rank=rank, world_size=world)
+            head = PartialFC(PartialFCOptions(8, num_classes, rank=rank, world_size=world))
             head.reset_parameters(seed=5)
             shards.append(head.weight.detach())
         assert torch.equal(torch.cat(shards), whole.weight.detach())
-    other = PartialFC(8, num_classes, rank=0, world_size=1)
+    other = PartialFC(PartialFCOptions(8, num_classes, rank=0, world_size=1))
     other.reset_parameters(seed=6)
     assert not torch.equal(other.weight, whole.weight)
     assert abs(float(whole.weight.detach().std()) - 0.01) < 1e-3
