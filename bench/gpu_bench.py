@@ -58,8 +58,8 @@ from torch import nn  # noqa: E402
 
 from heads import PartialFC, PartialFCOptions  # noqa: E402
 from models import build_backbone, count_flops  # noqa: E402
-from trainer.config import OptimConfig, SpeedConfig  # noqa: E402
 from trainer.backbone import apply_speed  # noqa: E402
+from trainer.config import OptimConfig, SpeedConfig  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 from trainer.reporting import machine_info  # noqa: E402
 from trainer.row_sgd import RowSGD  # noqa: E402

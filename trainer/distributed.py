@@ -61,7 +61,8 @@ def build_accelerator(
     `speed`: the recipe's DDP choices (`speed.ddp_*`), handed to Accelerate for when it wraps the backbone in DDP.
     The Trainer checks them against the backend the launch chose (`check_speed_choices`), once logging is set up.
     """
-    from trainer.trackers import TENSORBOARD_DIR, check_trackers
+    from models.run_folder import RunFolder
+    from trainer.trackers import check_trackers
 
     log_with = check_trackers(trackers)
     speed = speed or SpeedConfig()
@@ -78,7 +79,7 @@ def build_accelerator(
     return Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with or None,
-        project_config=ProjectConfiguration(project_dir=output, logging_dir=os.path.join(output, TENSORBOARD_DIR)),
+        project_config=ProjectConfiguration(project_dir=output, logging_dir=str(RunFolder(output).tensorboard)),
         kwargs_handlers=kwargs_handlers,
     )
 

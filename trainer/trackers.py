@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
+from models.run_folder import RunFolder
 from trainer.config import ConfigError, ExperimentConfig, flatten, to_dict
 
 PROJECT = "arcface-accelerate"
-TENSORBOARD_DIR = "tensorboard"
 
 # The module each tracker imports, and the pip package that provides it.
 _PACKAGES = {
@@ -69,6 +68,7 @@ def start_trackers(accelerator: Accelerator, cfg: ExperimentConfig) -> None:
     """Open this run in every tracker of `accelerator` (none: nothing to do), the config as hyper-parameters."""
     if not accelerator.log_with:
         return
-    output = Path(cfg.output)
-    init_kwargs: dict[str, dict[str, Any]] = {"wandb": {"dir": str(output), "name": output.name}}
+    folder = RunFolder(cfg.output)
+    # wandb makes its own `wandb/` inside the `dir` it is given: the run folder (RunFolder.wandb).
+    init_kwargs: dict[str, dict[str, Any]] = {"wandb": {"dir": str(folder.root), "name": folder.root.name}}
     accelerator.init_trackers(PROJECT, config=hyperparameters(cfg), init_kwargs=init_kwargs)

@@ -253,25 +253,27 @@ def _relative_error(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tenso
 
 
 def _resave_after_resume() -> int:
-    """`trainer/main.py` whose `Trainer.resume()` also writes the resumed state to `--resave-to` (tests only)."""
+    """`trainer/main.py` whose `Trainer.resume()` also writes the resumed state to `--resave-to` (tests only): the
+    run's own checkpointer, pointed at another run folder, saves what it just loaded."""
     argv = sys.argv[1:]
     index = argv.index("--resave-to")
-    resave_to = Path(argv[index + 1])
+    from models.run_folder import RunFolder
+    from trainer.loop import Trainer
+
+    resave_to = RunFolder(argv[index + 1])
     del argv[index : index + 2]
 
-    from trainer.loop import Trainer
     from trainer.main import main
 
     resume = Trainer.resume
 
-    def resume_then_save(self: Trainer, path: Path) -> Path:
-        path = resume(self, path)
-        output, self.output = self.output, resave_to
+    def resume_then_save(self: Trainer, path: Path) -> None:
+        resume(self, path)
+        folder, self.checkpointer.folder = self.checkpointer.folder, resave_to
         try:
-            self.save()  # collective: every rank writes its shard of the state just loaded
+            self.checkpointer.save(self.state.step)  # collective: every rank writes its shard of the state just loaded
         finally:
-            self.output = output
-        return path
+            self.checkpointer.folder = folder
 
     Trainer.resume = resume_then_save  # type: ignore[method-assign]
     return main(argv)
