@@ -25,7 +25,7 @@ State, and how it survives a checkpoint and a resume on another number of ranks:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
@@ -37,10 +37,55 @@ HeadUpdate = Literal["dense", "lazy", "sparse"]
 UPDATES: tuple[HeadUpdate, ...] = get_args(HeadUpdate)
 
 
-def check_sampling(sample_rate: float, update: str, lazy_sync_every: int) -> None:
+# `head.sample_rate`: one rate for the whole run, or a schedule of [epoch, rate] points (the rate from each epoch
+# on; the first point at epoch 0), e.g. [[0, 0.1], [18, 1.0]]: Partial FC sampling, then the full softmax (LVFace).
+SampleRate = float | Sequence[Sequence[float]]
+
+
+def sample_rate_at(sample_rate: SampleRate, epoch: int) -> float:
+    """The rate in force during `epoch`."""
+    if isinstance(sample_rate, int | float):
+        return float(sample_rate)
+    rate = float(sample_rate[0][1])
+    for start, value in sample_rate:
+        if epoch >= start:
+            rate = float(value)
+    return rate
+
+
+def freeze_sample_rate(sample_rate: SampleRate) -> float | tuple[tuple[int, float], ...]:
+    """A rate, or the schedule as a tuple of (epoch, rate) pairs (hashable, for the frozen options)."""
+    if isinstance(sample_rate, int | float):
+        return float(sample_rate)
+    return tuple((int(epoch), float(rate)) for epoch, rate in sample_rate)
+
+
+def check_sample_rate(sample_rate: SampleRate) -> None:
+    """A rate in (0, 1], or [epoch, rate] points: the first at epoch 0, whole epochs increasing, rates in (0, 1]."""
+    if isinstance(sample_rate, bool):
+        raise ValueError(f"sample_rate must be a number or [epoch, rate] points, got {sample_rate!r}")
+    if isinstance(sample_rate, int | float):
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        return
+    points = [list(point) for point in sample_rate]
+    if not points or any(len(point) != 2 for point in points):
+        raise ValueError(f"sample_rate must be a number or a list of [epoch, rate] points, got {sample_rate!r}")
+    epochs = [point[0] for point in points]
+    if (
+        epochs[0] != 0
+        or any(e != int(e) for e in epochs)
+        or any(b <= a for a, b in zip(epochs, epochs[1:], strict=False))
+    ):
+        raise ValueError(f"sample_rate points must start at epoch 0 with whole, increasing epochs, got {epochs}")
+    for _, rate in points:
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1] at every point, got {rate!r}")
+
+
+def check_sampling(sample_rate: SampleRate, update: str, lazy_sync_every: int) -> None:
     """The checks of the keys every head shares (the recipe's and `PartialFCOptions`'): "<key> must ..."."""
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    check_sample_rate(sample_rate)
     if update not in UPDATES:
         raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
     if lazy_sync_every < 1:
@@ -53,7 +98,8 @@ class PartialFCOptions:
     how many centers a step scores and how they move.
 
     ``rank`` / ``world_size``: None takes the process group's (one process without one). ``sample_rate``: the
-    fraction of this rank's centers scored each step (every positive, plus random negatives). ``update``: how they
+    fraction of this rank's centers scored each step (every positive, plus random negatives), or a schedule of
+    (epoch, rate) points, the rate from each epoch on (`sample_rate_at`). ``update``: how they
     move when sampled (`heads.partial_fc.PartialFC`); ``lazy_sync_every``: with ``lazy``, the optimizer's steps
     between catching every center up (the head owns its update mode, the optimizer reads both from it).
     ``dp_average``: the backbone gradient, after DDP/ZeRO averaging, is one process's on the global batch
@@ -64,12 +110,13 @@ class PartialFCOptions:
     num_classes: int
     rank: int | None = None
     world_size: int | None = None
-    sample_rate: float = 1.0
+    sample_rate: float | tuple[tuple[int, float], ...] = 1.0
     update: HeadUpdate = "dense"
     lazy_sync_every: int = 100
     dp_average: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_rate", freeze_sample_rate(self.sample_rate))
         if self.embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {self.embedding_size!r}")
         check_sampling(self.sample_rate, self.update, self.lazy_sync_every)
@@ -126,7 +173,7 @@ class Head(Protocol):
     # mode and, for lazy, the steps between full catch-ups from the head (`PartialFCOptions`).
     update: HeadUpdate
     lazy_sync_every: int
-    sample_rate: float
+    sample_rate: float  # the rate in force (a schedule's: set by start_epoch)
 
     def set_row_sync(self, sync: Callable[[Tensor | None], None] | None) -> None: ...
 

@@ -32,8 +32,10 @@ class HeadConfig:
     """
 
     name: str = key("partial_fc", help="the head: a name from heads.list_heads()")
-    sample_rate: float = key(
-        1.0, help="fraction of this rank's class centers scored each step (every positive, plus random negatives)"
+    sample_rate: float | list[list[float]] = key(
+        1.0,
+        help="fraction of this rank's class centers scored each step (every positive, plus random negatives); or "
+        "[epoch, rate] points, the rate from each epoch on, e.g. [[0, 0.1], [18, 1.0]]",
     )
     # README, "Partial FC at millions of classes": `dense` is insightface's Partial FC v2 (every center decays and
     # follows its momentum every step: a table-sized gradient and pass); `lazy` the same result with SGD, each step

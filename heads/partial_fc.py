@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.base import HeadUpdate, PartialFCOptions
+from heads.base import HeadUpdate, PartialFCOptions, sample_rate_at
 from heads.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -25,6 +26,8 @@ from heads.rows import Gradient, center_cosine
 from models.recipe import key
 
 RowSync = Callable[[Tensor | None], None]
+
+logger = logging.getLogger(__name__)
 
 
 def require_finite(settings: object, *names: str) -> None:
@@ -152,7 +155,8 @@ class PartialFC(nn.Module):
 
         self.embedding_size = options.embedding_size
         self._num_classes = num_classes
-        self.sample_rate = float(options.sample_rate)
+        self.sample_rates = options.sample_rate  # one rate, or the schedule of (epoch, rate) points
+        self.sample_rate = sample_rate_at(self.sample_rates, 0)
         self.dp_average = options.dp_average
         self.update: HeadUpdate = options.update
         self.lazy_sync_every = options.lazy_sync_every
@@ -244,7 +248,15 @@ class PartialFC(nn.Module):
                 getattr(self, name).copy_(tensor)
 
     def start_epoch(self, epoch: int) -> None:
-        """Nothing changes with the epoch (sub-center ArcFace overrides it)."""
+        """The sample rate of `epoch` (`head.sample_rate` as a schedule); at a switch, a lazily updated table is
+        caught up first (every center current, as `dense` would have it). Heads that change with the epoch
+        (sub-center ArcFace) extend this."""
+        rate = sample_rate_at(self.sample_rates, epoch)
+        if rate != self.sample_rate:
+            if self._row_sync is not None:
+                self._row_sync(None)
+            logger.info("head.sample_rate: %g from epoch %d (was %g)", rate, epoch, self.sample_rate)
+            self.sample_rate = rate
 
     def set_row_sync(self, sync: RowSync | None) -> None:
         """`sync(index)` is called in forward before the rows `index` (None: all) are read (`head.update: lazy`)."""

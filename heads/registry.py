@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from heads.base import Head, PartialFCOptions
+from heads.base import Head, PartialFCOptions, freeze_sample_rate
 from heads.config import HeadConfig, check_settings
 from models.registry import Registry
 
@@ -74,7 +74,7 @@ def build_head(cfg: HeadConfig, *, embedding_size: int, num_classes: int, rank: 
         num_classes,
         rank=rank,
         world_size=world_size,
-        sample_rate=cfg.sample_rate,
+        sample_rate=freeze_sample_rate(cfg.sample_rate),
         update=cfg.update,
         lazy_sync_every=cfg.lazy_sync_every,
     )

@@ -80,6 +80,7 @@ class SubCenterPartialFC(PartialFC):
 
     def start_epoch(self, epoch: int) -> None:
         """At a new epoch: drop the non-dominant sub-centers if it is time (idempotent), then count afresh."""
+        super().start_epoch(epoch)  # the sample rate of this epoch
         if epoch == int(self.hits_epoch):
             return  # the same epoch again (a resume inside it): keep counting
         with torch.no_grad():
