@@ -169,7 +169,7 @@ class PartialFC(nn.Module):
         self._num_local = per_rank + int(rank < remainder)
         self._class_start = per_rank * rank + min(rank, remainder)
         self.weight = nn.Parameter(torch.empty(self._num_local, *self.center_shape(self.embedding_size)))
-        # Set by forward when sample_rate < 1 (rank-local, for tests and logging); None otherwise.
+        # The rows the last forward scored when it sampled (rank-local, for tests and logging); None: all of them.
         self.last_sampled_index: Tensor | None = None
         self.register_state()
         self.reset_parameters()
@@ -313,7 +313,7 @@ class PartialFC(nn.Module):
             index: Tensor | None = None
             if self.sample_rate < 1.0:
                 index, local_labels_global_batch = self._sample_centers(local_labels_global_batch)
-                self.last_sampled_index = index
+            self.last_sampled_index = index
             if self._row_sync is not None:
                 self._row_sync(index)  # lazy update: the rows read below must be up to date first
 
