@@ -121,7 +121,7 @@ def build_train_input(
         raise DataConfigError(f"data.decode 'gpu' needs a CUDA device; this run is on {device.type}")
     dataset, num_classes, bins = _build_dataset(cfg, seed, list(bins or []))
     sampler = DistributedEpochSampler(len(dataset), rank=rank, world_size=world_size, seed=seed, with_seeds=True)
-    loader = _build_loader(cfg, dataset, sampler, batch_size, device)
+    loader = _build_loader(cfg, dataset, sampler, batch_size, device, seed)
     source = str(getattr(dataset, "source", cfg.source))
     return TrainInput(
         dataset=dataset,
@@ -175,7 +175,12 @@ def _build_dataset(cfg: DataConfig, seed: int, bins: list[str]) -> tuple[Any, in
 
 
 def _build_loader(
-    cfg: DataConfig, dataset: Dataset[Any], sampler: DistributedEpochSampler, batch_size: int, device: torch.device
+    cfg: DataConfig,
+    dataset: Dataset[Any],
+    sampler: DistributedEpochSampler,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
 ) -> FaceLoader | DataLoader[Any]:
     """Face images decoded on the CPU go through `data.loader.FaceLoader` (batch slots in shared memory, allocated
     once: about twice DataLoader's images/s per worker, docs/benchmarks.md); the synthetic source and GPU decoding
@@ -210,4 +215,8 @@ def _build_loader(
         prefetch_factor=cfg.prefetch if cfg.num_workers else None,
         drop_last=True,
         persistent_workers=cfg.num_workers > 0,
+        # Its own generator: a DataLoader draws its workers' base seed when an epoch's iterator starts, from the
+        # global torch RNG otherwise, which would shift every later draw (Partial FC's negatives) by where a resumed
+        # run started its iterator. The workers' randomness comes from the sampler's augmentation seeds anyway.
+        generator=torch.Generator().manual_seed(seed),
     )
