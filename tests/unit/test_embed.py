@@ -1,10 +1,9 @@
 """evaluation.embed's Python side: embeddings against an independent forward, flip (and the calibration's), alignment
 from landmarks, the input listings, the landmarks formats, the output written whole (a pair together or not at all),
-non-finite models refused; and the evaluation modules' imports (no cycles)."""
+non-finite models refused (import cycles: tests/unit/test_layering.py)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
@@ -251,26 +250,3 @@ def test_a_pair_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pyt
     np.testing.assert_array_equal(np.load(out), embeddings)
     assert listing.read_text().splitlines() == names and stat.S_IMODE(out.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.names.txt", "e.npy"]
-
-
-def test_evaluation_modules_import_each_other_without_cycles() -> None:
-    """Imports inside functions included (they hide a cycle, they do not remove it)."""
-    folder = Path(__file__).resolve().parents[2] / "evaluation"
-    graph: dict[str, set[str]] = {}
-    for source in folder.glob("*.py"):
-        found = set()
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("evaluation."):
-                found.add(node.module)
-            elif isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names if alias.name.startswith("evaluation.")}
-        graph[f"evaluation.{source.stem}"] = found
-
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        return any(
-            nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in graph.get(start, ())
-        )
-
-    cycles = sorted(module for module in graph if reaches(module, module, set()))
-    assert "evaluation.embed" in graph and "evaluation.calibrate" in graph["evaluation.compare"]
-    assert not cycles, cycles
