@@ -14,7 +14,8 @@
   bool)``, protocol 4, pair ``i`` = images ``2i``, ``2i+1``) from a pairs list. Lines are ``path1 path2 0|1``
   (paths relative to ``IMAGE_ROOT``, 1 = same identity; blank lines and ``#`` comments skipped), or LFW's
   ``pairs.txt`` (first line ``folds pairs`` or ``pairs``, then ``name i j`` / ``name1 i name2 j`` meaning
-  ``IMAGE_ROOT/name/name_000i.jpg``). Images are stored byte for byte after a decode check.
+  ``IMAGE_ROOT/name/name_000i.jpg``). Images are stored byte for byte after a decode check. Fewer than 10 pairs
+  (verification's 10 folds) is written with a warning: verification refuses such a file.
 * ``inspect REC_DIR``: files, layout, images, identities, headers; ``--grid out.png`` writes a grid of samples.
 * ``scan REC_DIR``: reads and decodes every image record, lists the unusable ones (key, byte offset, reason);
   exit status 1 if there are any.
@@ -63,6 +64,9 @@ from models.errors import InputError
 logger = logging.getLogger(__name__)
 
 console = Console(soft_wrap=True)
+# The folds of the verification protocol (evaluation.verification.NUM_FOLDS; data may not import evaluation, a test
+# checks the two agree): a .bin with fewer pairs is refused by verification.
+VERIFICATION_FOLDS = 10
 error_console = Console(stderr=True, soft_wrap=True)
 
 _T = TypeVar("_T")
@@ -299,6 +303,14 @@ def cmd_build_bin(args: argparse.Namespace) -> int:
             len(cache),
             IMAGE_SIZE,
             IMAGE_SIZE,
+        )
+    if len(pairs) < VERIFICATION_FOLDS:
+        logger.warning(
+            "%s: %d pairs; verification (evaluation.verification, and training's eval.bins) needs at least %d, one per "
+            "fold, and will refuse this file (embed and calibrate can still read it)",
+            out_path,
+            len(pairs),
+            VERIFICATION_FOLDS,
         )
     with atomic_output(out_path) as tmp, open(tmp, "wb") as handle:
         pickle.dump((bins, [same for _, _, same, _ in pairs]), handle, protocol=4)

@@ -29,9 +29,10 @@ file's folder; blank lines and `#` comments skipped), or an IJB result folder wr
 --save-features` (the pair scores of `features_<run>.npz`, their labels read again from the benchmark's meta files
 named in `results.json`; IJB scores compare templates, so the threshold is the one for template comparisons).
 
-The result is written into the model's metadata under the key `calibration` (JSON): the safetensors header (the
-file is rewritten through a temporary file and renamed, tensors kept) or the ONNX model's `metadata_props`.
-`evaluation.compare` and `evaluation.embed` read it back. `--dry-run` only prints.
+The result is written into the model's metadata under the key `calibration` (JSON; `evaluation.calibration`): the
+safetensors header (the file is rewritten through a temporary file and renamed, tensors and permissions kept) or
+the ONNX model's `metadata_props`. The model's folder is checked to take a new file before any work; a failed write
+leaves the model untouched. `evaluation.compare` and `evaluation.embed` read it back. `--dry-run` only prints.
 """
 
 from __future__ import annotations
@@ -40,85 +41,48 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from evaluation.calibration import (
+    METADATA_KEY,
+    Calibration,
+    CalibrationError,
+    allowed_false_accepts,
+)
+from evaluation.embed import (
+    FaceEmbedder,
+    check_writable_folder,
+    read_pair_list,
+    resolve_device,
+    score_pairs,
+)
+from models.cli import atomic_output, report_input_error, setup_logging
 from models.errors import InputError
+
+__all__ = [
+    "Calibration",
+    "CalibrationError",
+    "allowed_false_accepts",
+    "calibrate",
+    "check_writable_model",
+    "ijb_scores",
+    "main",
+    "measure",
+    "pair_scores_from_list",
+    "split_scores",
+    "write_calibration",
+]
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "calibration"
 DEFAULT_FAR = 1e-2
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_CONFIDENCE = 0.95
-
-
-class CalibrationError(InputError):
-    """Scores, labels or a model file that cannot be calibrated; the message names the file or the value."""
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """A threshold on the cosine score ("same" when strictly above) and what is known about it (module docstring)."""
-
-    far_target: float
-    threshold: float
-    far: float
-    far_interval: tuple[float, float]
-    tar: float
-    tar_interval: tuple[float, float]
-    confidence: float
-    genuine_pairs: int
-    impostor_pairs: int
-    bootstrap: int
-    seed: int
-    flip: bool | None = None  # whether the scores came from flip-summed embeddings (None: unknown, e.g. IJB)
-    source: str = ""
-
-    @property
-    def allowed_false_accepts(self) -> int:
-        """k: the impostor pairs allowed above the threshold."""
-        return allowed_false_accepts(self.far_target, self.impostor_pairs)
-
-    def predicted_far_range(self, num_impostor: int) -> tuple[float, float]:
-        """The central `confidence` range of the FAR that `num_impostor` new impostor pairs will show at this
-        threshold (beta-binomial; exact for i.i.d. continuous scores)."""
-        from scipy.stats import betabinom
-
-        k, n = self.allowed_false_accepts, self.impostor_pairs
-        tail = (1.0 - self.confidence) / 2
-        low, high = betabinom.ppf([tail, 1.0 - tail], num_impostor, k + 1, n - k)
-        return float(low) / num_impostor, float(high) / num_impostor
-
-    def same(self, scores: np.ndarray | float) -> np.ndarray:
-        """The decision for each score: True when the score is strictly above the threshold."""
-        return np.asarray(scores) > self.threshold
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str) -> Calibration:
-        """Parse the metadata entry; `source` names the model file in the error."""
-        try:
-            raw = json.loads(text)
-            raw["far_interval"] = tuple(raw["far_interval"])
-            raw["tar_interval"] = tuple(raw["tar_interval"])
-            return cls(**raw)
-        except (ValueError, TypeError, KeyError) as err:
-            raise CalibrationError(f"{source}: metadata '{METADATA_KEY}' is not a calibration ({err})") from None
-
-
-def allowed_false_accepts(far_target: float, num_impostor: int) -> int:
-    # The epsilon: 0.29 * 100 is 28.999999999999996 in floating point, and 29 false accepts are allowed.
-    return min(math.floor(far_target * num_impostor + 1e-9), num_impostor - 1)
 
 
 def split_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -209,20 +173,22 @@ def calibrate(
 # The model file's metadata
 
 
-def read_calibration(metadata: dict[str, str], source: str | Path) -> Calibration | None:
-    """The calibration stored in a model's metadata, or None."""
-    text = metadata.get(METADATA_KEY)
-    return None if text is None else Calibration.from_json(text, str(source))
-
-
-def write_calibration(model: Path, calibration: Calibration) -> None:
-    """Store `calibration` in the model file's metadata: safetensors (rewritten atomically, tensors kept) or ONNX
-    `metadata_props`. A model inside a checkpoint folder is refused: its manifest's checksum would no longer match."""
+def check_writable_model(model: Path) -> None:
+    """Before any work: `model` can take a calibration. A model inside a checkpoint folder is refused (its manifest's
+    checksum would no longer match), and its folder must take a new file (`OutputError` naming the model)."""
     if (model.parent / "manifest.json").is_file():
         raise CalibrationError(
             f"{model} is inside a checkpoint (its manifest.json checksums it): calibrate a copy "
             "(python -m trainer.export safetensors --checkpoint ... --out model.safetensors)"
         )
+    check_writable_folder(model)
+
+
+def write_calibration(model: Path, calibration: Calibration) -> None:
+    """Store `calibration` in the model file's metadata: safetensors (tensors kept) or ONNX `metadata_props`,
+    rewritten through a temporary file and renamed (`models.cli.atomic_output`: the file keeps its permissions, and a
+    failed write leaves it untouched and becomes an `OutputError`). A model inside a checkpoint folder is refused."""
+    check_writable_model(model)
     if model.suffix == ".onnx":
         _write_onnx_metadata(model, {METADATA_KEY: calibration.to_json()})
     else:
@@ -231,7 +197,7 @@ def write_calibration(model: Path, calibration: Calibration) -> None:
 
 def _write_safetensors_metadata(path: Path, updates: dict[str, str]) -> None:
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -241,12 +207,11 @@ def _write_safetensors_metadata(path: Path, updates: dict[str, str]) -> None:
         raise CalibrationError(f"{path}: not a readable safetensors file ({err})") from None
     metadata.update(updates)
     metadata.setdefault("format", "pt")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Serialized here and written by Python: a failed write is an OSError with its reason (safetensors' own writer
+    # reports it as a SafetensorError), which atomic_output turns into one line naming the model.
+    data = save(tensors, metadata=metadata)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _write_onnx_metadata(path: Path, updates: dict[str, str]) -> None:
@@ -263,52 +228,13 @@ def _write_onnx_metadata(path: Path, updates: dict[str, str]) -> None:
     for key, value in [*kept, *updates.items()]:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = model.SerializeToString()
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Sources of labelled scores
-
-
-@dataclass(frozen=True)
-class LabelledPair:
-    first: str
-    second: str
-    same: bool | None  # None: the line has no label
-    line: int
-
-
-def read_pair_list(path: Path, need_labels: bool) -> list[LabelledPair]:
-    """`path1 path2 [label]` lines (label 1/0, also true/false or same/different); `#` comments and blank lines
-    skipped. A label is required when `need_labels`, else optional (`same` is None without one)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CalibrationError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise CalibrationError(f"{path}: not a readable text pair list ({err})") from None
-    truth = {"1": True, "0": False, "true": True, "false": False, "same": True, "different": False}
-    pairs = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        fields = line.split()
-        if len(fields) not in (2, 3) or (need_labels and len(fields) != 3):
-            want = "path1 path2 label" if need_labels else "path1 path2 [label]"
-            raise CalibrationError(f"{path}:{number}: expected '{want}', got {raw.strip()!r}")
-        if len(fields) == 3 and fields[2].lower() not in truth:
-            raise CalibrationError(f"{path}:{number}: label {fields[2]!r} is not 1/0 (same/different)")
-        same = truth[fields[2].lower()] if len(fields) == 3 else None
-        pairs.append(LabelledPair(fields[0], fields[1], same, number))
-    if not pairs:
-        raise CalibrationError(f"{path}: no pairs")
-    return pairs
 
 
 def ijb_scores(folder: Path, run: str | None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -351,12 +277,10 @@ def ijb_scores(folder: Path, run: str | None) -> tuple[np.ndarray, np.ndarray, s
 
 
 def pair_scores_from_list(
-    embedder: Any, path: Path, image_root: Path | None, landmarks: Path | None, flip: bool, batch_size: int
+    embedder: FaceEmbedder, path: Path, image_root: Path | None, landmarks: Path | None, flip: bool, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """(scores, labels, (name, reason) of the images skipped) of a labelled pair list; a pair with an unreadable
     image is left out."""
-    from evaluation.embed import score_pairs
-
     pairs = read_pair_list(path, need_labels=True)
     scores, skipped = score_pairs(embedder, pairs, image_root or path.parent, landmarks, flip, batch_size)
     kept = [i for i, score in enumerate(scores) if score is not None]
@@ -418,22 +342,24 @@ def print_calibration(calibration: Calibration, model: Path, written: bool) -> N
 
 
 def _run(args: argparse.Namespace) -> int:
-    from evaluation.embed import FaceEmbedder, resolve_device
+    from models.weights import resolve_weights_path
 
     if args.far <= 0 or args.far >= 1:
         raise CalibrationError(f"--far must be in (0, 1), got {args.far}")
     flip: bool | None = args.flip
     if args.ijb is not None:
-        from models.weights import resolve_weights_path
-
         model = args.model if args.model.suffix == ".onnx" else resolve_weights_path(args.model)
         if not model.is_file():
             raise CalibrationError(f"{model}: no such file")
+        if not args.dry_run:
+            check_writable_model(model)
         scores, labels, source = ijb_scores(args.ijb, args.run)
         flip = None  # the IJB run's own settings (results.json) made these scores
     else:
         embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device), network=args.network)
         model = embedder.path
+        if not args.dry_run:
+            check_writable_model(model)  # before the embedding work, not after it
         if args.bin is not None:
             from evaluation.verification import BinFormatError, load_bin
 
@@ -458,8 +384,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `python -m evaluation.calibrate` CLI; returns the exit status (2 for bad input)."""
-    from models.cli import report_input_error, setup_logging
-
     args = _parse_args(argv)
     setup_logging()
     try:

@@ -11,7 +11,9 @@ aligned with `--landmarks` (the format of `evaluation.embed`).
 With a calibrated model (`python -m evaluation.calibrate`), each pair is also called "same" (score strictly above the
 model's threshold) or "different"; `--threshold` overrides it. Flip-summing follows the calibration unless
 `--flip/--no-flip` says otherwise. An image that cannot be read fails a two-image comparison (exit 2); in a pair list
-its pairs are reported and left without a score. `--out` writes a CSV (`first,second,label,score,same`) atomically.
+its pairs are reported and left without a score. `--out` writes a CSV (`first,second,label,score,same`) atomically;
+a folder that takes no files is refused before any work, a failed write (disk full, file-size limit) leaves no file.
+A model whose embeddings are not finite (NaN or infinite) is refused (exit 2), never scored.
 """
 
 from __future__ import annotations
@@ -19,24 +21,27 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from evaluation.calibrate import LabelledPair, measure, read_pair_list
+from evaluation.calibrate import measure
+from evaluation.calibration import resolve_flip
 from evaluation.embed import (
     EmbedError,
     FaceEmbedder,
+    LabelledPair,
+    check_writable_folder,
+    crop_images,
     read_image,
     read_landmarks,
+    read_pair_list,
     resolve_device,
-    resolve_flip,
     score_pairs,
 )
-from models.cli import report_input_error, setup_logging
+from models.cli import atomic_output, report_input_error, setup_logging
 from models.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -73,8 +78,8 @@ def _two_images(args: argparse.Namespace, embedder: FaceEmbedder, flip: bool) ->
         if missing:
             raise EmbedError(f"{args.landmarks} has no landmarks for {missing[0]!r} (names are the images' file names)")
         landmarks = [table[first.name], table[second.name]]
-    pixels = [read_image(first), read_image(second)]
-    embeddings = embedder.embed(pixels, landmarks=landmarks, flip=flip, batch_size=2)
+    crops = crop_images([read_image(first), read_image(second)], landmarks)
+    embeddings = embedder.embed_tensor(crops, flip, batch_size=2)  # flip already resolved (and warned about) once
     pair = LabelledPair(str(first), str(second), None, 0)
     return [pair], [float(embeddings[0] @ embeddings[1])]
 
@@ -82,19 +87,15 @@ def _two_images(args: argparse.Namespace, embedder: FaceEmbedder, flip: bool) ->
 def _write_csv(
     out: Path, pairs: Sequence[LabelledPair], scores: Sequence[float | None], threshold: float | None
 ) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["first", "second", "label", "score", "same"])
-            for pair, score in zip(pairs, scores, strict=True):
-                label = "" if pair.same is None else int(pair.same)
-                same = "" if score is None or threshold is None else int(score > threshold)
-                writer.writerow([pair.first, pair.second, label, "" if score is None else f"{score:.6f}", same])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The scores as CSV, atomically (`models.cli.atomic_output`: a failed write is an `OutputError` and leaves no
+    file)."""
+    with atomic_output(out) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["first", "second", "label", "score", "same"])
+        for pair, score in zip(pairs, scores, strict=True):
+            label = "" if pair.same is None else int(pair.same)
+            same = "" if score is None or threshold is None else int(score > threshold)
+            writer.writerow([pair.first, pair.second, label, "" if score is None else f"{score:.6f}", same])
 
 
 def _print(
@@ -118,6 +119,10 @@ def _print(
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        if args.out.is_dir():
+            raise EmbedError(f"--out {args.out}: is a folder")
+        check_writable_folder(args.out)  # before the work, not after it
     embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device), network=args.network)
     flip = resolve_flip(args.flip, embedder.calibration)
     calibration = embedder.calibration

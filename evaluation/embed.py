@@ -15,11 +15,19 @@ lines and `#` comments skipped; names as written), a `.rec` with its `.idx` (nam
 
 Every image needs an entry (names as above); entries for other names are ignored.
 
-Output (`--out`), written to a temporary file and renamed into place: `.safetensors` (tensor `embeddings` (N, D)
-float32, metadata `names` as a JSON list, the model, flip and the model's calibration) or `.npy` (the array) plus
-`<stem>.names.txt` (one name per line, in row order). Embeddings are L2-normalized, so the dot product of two rows
-is their cosine similarity; `--flip` embeds each image and its mirror image and sums the two before normalizing.
-An image that cannot be read, decoded or aligned is reported by name and skipped; it is not in the output.
+Output (`--out`): `.safetensors` (tensor `embeddings` (N, D) float32, metadata `names` as a JSON list, the model,
+flip and the model's calibration) or `.npy` (the array) plus `<stem>.names.txt` (one name per line, in row order).
+Embeddings are L2-normalized, so the dot product of two rows is their cosine similarity; `--flip` embeds each image
+and its mirror image and sums the two before normalizing (default: as the model's calibration, else off). An image
+that cannot be read, decoded or aligned is reported by name and skipped; it is not in the output. A model whose
+embeddings are not finite (NaN or infinite) is refused: nothing is written.
+
+Writing (`write_together`): every file is written in full to a temporary file beside it first; a failure there (a
+full disk, a file-size limit, a folder that takes no files) removes the temporaries and leaves the old output as it
+was. Then the old files are moved aside (the array first), the new ones renamed in (the array last) and the old ones
+deleted; a failed rename puts the old files back. The array is the file that completes the pair: at no moment is
+there an array beside a names file of another run (a run killed in the middle can leave a names file without its
+array, and hidden `.<name>.*.tmp` files). The output folder is checked to take files before any work.
 
 Python: `FaceEmbedder.from_file("model.safetensors").embed([array_or_path, ...])`. The input normalization and
 the flip are `data.dataset.normalize_images`, the one the trainer and the verification use.
@@ -34,7 +42,9 @@ import io
 import json
 import logging
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,13 +56,12 @@ import torch
 
 from data.dataset import normalize_images
 from evaluation.alignment import ALIGNED_SIZE, align_face
-from models.cli import report_input_error, setup_logging
+from evaluation.calibration import Calibration, read_calibration, resolve_flip
+from models.cli import OutputError, atomic_output, file_mode, output_folder, report_input_error, setup_logging
 from models.errors import InputError
 
 if TYPE_CHECKING:
     from rich.progress import Progress
-
-    from evaluation.calibrate import Calibration, LabelledPair
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +111,6 @@ class FaceEmbedder:
         metadata: dict[str, str],
         device: torch.device,
     ) -> None:
-        from evaluation.calibrate import read_calibration
-
         self.forward, self.path, self.metadata, self.device = forward, path, metadata, device
         self.calibration: Calibration | None = read_calibration(metadata, path)
 
@@ -124,8 +131,9 @@ class FaceEmbedder:
             return cls(forward, path, _onnx_metadata(path), device)
         from models.weights import load_backbone, resolve_weights_path
 
+        # A damaged checkpoint model or non-finite weights are refused here (models.weights), for every tool.
         backbone, metadata = load_backbone(path, network, embedding_size, device)
-        return cls(backbone.eval(), resolve_weights_path(path), metadata, device)
+        return cls(backbone.eval(), resolve_weights_path(path, verify=False), metadata, device)
 
     def embed_tensor(
         self, images: torch.Tensor, flip: bool = False, batch_size: int = 64, progress: bool = False
@@ -140,7 +148,8 @@ class FaceEmbedder:
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
     def embed_batch(self, images: torch.Tensor, flip: bool) -> np.ndarray:
-        """One forward of uint8 `(B, 3, 112, 112)` crops (2B with `flip`: each image and its mirror, summed)."""
+        """One forward of uint8 `(B, 3, 112, 112)` crops (2B with `flip`: each image and its mirror, summed).
+        Non-finite embeddings are an `EmbedError` naming the model: no score is made of them."""
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, 112, 112):
             raise ValueError(f"need uint8 (B, 3, 112, 112) crops, got {images.dtype} {tuple(images.shape)}")
         count = len(images)
@@ -152,6 +161,12 @@ class FaceEmbedder:
             flips = torch.arange(2 * count, device=self.device) >= count
         with torch.inference_mode():
             out = self.forward(normalize_images(images, flips=flips)).float()
+            if not bool(torch.isfinite(out).all()):
+                # normalize() would turn them into NaN cosines, which compare and calibrate cannot tell from scores.
+                raise EmbedError(
+                    f"{self.path}: the model's embeddings are not finite (NaN or infinite): a diverged or damaged "
+                    "model, refused"
+                )
             if flip:
                 out = out[:count] + out[count:]
             out = torch.nn.functional.normalize(out, dim=1)
@@ -161,20 +176,18 @@ class FaceEmbedder:
         self,
         images: Sequence[Image],
         landmarks: Sequence[np.ndarray] | None = None,
-        flip: bool = False,
+        flip: bool | None = None,
         batch_size: int = 64,
     ) -> np.ndarray:
         """Embeddings (N, D) float32, L2-normalized, of uint8 `(H, W, 3)` RGB arrays or image files; aligned
         112x112 crops, or any size with `landmarks` (one `(5, 2)` array of x, y per image). An image that cannot be
-        used raises `EmbedError` naming it (the CLI skips such images instead)."""
-        if landmarks is not None and len(landmarks) != len(images):
-            raise ValueError(f"{len(landmarks)} landmark sets for {len(images)} images")
-        crops = np.empty((len(images), ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
-        for index, image in enumerate(images):
-            name = str(image) if isinstance(image, str | Path) else f"image {index}"
-            pixels = read_image(Path(image)) if isinstance(image, str | Path) else image
-            crops[index] = prepare_crop(pixels, None if landmarks is None else landmarks[index], name)
-        return self.embed_tensor(torch.from_numpy(crops).permute(0, 3, 1, 2), flip, batch_size)
+        used raises `EmbedError` naming it (the CLI skips such images instead).
+
+        `flip`: sum each image's and its mirror image's embedding. None (the default) follows the model's
+        calibration, as the CLIs do, so that its threshold holds; an explicit value that differs from the
+        calibration's is used, with a warning."""
+        flip = resolve_flip(flip, self.calibration)
+        return self.embed_tensor(crop_images(images, landmarks), flip, batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,6 +225,19 @@ def prepare_crop(image: np.ndarray, landmarks: np.ndarray | None, name: str) -> 
             "(give --landmarks to align it)"
         )
     return image
+
+
+def crop_images(images: Sequence[Image], landmarks: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+    """uint8 `(N, 3, 112, 112)` crops of RGB arrays or image files (`prepare_crop` each; `EmbedError` naming the
+    first that cannot be used)."""
+    if landmarks is not None and len(landmarks) != len(images):
+        raise ValueError(f"{len(landmarks)} landmark sets for {len(images)} images")
+    crops = np.empty((len(images), ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
+    for index, image in enumerate(images):
+        name = str(image) if isinstance(image, str | Path) else f"image {index}"
+        pixels = read_image(Path(image)) if isinstance(image, str | Path) else image
+        crops[index] = prepare_crop(pixels, None if landmarks is None else landmarks[index], name)
+    return torch.from_numpy(crops).permute(0, 3, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -363,6 +389,45 @@ def match_landmarks(images: Sequence[FaceImage], landmarks: dict[str, np.ndarray
     return [landmarks[image.name] for image in images]
 
 
+@dataclass(frozen=True)
+class LabelledPair:
+    """One line of a pair list: two image paths and the label, if the line has one."""
+
+    first: str
+    second: str
+    same: bool | None  # None: the line has no label
+    line: int
+
+
+def read_pair_list(path: Path, need_labels: bool) -> list[LabelledPair]:
+    """`path1 path2 [label]` lines (label 1/0, also true/false or same/different); `#` comments and blank lines
+    skipped: the pair list of compare and calibrate, and `data.tools build-bin`'s format. A label is required when
+    `need_labels`, else optional (`same` is None without one)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EmbedError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise EmbedError(f"{path}: not a readable text pair list ({err})") from None
+    truth = {"1": True, "0": False, "true": True, "false": False, "same": True, "different": False}
+    pairs = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) not in (2, 3) or (need_labels and len(fields) != 3):
+            want = "path1 path2 label" if need_labels else "path1 path2 [label]"
+            raise EmbedError(f"{path}:{number}: expected '{want}', got {raw.strip()!r}")
+        if len(fields) == 3 and fields[2].lower() not in truth:
+            raise EmbedError(f"{path}:{number}: label {fields[2]!r} is not 1/0 (same/different)")
+        same = truth[fields[2].lower()] if len(fields) == 3 else None
+        pairs.append(LabelledPair(fields[0], fields[1], same, number))
+    if not pairs:
+        raise EmbedError(f"{path}: no pairs")
+    return pairs
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Batches: decode and align in threads (the decoders release the GIL), embed in the calling thread
 
@@ -371,13 +436,15 @@ def _progress(enabled: bool) -> Progress:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
     return Progress(
         TextColumn("[bold]embed"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
+        console=console,
+        # Only on a terminal: into a log or a pipe it would leave a blank line before an error's one line.
+        disable=not enabled or not console.is_terminal,
         transient=True,
     )
 
@@ -474,11 +541,12 @@ def score_pairs(
 
 
 def check_output(out: Path) -> None:
-    """Before any work: the output's suffix and folder must be usable."""
+    """Before any work: the output's suffix must be known and its folder must take new files."""
     if out.suffix not in OUTPUT_SUFFIXES:
         raise EmbedError(f"--out {out}: must end in {' or '.join(OUTPUT_SUFFIXES)}")
     if out.is_dir():
         raise EmbedError(f"--out {out}: is a folder")
+    check_writable_folder(out)
 
 
 def names_path(out: Path) -> Path:
@@ -486,59 +554,117 @@ def names_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.names.txt")
 
 
-def _replace(tmp: Path, final: Path, write: Callable[[Path], Any]) -> None:
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_embeddings(out: Path, names: Sequence[str], embeddings: np.ndarray, metadata: dict[str, str]) -> list[Path]:
-    """Write the output atomically (each file through a temporary file and a rename); returns the files written."""
-    from safetensors.numpy import save_file
+    """Write the output: `.safetensors` atomically, `.npy` and its names file together or not at all
+    (`write_together`); returns the files written. A failed write is an `OutputError` naming the file."""
+    from safetensors.numpy import save
 
     check_output(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if out.suffix == ".safetensors":
         header = {**metadata, "names": json.dumps(list(names))}
-        _replace(
-            out.with_name(f".{out.name}.tmp"), out, lambda p: save_file({"embeddings": embeddings}, str(p), header)
-        )
+        # Serialized here and written by Python: a failed write is an OSError naming its reason (safetensors' own
+        # writer reports it as a SafetensorError), which atomic_output turns into an OutputError.
+        data = save({"embeddings": embeddings}, header)
+        with atomic_output(out) as tmp:
+            tmp.write_bytes(data)
         return [out]
     listing = names_path(out)
     if any("\n" in name or "\r" in name for name in names):
         raise EmbedError(f"--out {out}: a name contains a line break; write .safetensors instead")
 
     def save_array(tmp: Path) -> None:
-        with tmp.open("wb") as handle:  # a handle: np.save would append ".npy" to a path
-            np.save(handle, embeddings)
+        # Through memory and Python's write: np.save into a file writes the data with C stdio, which loses a failed
+        # write (a file-size limit leaves a truncated array and no error).
+        buffer = io.BytesIO()
+        np.save(buffer, embeddings)
+        tmp.write_bytes(buffer.getbuffer())
 
-    # The names first: an array never sits next to a names file of another run.
-    _replace(
-        listing.with_name(f".{listing.name}.tmp"), listing, lambda p: p.write_text("".join(f"{n}\n" for n in names))
-    )
-    _replace(out.with_name(f".{out.name}.tmp"), out, save_array)
+    # The array last: it is what makes the pair complete (module docstring).
+    write_together([(listing, lambda p: p.write_text("".join(f"{n}\n" for n in names))), (out, save_array)])
     return [out, listing]
+
+
+def write_together(files: Sequence[tuple[Path, Callable[[Path], Any]]]) -> None:
+    """Write several files as one output: all of them, or none and the old ones kept (module docstring).
+
+    `files`: `(path, write)` pairs, `write(tmp)` filling a temporary file beside `path`. Every file is written in
+    full first; then the old files are moved aside in reverse order and the new ones renamed in, in order, so the last
+    file completes the output (a reader that finds it finds the others of the same write). Each new file keeps the
+    mode of the one it replaces. A failure is an `OutputError` naming the file.
+    """
+    staged: list[tuple[Path, Path]] = []  # (temporary, final): every new file, written in full
+    aside: list[tuple[Path, Path]] = []  # (old file moved aside, final)
+    placed: list[Path] = []
+    current = files[0][0] if files else Path()
+    try:
+        try:
+            for final, write in files:
+                current = final
+                if final.is_dir() and not final.is_symlink():
+                    raise OutputError(f"{final}: is a folder, expected a file path")
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _temporary(final)
+                staged.append((tmp, final))
+                write(tmp)
+                keep = final.is_file() and not final.is_symlink()
+                os.chmod(tmp, stat.S_IMODE(final.stat().st_mode) if keep else file_mode())
+            # Renames within a folder need no space: a failure past this point is all but impossible, and undone.
+            for _, final in reversed(staged):
+                current = final
+                if final.exists() or final.is_symlink():
+                    old = _temporary(final, "old")
+                    os.replace(final, old)
+                    aside.append((old, final))
+            for tmp, final in staged:
+                current = final
+                os.replace(tmp, final)
+                placed.append(final)
+        except BaseException:
+            for final in placed:
+                _quietly(final.unlink, missing_ok=True)
+            for old, final in reversed(aside):
+                _quietly(os.replace, old, final)
+            aside.clear()
+            raise
+    except OSError as err:
+        raise OutputError(f"{current}: cannot be written ({err.strerror or err})") from None
+    finally:
+        for tmp, _ in staged:
+            _quietly(tmp.unlink, missing_ok=True)
+        for old, _ in aside:
+            _quietly(old.unlink, missing_ok=True)
+
+
+def _temporary(path: Path, tag: str = "new") -> Path:
+    """A new, unique, empty file beside `path` (`O_EXCL`: a link planted there is never written through)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{tag}-", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _quietly(action: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Clean-up that must not hide the error being reported (a folder gone, a file already removed)."""
+    try:
+        action(*args, **kwargs)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------
 # CLI helpers shared by embed, compare and calibrate
 
 
-def resolve_flip(requested: bool | None, calibration: Calibration | None) -> bool:
-    """`--flip/--no-flip`, else what the model's calibration used (its threshold holds for those embeddings)."""
-    calibrated = calibration.flip if calibration is not None else None
-    if requested is None:
-        return bool(calibrated)
-    if calibrated is not None and requested != calibrated:
-        logger.warning(
-            "the model was calibrated %s flip; these embeddings are %s: its threshold may not hold",
-            "with" if calibrated else "without",
-            "flip-summed" if requested else "not flipped",
-        )
-    return requested
+def check_writable_folder(path: Path) -> None:
+    """Before any work: the folder of the output file `path` exists (created if needed) and takes a new file, tried
+    with a real one (permissions alone do not tell: root, a read-only mount, /proc). An `OutputError` naming it."""
+    folder = output_folder(path.parent)
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as err:
+        raise OutputError(f"{path}: cannot be written in {folder} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

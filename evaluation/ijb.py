@@ -9,9 +9,11 @@ Each process aligns and embeds a contiguous share of the faces; the shares are g
 the numbers do not depend on the batch size or the number of processes (up to float rounding in the backbone).
 Layout and protocol: `evaluation.ijb_meta`, `evaluation.ijb_metrics`, docs/ijb.md.
 
-`--weights` also takes a run's output folder or a checkpoint folder (its `model.safetensors`). Bad input (a missing
-or unfitting model, a malformed meta file, an unreadable image, an output folder that cannot be written) is one line
-on stderr and exit status 2; the output files are written atomically.
+`--weights` also takes a run's output folder or a checkpoint folder (its `model.safetensors`, checked against the
+checkpoint's manifest). Bad input (a missing, unfitting or damaged model, one whose weights or embeddings are not
+finite, a malformed meta file, an unreadable image, an output folder that cannot be written) is one line on stderr
+and exit status 2; the output files are written atomically. A TAR at a FAR below 1 / impostor pairs is not resolved:
+`n/r` in the table, null in `results.json`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from evaluation.ijb_metrics import (
     FAR_TARGETS,
     FPIR_TARGETS,
     IdentificationResult,
+    RocPoint,
     RocResult,
     face_features,
     identification_metrics,
@@ -319,6 +322,12 @@ def _number(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _measured(point: RocPoint, value: float) -> float | None:
+    """A value read at a ROC point, or None (JSON null) where the point's FAR is not resolved or the value is not
+    finite."""
+    return _number(value) if point.resolved else None
+
+
 def mean_identification(results: list[IdentificationResult]) -> dict[str, dict[str, float | None]]:
     """The mean over the galleries, the summary insightface's 1:N script prints."""
     return {
@@ -371,9 +380,12 @@ def results_json(protocol: Protocol, settings: Settings, runs: list[RunResult], 
                 "name": run.spec.name,
                 "model": run.description,
                 "verification": {
-                    "tar_at_far": {_key(p.far_target): p.tar for p in run.verification.points},
-                    "far_read": {_key(p.far_target): p.far for p in run.verification.points},
-                    "threshold": {_key(p.far_target): _number(p.threshold) for p in run.verification.points},
+                    # null where the FAR is not resolved: below 1 / impostor pairs nothing was measured.
+                    "tar_at_far": {_key(p.far_target): _measured(p, p.tar) for p in run.verification.points},
+                    "far_read": {_key(p.far_target): _measured(p, p.far) for p in run.verification.points},
+                    "threshold": {_key(p.far_target): _measured(p, p.threshold) for p in run.verification.points},
+                    "resolved": {_key(p.far_target): p.resolved for p in run.verification.points},
+                    "lowest_far": 1.0 / run.verification.num_impostor,
                     "auc": run.verification.auc,
                 },
                 "identification": _identification_json(run.identification),
@@ -419,6 +431,10 @@ def _percent(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{100 * value:.2f}"
 
 
+# What the table shows for a TAR at a FAR the pairs cannot resolve (explained in its caption).
+NOT_RESOLVED = "n/r"
+
+
 def print_report(protocol: Protocol, settings: Settings, runs: list[RunResult]) -> None:
     """The rich tables: TAR (%) at each FAR; 1:N CMC and TPIR (%) per gallery."""
     from rich.console import Console
@@ -426,7 +442,10 @@ def print_report(protocol: Protocol, settings: Settings, runs: list[RunResult]) 
 
     console = Console(width=None if Console().is_terminal else 160)
     mode = f"N{settings.norm:d}D{settings.det_score:d}F{settings.flip:d}"
-    table = Table(title=f"{protocol.target} 1:1 verification, {mode}: TAR (%) at FAR")
+    impostors = len(protocol.pairs) - int(protocol.pairs.labels.sum())
+    unresolved = any(not p.resolved for run in runs for p in run.verification.points)
+    caption = f"{NOT_RESOLVED}: not resolved, a FAR below 1/{impostors} (the impostor pairs)" if unresolved else None
+    table = Table(title=f"{protocol.target} 1:1 verification, {mode}: TAR (%) at FAR", caption=caption)
     table.add_column("model")
     for target in FAR_TARGETS:
         table.add_column(f"{target:.0e}", justify="right")
@@ -434,7 +453,7 @@ def print_report(protocol: Protocol, settings: Settings, runs: list[RunResult]) 
     for run in runs:
         table.add_row(
             run.spec.name,
-            *(_percent(p.tar) for p in run.verification.points),
+            *(_percent(p.tar) if p.resolved else NOT_RESOLVED for p in run.verification.points),
             _percent(run.verification.auc),
         )
     console.print(table)
@@ -525,17 +544,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def build_accelerator() -> Accelerator:
     """The Accelerator of an `accelerate launch`ed evaluation: only its process group and device are used.
 
-    Several processes on CPUs need what `trainer.distributed.build_accelerator` also does for them (its comment
-    says why): Accelerate told it runs on CPUs, and the gloo backend named.
+    Several processes on CPUs follow the trainer's rule (`models.launch.process_group_kwargs`): gloo, and
+    Accelerate told it runs on CPUs.
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
-    handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(kwargs_handlers=handlers)
+    from models.launch import process_group_kwargs
+
+    return Accelerator(kwargs_handlers=process_group_kwargs())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -568,6 +584,13 @@ def _run(args: argparse.Namespace) -> int:
             embed, protocol, accelerator, args.batch_size, settings.flip, args.workers, label=spec.name
         )
         logger.info("%s: embedded %d faces in %.1f s", spec.name, len(embeddings), time.perf_counter() - start)
+        # Every process holds the same gathered embeddings, so every process refuses alike (no one waits).
+        finite = np.isfinite(embeddings).all(axis=(1, 2))
+        if not finite.all():
+            raise WeightsError(
+                f"{spec.path}: the embeddings of {int((~finite).sum())} of {len(finite)} faces are not finite (NaN or "
+                "infinite): a diverged or damaged model, refused"
+            )
         if accelerator.is_main_process:
             runs.append(score_run(spec, description, embeddings, protocol, settings))
     if accelerator.is_main_process:

@@ -4,7 +4,9 @@ Protocol (insightface's `eval_ijbc.py`): a face's feature is its embedding plus 
 without "norm" it is L2-normalized, with "det_score" multiplied by the detector score. A template's feature is the
 mean of its faces within each media, summed over its media, then L2-normalized. A pair's score is the cosine of its
 two templates. TAR at a FAR target is read from sklearn's `roc_curve` at the FPR closest to the target (ties: the
-higher TAR), so it can sit at a FPR some way off the target when there are few impostor pairs.
+higher TAR), so it can sit at a FPR some way off the target when there are few impostor pairs. A FAR below 1 / (the
+number of impostor pairs) cannot be measured on the pairs at all (one false accept is already more): its point is
+marked not resolved (`RocPoint.resolved`), and the report prints and stores no TAR for it.
 
 1:N (NIST's open-set protocol, what `ijb_evals.py` in insightface's `_evaluation_/ijb` computes): every probe is
 searched in each gallery separately. A probe whose subject has a template in the gallery is mated, else non-mated.
@@ -32,12 +34,14 @@ _PAIR_CHUNK = 1 << 16
 
 @dataclass(frozen=True)
 class RocPoint:
-    """The ROC read at one FAR target: the FAR actually read, the TAR there and the score threshold."""
+    """The ROC read at one FAR target: the FAR actually read, the TAR there and the score threshold. `resolved` is
+    False when the target lies below 1 / (impostor pairs): the curve's value there is not a measurement."""
 
     far_target: float
     far: float
     tar: float
     threshold: float
+    resolved: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,10 +132,17 @@ def pair_scores(
     return scores
 
 
+def far_resolved(far_target: float, num_impostor: int) -> bool:
+    """Whether `num_impostor` impostor pairs can measure a FAR of `far_target`: at least 1 / num_impostor."""
+    # The epsilon: 1e-3 * 1000 is 1.0000000000000002 or 0.9999999999999999 depending on the operands' rounding.
+    return far_target * num_impostor >= 1.0 - 1e-9
+
+
 def verification_metrics(
     labels: np.ndarray, scores: np.ndarray, far_targets: tuple[float, ...] = FAR_TARGETS
 ) -> RocResult:
-    """ROC of the pair scores and the TAR read at each FAR target (the FPR closest to it; ties: the higher TAR)."""
+    """ROC of the pair scores and the TAR read at each FAR target (the FPR closest to it; ties: the higher TAR),
+    each marked resolved or not (`far_resolved`)."""
     labels = np.asarray(labels)
     num_genuine = int((labels == 1).sum())
     num_impostor = int(len(labels) - num_genuine)
@@ -143,7 +154,8 @@ def verification_metrics(
         gap = np.abs(fpr - target)
         # fpr and tpr never decrease along the curve: the last of the closest points has the highest TAR.
         index = int(np.flatnonzero(gap == gap.min())[-1])
-        points.append(RocPoint(target, float(fpr[index]), float(tpr[index]), float(thresholds[index])))
+        resolved = far_resolved(target, num_impostor)
+        points.append(RocPoint(target, float(fpr[index]), float(tpr[index]), float(thresholds[index]), resolved))
     return RocResult(points, float(auc(fpr, tpr)), fpr, tpr, num_genuine, num_impostor)
 
 

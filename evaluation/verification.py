@@ -6,6 +6,11 @@ the score of a pair is the squared L2 distance; 10 folds without shuffling; in e
 `THRESHOLDS` with the best accuracy on the other nine folds is applied to the held-out fold; the mean and std of the
 ten fold accuracies are reported. XNorm is the mean L2 norm of the un-normalized embeddings (originals and flips).
 
+A file with fewer pairs than folds (`NUM_FOLDS`) is refused when it is loaded for verification (`check_bin`,
+`load_bin(..., folds=NUM_FOLDS)`): the trainer at start, the callback and the CLI alike. Fewer folds would give a
+number that is not the protocol's and cannot be compared with any published one. A model whose embeddings are not
+finite is refused too (`NonFiniteEmbeddingsError`), rather than scored at chance accuracy.
+
 Unpickling: `.bin` files are pickles, and pickles can run code. `load_bin` refuses every global except the few that
 real `.bin` files need: `_codecs.encode` and `bytearray` (how Python 3 writes bytes in protocol <= 2), and NumPy's
 array reconstruction, because insightface's `build_eval_pack.py` stores each image as the uint8 array returned by
@@ -16,8 +21,9 @@ arrays); every element is then checked to be bytes or a uint8 array.
 
     python -m evaluation.verification --weights model.safetensors --bin lfw.bin --bin cfp_fp.bin
 
-`--weights` also takes a run's output folder or a checkpoint folder (its `model.safetensors`). Bad input (a missing
-or unfitting weights file, an unreadable `.bin`) is one line on stderr and exit status 2.
+`--weights` also takes a run's output folder or a checkpoint folder (its `model.safetensors`, checked against the
+checkpoint's manifest). Bad input (a missing, unfitting, damaged or non-finite model, an unreadable `.bin` or one with
+fewer than 10 pairs) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import importlib
 import io
 import logging
+import math
 import pickle
 import sys
 from collections.abc import Sequence
@@ -47,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 # insightface's grid of squared-distance thresholds: 0, 0.01, ..., 3.99 (squared L2 of unit vectors is in [0, 4]).
 THRESHOLDS = np.arange(0, 4, 0.01)
+# insightface's k: every fold holds out at least one pair, so a file needs at least this many pairs.
+NUM_FOLDS = 10
 
 _ALLOWED_GLOBALS = frozenset(
     {
@@ -66,7 +75,12 @@ _ALLOWED_GLOBALS = frozenset(
 
 
 class BinFormatError(InputError, ValueError):
-    """A `.bin` file that is missing, unsafe or not in the `(bins, issame_list)` layout; the message names the file."""
+    """A `.bin` file that is missing, unsafe, not in the `(bins, issame_list)` layout or too small for the protocol;
+    the message names the file."""
+
+
+class NonFiniteEmbeddingsError(ValueError):
+    """The backbone's embeddings hold NaN or infinite values: a diverged or damaged model, nothing to score."""
 
 
 @dataclass(frozen=True)
@@ -149,11 +163,11 @@ def _fit(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     return resized[top : top + height, left : left + width]
 
 
-def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tuple[torch.Tensor, list[bool]]:
-    """Load a verification `.bin`: `(images, issame)`, images uint8 `(2N, 3, H, W)` RGB, pair i = images 2i, 2i+1.
+def read_bin(path: str | Path, folds: int | None = None) -> tuple[list[Any], list[bool]]:
+    """The `(encoded images, issame)` of a verification `.bin`, checked for layout but not decoded.
 
-    Images of another size are resized (shorter side) and centre-cropped to `image_size`.
-    """
+    With `folds`, a file with fewer pairs than that is refused (`BinFormatError` naming the file, its pair count and
+    the folds)."""
     path = Path(path)
     obj = _unpickle(path)
     if not (isinstance(obj, tuple | list) and len(obj) == 2):
@@ -169,6 +183,31 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tupl
         raise BinFormatError(f"file {path}: no pairs")
     if len(bins) != 2 * len(issame):
         raise BinFormatError(f"file {path}: {len(bins)} images for {len(issame)} pairs (need exactly 2 per pair)")
+    if folds is not None and len(issame) < folds:
+        raise BinFormatError(
+            f"file {path}: {len(issame)} pairs, fewer than the {folds} folds of the verification protocol "
+            f"(it needs at least {folds} pairs)"
+        )
+    return list(bins), issame
+
+
+def check_bin(path: str | Path, folds: int = NUM_FOLDS) -> int:
+    """Whether a `.bin` can be verified on, before it is needed (the trainer calls it at start, on every rank):
+    readable, safe, the `(images, issame)` layout, at least `folds` pairs. Returns the number of pairs; raises
+    `BinFormatError` (an `InputError`) naming the file. Images are decoded later, by `load_bin`."""
+    return len(read_bin(path, folds)[1])
+
+
+def load_bin(
+    path: str | Path, image_size: tuple[int, int] = (112, 112), folds: int | None = None
+) -> tuple[torch.Tensor, list[bool]]:
+    """Load a verification `.bin`: `(images, issame)`, images uint8 `(2N, 3, H, W)` RGB, pair i = images 2i, 2i+1.
+
+    Images of another size are resized (shorter side) and centre-cropped to `image_size`. `folds`: refuse a file
+    with fewer pairs (verification passes `NUM_FOLDS`; embedding and calibration need no folds).
+    """
+    path = Path(path)
+    bins, issame = read_bin(path, folds)
     images = torch.empty((len(bins), 3, *image_size), dtype=torch.uint8)
     for index, item in enumerate(bins):
         buf = _as_bytes(item, path, index)
@@ -223,7 +262,9 @@ def evaluate_backbone(
     batch_size: int = 64,
     device: torch.device | str | None = None,
 ) -> VerificationResult:
-    """Flip-augmented verification of `backbone` on uint8 `(2N, 3, H, W)` images; restores its train/eval mode."""
+    """Flip-augmented verification of `backbone` on uint8 `(2N, 3, H, W)` images; restores its train/eval mode.
+
+    Raises `NonFiniteEmbeddingsError` when an embedding is NaN or infinite (no accuracy is made up for it)."""
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs (need exactly 2 per pair)")
     param_device, dtype = _module_device_dtype(backbone)
@@ -241,6 +282,11 @@ def evaluate_backbone(
     finally:
         backbone.train(was_training)
     raw = np.concatenate(chunks, axis=1).astype(np.float64)  # (2, 2N, D): originals, flips
+    finite = np.isfinite(raw).all(axis=(0, 2))
+    if not finite.all():
+        raise NonFiniteEmbeddingsError(
+            f"the embeddings of {int((~finite).sum())} of {len(images)} images are not finite (NaN or infinite)"
+        )
     xnorm = float(np.linalg.norm(raw, axis=2).mean())
     summed = raw[0] + raw[1]
     embeddings = summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
@@ -251,8 +297,9 @@ def evaluate_backbone(
 class VerificationCallback:
     """Evaluates the backbone on each `.bin` when called (the training loop decides when); main process only.
 
-    The files are loaded once, here. `highest` keeps the best accuracy seen per target; `state_dict` /
-    `load_state_dict` carry it across a resume.
+    The files are loaded once, here; one with fewer than `NUM_FOLDS` pairs is refused (`BinFormatError`). `highest`
+    keeps the best accuracy seen per target; `state_dict` / `load_state_dict` carry it across a resume. A target whose
+    embeddings are not finite is logged as not evaluated and reported as NaN, never as a measured accuracy.
     """
 
     def __init__(self, bin_paths: list[str], batch_size: int) -> None:
@@ -264,7 +311,7 @@ class VerificationCallback:
             name = Path(bin_path).stem
             if name in self.targets:
                 raise ValueError(f"two verification files are named {name!r}: {bin_paths}")
-            self.targets[name] = load_bin(bin_path)
+            self.targets[name] = load_bin(bin_path, folds=NUM_FOLDS)
             logger.info("verification target %s: %d pairs from %s", name, len(self.targets[name][1]), bin_path)
         self.highest: dict[str, float] = {name: 0.0 for name in self.targets}
 
@@ -272,7 +319,12 @@ class VerificationCallback:
         """Evaluate every target; `step` labels the log lines."""
         results: dict[str, VerificationResult] = {}
         for name, (images, issame) in self.targets.items():
-            result = evaluate_backbone(backbone, images, issame, batch_size=self.batch_size)
+            try:
+                result = evaluate_backbone(backbone, images, issame, batch_size=self.batch_size)
+            except NonFiniteEmbeddingsError as err:
+                logger.warning("[%s][%d] not evaluated: %s", name, step, err)
+                results[name] = VerificationResult(math.nan, math.nan, math.nan, len(issame))
+                continue
             self.highest[name] = max(self.highest[name], result.acc)
             logger.info(
                 "[%s][%d] Accuracy-Flip: %.5f+-%.5f, XNorm: %.4f, Highest: %.5f",
@@ -327,12 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         backbone, metadata = load_backbone(args.weights, args.network, args.embedding_size, device)
         network, embedding_size = metadata["network"], metadata["embedding_size"]
         # Every file is read before the first evaluation: a bad one fails at once, not after the others ran.
-        targets = [(bin_path, *load_bin(bin_path)) for bin_path in args.bins]
+        targets = [(bin_path, *load_bin(bin_path, folds=NUM_FOLDS)) for bin_path in args.bins]
         table = Table(title=f"Verification: {args.weights.name} ({network}, {embedding_size}-d)")
         for column in ("target", "pairs", "accuracy", "std", "XNorm"):
             table.add_column(column, justify="left" if column == "target" else "right")
         for bin_path, images, issame in targets:
-            result = evaluate_backbone(backbone, images, issame, batch_size=args.batch_size, device=device)
+            try:
+                result = evaluate_backbone(backbone, images, issame, batch_size=args.batch_size, device=device)
+            except NonFiniteEmbeddingsError as err:
+                raise InputError(f"{args.weights} on {bin_path}: {err}: a diverged or damaged model, refused") from None
             table.add_row(
                 bin_path.stem,
                 str(result.num_pairs),

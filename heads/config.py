@@ -67,9 +67,17 @@ class HeadConfig:
     @classmethod
     def resolve_section(cls) -> type[HeadConfig]:
         """The dataclass the recipe's `head:` section is parsed into: these keys plus every registered head's."""
-        from heads.registry import registered_settings  # heads.registry imports this module
-
         return compose_section(registered_settings())
+
+
+# Each registered head's settings class, by head name: filled by `heads.registry.register_head` (which imports this
+# module; this module never imports it back).
+HEAD_SETTINGS: dict[str, type[Any]] = {}
+
+
+def registered_settings() -> tuple[type[Any], ...]:
+    """The distinct settings classes of the registered heads, in registration order."""
+    return tuple(dict.fromkeys(HEAD_SETTINGS.values()))
 
 
 def declaration(cls: type[Any]) -> dict[str, tuple[Any, ...]]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from heads.base import Head, PartialFCOptions, freeze_sample_rate
-from heads.config import HeadConfig, check_settings
+from heads.config import HEAD_SETTINGS, HeadConfig, check_settings
 from models.registry import Registry
 
 # A head class (or factory) called as `factory(options=PartialFCOptions, settings=<its settings>)`.
@@ -31,7 +31,7 @@ class HeadRegistry(Registry[Head]):
 
     def __init__(self) -> None:
         super().__init__("head")
-        self.settings: dict[str, type[Any]] = {}
+        self.settings = HEAD_SETTINGS  # the section (heads.config) composes the recipe keys from it
 
     def register_with(self, name: str, settings: type[Any]) -> Callable[[HeadFactory], HeadFactory]:
         def decorator(factory: HeadFactory) -> HeadFactory:
@@ -59,11 +59,6 @@ def register_head(name: str, *, settings: type[Any]) -> Callable[[HeadFactory], 
 def unregister_head(name: str) -> None:
     """Forget head ``name`` (tests that register a head of their own)."""
     HEADS.unregister(name)
-
-
-def registered_settings() -> tuple[type[Any], ...]:
-    """The distinct settings classes of the registered heads, in registration order."""
-    return tuple(dict.fromkeys(HEADS.settings.values()))
 
 
 def build_head(cfg: HeadConfig, *, embedding_size: int, num_classes: int, rank: int, world_size: int) -> Head:

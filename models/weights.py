@@ -7,7 +7,11 @@ backbone: ``backbone, metadata = load_backbone("runs/x/model.safetensors")``. A 
 folder may stand for the `model.safetensors` inside it.
 
 Every problem is a `WeightsError` naming the file and what is wrong: a missing or unreadable file, an unknown
-network, the first missing, unexpected or wrongly shaped key (with their counts).
+network, the first missing, unexpected or wrongly shaped key (with their counts), a key holding NaN or infinite
+values. A model file inside a checkpoint folder (beside its `manifest.json`) must match its checksum there, or it is
+refused (`models.run_folder.CheckpointError`). Every reader of a trained model (fine-tuning, verification, IJB,
+embed, compare, calibrate, export, conversion) loads through here, so none of them reports numbers of a damaged or
+diverged model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ __all__ = [
     "MODEL_FILE",
     "WeightsError",
     "build_with_state",
+    "check_finite",
     "check_network",
     "infer_embedding_size",
     "load_backbone",
@@ -30,6 +35,7 @@ __all__ = [
     "load_weights_into",
     "read_weights",
     "resolve_weights_path",
+    "verify_checkpoint_model",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -39,25 +45,46 @@ class WeightsError(InputError):
     """Weights that cannot be used as a backbone; the message names the file and what is wrong."""
 
 
-def resolve_weights_path(path: str | Path) -> Path:
-    """The weights file `path` stands for: itself, or the `model.safetensors` inside a run or checkpoint folder."""
+def resolve_weights_path(path: str | Path, verify: bool = True) -> Path:
+    """The weights file `path` stands for: itself, or the `model.safetensors` inside a run or checkpoint folder.
+
+    A `model.safetensors` of a checkpoint folder (the folder holds a `manifest.json`) is checked against its
+    checksum first: a damaged file is a `CheckpointError` naming the folder and the file, for every reader.
+    `verify=False` skips the checksum, for a caller that names a file it has just loaded (hashing it twice)."""
     path = Path(path)
     if path.is_dir():
         inner = path / MODEL_FILE
         if not inner.is_file():
             raise WeightsError(f"{path}: a folder without {MODEL_FILE} (give a weights file, a run or a checkpoint)")
-        return inner
-    if not path.exists():
+        path = inner
+    elif not path.exists():
         raise WeightsError(f"{path}: no such file")
+    if verify:
+        verify_checkpoint_model(path)
     return path
+
+
+def verify_checkpoint_model(path: Path) -> None:
+    """If `path` is the model file of a checkpoint folder (through a link too), it must match the folder's manifest.
+
+    A file of another name beside a manifest is left alone: the manifest only vouches for what the trainer wrote."""
+    from models.run_folder import CheckpointFolder
+
+    real = path.resolve()
+    folder = CheckpointFolder(real.parent)
+    if real.name == MODEL_FILE and folder.manifest.is_file():
+        folder.verify(only=(MODEL_FILE,))  # CheckpointError (an InputError) naming the folder and the file
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """`(state dict on the CPU, metadata)` of a safetensors file (or of the one inside a folder, see above)."""
+    return _read_file(resolve_weights_path(path))
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = resolve_weights_path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -71,7 +98,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def load_state_into(
     backbone: nn.Module, state: dict[str, torch.Tensor], source: str | Path, target: str = "the network"
 ) -> None:
-    """Load `state` into `backbone` with `strict=True` after checking every key and shape, naming the first bad one.
+    """Load `state` into `backbone` with `strict=True` after checking every key, shape and value (finite), naming
+    the first bad one.
 
     Floating-point tensors take the backbone's dtype (an fp16 export loads into fp32 weights). BatchNorm's
     `num_batches_tracked`, absent from files saved before torch 0.4.1, is kept from the backbone: it is unused in
@@ -96,16 +124,29 @@ def load_state_into(
             f"{where}: key {key!r} has shape {list(fitted[key].shape)}, the network needs "
             f"{list(expected[key].shape)} ({len(wrong)} wrongly shaped)"
         )
+    check_finite(fitted, source)
     for key, value in expected.items():
         if value.is_floating_point():
             fitted[key] = fitted[key].to(value.dtype)
     backbone.load_state_dict(fitted, strict=True)
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """A `WeightsError` naming `source` and the first key holding NaN or infinite values (a diverged or damaged
+    model computes nothing meaningful: verification would report chance accuracy as if measured)."""
+    bad = [key for key, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        count = int((~torch.isfinite(state[bad[0]])).sum())
+        raise WeightsError(
+            f"{source}: {len(bad)} of its {len(state)} tensors hold NaN or infinite values (first: key {bad[0]!r}, "
+            f"{count} values): a diverged or damaged model, refused"
+        )
+
+
 def load_weights_into(backbone: nn.Module, path: str | Path) -> dict[str, str]:
     """Fine-tuning: `backbone`'s weights from a `model.safetensors` (or a folder holding one); returns its metadata."""
     file = resolve_weights_path(path)
-    state, metadata = read_weights(file)
+    state, metadata = _read_file(file)
     load_state_into(backbone, state, file)
     return metadata
 
@@ -166,7 +207,7 @@ def load_backbone(
     file's, with `network` and `embedding_size` set to what was built.
     """
     file = resolve_weights_path(path)
-    state, metadata = read_weights(file)
+    state, metadata = _read_file(file)
     network = network or metadata.get("network")
     if not network:
         raise WeightsError(f"{file}: no 'network' in its metadata: pass --network")

@@ -58,7 +58,10 @@ class ConvertError(InputError):
 
 
 def load_torch_file(path: Path) -> Any:
-    """`torch.load(path, weights_only=True)` on the CPU, memory-mapped where the file format allows it."""
+    """`torch.load(path, weights_only=True)` on the CPU, memory-mapped where the file format allows it.
+
+    A pickle that would import a global a weights file never needs (`os.system`, `builtins.eval`, any class) is
+    refused by torch before anything runs; the error names that global."""
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
     try:
@@ -68,11 +71,35 @@ def load_torch_file(path: Path) -> Any:
         if "mmap" not in str(exc):  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
             raise ConvertError(f"{path}: not a torch.save file ({_first_line(exc)})") from None
     except Exception as exc:  # the unpickler raises several types for foreign or malicious content
-        raise ConvertError(f"{path}: cannot be read with torch.load(weights_only=True) ({_first_line(exc)})") from None
+        raise _load_error(path, exc) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConvertError(f"{path}: cannot be read with torch.load(weights_only=True) ({_first_line(exc)})") from None
+        raise _load_error(path, exc) from None
+
+
+# How torch's weights-only unpickler names a global it refuses. torch 2.13 words it two ways: "Trying to load
+# unsupported GLOBAL posix.system whose module posix is blocked" and "Unsupported global: GLOBAL print was not an
+# allowed global by default" (builtins without their module).
+_REFUSED_GLOBAL = re.compile(r"\bGLOBAL ([A-Za-z_][\w.]*)")
+# The modules `os` functions are pickled under.
+_OS_MODULES = ("posix", "nt")
+
+
+def _load_error(path: Path, exc: BaseException) -> ConvertError:
+    """The one-line error of a failed weights-only load: the refused global in our words, else torch's reason."""
+    found = _REFUSED_GLOBAL.search(str(exc))
+    if found is None:
+        return ConvertError(f"{path}: cannot be read with torch.load(weights_only=True) ({_first_line(exc)})")
+    name = found.group(1).rstrip(".")
+    module, _, attribute = name.rpartition(".")
+    if not module:
+        name = f"builtins.{attribute}"
+    elif module in _OS_MODULES:
+        name = f"os.{attribute}"
+    return ConvertError(
+        f"{path}: refused: it would import {name}, which a weights file never needs (torch.load weights_only=True)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,12 +25,12 @@ from accelerate.utils import (
     DDPCommunicationHookType,
     DistributedDataParallelKwargs,
     DistributedType,
-    InitProcessGroupKwargs,
     KwargsHandler,
     ProjectConfiguration,
 )
 
 from models.errors import InputError
+from models.launch import process_group_kwargs
 from trainer.config import ConfigError, ExperimentConfig, SpeedConfig, to_dict
 
 logger = logging.getLogger(__name__)
@@ -66,16 +66,8 @@ def build_accelerator(
 
     log_with = check_trackers(trackers)
     speed = speed or SpeedConfig()
-    kwargs_handlers: list[KwargsHandler] = [ddp_kwargs(speed)]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # Several processes on CPUs. The launcher does not always tell Accelerate so: a torchrun-launched config
-        # (`distributed_type: MULTI_GPU`, needed on CPU since MULTI_CPU means mpirun across machines) leaves it
-        # at "process 0 of 1, no DDP" unless ACCELERATE_USE_CPU is set, and a DeepSpeed config needs the gloo
-        # backend named (shared/notes/accelerate-deepspeed.md). Only when there really are several processes:
-        # a one-process run must not try to form a group.
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-            os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # under DeepSpeed it would switch DeepSpeed off
-        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # Several processes on CPUs: gloo, and Accelerate told so (the rule evaluation.ijb shares, models.launch).
+    kwargs_handlers: list[KwargsHandler] = [ddp_kwargs(speed), *process_group_kwargs()]
     return Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with or None,

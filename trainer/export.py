@@ -10,15 +10,22 @@ returns `embedding` (N, embedding size); N is dynamic. After export, onnxruntime
 `--batch-size` and at another batch size (proving the dynamic axis) and the largest absolute difference from PyTorch
 is reported. The network, embedding size, input normalization and opset are written into the model's metadata_props.
 
+`--opset` must be one the TorchScript-based exporter writes (`OPSETS`, 7 to 20 with torch 2.13).
+
+A model that computes nothing meaningful is refused (exit 2): NaN or infinite weights (`models.weights`), a checkpoint
+folder's model that fails its checksum, and finite weights whose embeddings are not finite on the parity inputs.
+
 Exit status: 0 done; 1 the export ran but onnxruntime disagrees with PyTorch by more than `--tolerance` (a result
-that failed its check, not bad input); 2 bad input, or an output that cannot be written (one line on stderr). Either
-failure leaves no file behind, neither a half-written output nor a temporary one.
+that failed its check, not bad input; a NaN from onnxruntime counts as an infinite difference); 2 bad input, or an
+output that cannot be written (one line on stderr). Either failure leaves no file behind, neither a half-written
+output nor a temporary one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 import sys
 import warnings
@@ -41,6 +48,19 @@ DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 
 
+def _exporter_opsets() -> range:
+    """The opsets `torch.onnx.export(..., dynamo=False)` writes: torch's own bounds (private constants, so with the
+    values of torch 2.13 as a fallback). Opset 6 and below export but onnxruntime runs none of them."""
+    from torch.onnx import _constants
+
+    low = getattr(_constants, "ONNX_MIN_OPSET", 7)
+    high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    return range(max(low, 7), high + 1)
+
+
+OPSETS = _exporter_opsets()
+
+
 class ExportError(InputError):
     """Input that cannot be exported; the message names the file."""
 
@@ -61,22 +81,27 @@ def export_onnx(
 ) -> None:
     """TorchScript-based export (`dynamo=False`: no onnxscript needed) with a dynamic batch axis, then metadata."""
     import onnx
+    from torch.onnx.errors import OnnxExporterError
 
     backbone = backbone.eval()
     example = torch.zeros(batch_size, 3, 112, 112)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
-        torch.onnx.export(
-            backbone,
-            (example,),
-            str(out),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                backbone,
+                (example,),
+                str(out),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except OnnxExporterError as err:  # an operator this opset lacks: the user's choice of --opset
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise ExportError(f"--opset {opset}: the backbone cannot be exported at this opset ({first})") from None
     model = onnx.load(str(out))
     for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
@@ -92,10 +117,13 @@ def check_parity(
     tolerance: float,
     seed: int = 0,
     name: Path | None = None,
+    source: Path | None = None,
 ) -> float:
     """Max |onnxruntime - PyTorch| over random inputs in [-1, 1], one batch per size; raise above `tolerance`.
 
-    `name`: the path to name in messages (the file checked may be a temporary one)."""
+    PyTorch's embeddings must be finite (an `ExportError` naming `source`, the weights: a NaN on both sides would
+    otherwise agree); a non-finite onnxruntime value counts as an infinite difference. `name`: the path to name in
+    messages (the file checked may be a temporary one)."""
     import onnxruntime as ort
 
     name = name or onnx_path
@@ -108,10 +136,16 @@ def check_parity(
         data = torch.rand(size, 3, 112, 112, generator=generator) * 2 - 1
         with torch.no_grad():
             expected = backbone.eval()(data).numpy()
+        if not np.isfinite(expected).all():
+            raise ExportError(
+                f"{source or name}: the model's embeddings are not finite (NaN or infinite) on a batch of {size} "
+                "random faces: a diverged or damaged model, refused"
+            )
         (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: data.numpy()})
         if actual.shape != expected.shape:
             raise ParityError(f"{name}: batch of {size} gives shape {actual.shape}, PyTorch {expected.shape}")
-        difference = float(np.abs(actual - expected).max())
+        # max() would pass a NaN by (NaN compares False): a non-finite output is an infinite difference.
+        difference = float(np.abs(actual - expected).max()) if np.isfinite(actual).all() else math.inf
         largest = max(largest, float(np.abs(expected).max()))
         logger.info(
             "parity, batch of %d: max abs difference %.3g (largest |embedding| value %.3g)",
@@ -142,6 +176,11 @@ def onnx_command(
 
     if batch_size < 1:
         raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
+    if opset not in OPSETS:
+        raise ExportError(
+            f"--opset {opset}: not an opset this exporter writes ({OPSETS.start} to {OPSETS.stop - 1} with torch "
+            f"{torch.__version__.split('+')[0]})"
+        )
     backbone, loaded = load_backbone(weights, network, embedding_size)
     network, embedding_size = loaded["network"], int(loaded["embedding_size"])
     metadata = {
@@ -156,7 +195,7 @@ def onnx_command(
     }
     with atomic_output(out) as tmp:  # a failed check or write leaves no file
         export_onnx(backbone, tmp, opset, batch_size, metadata)
-        worst = check_parity(backbone, tmp, [batch_size, batch_size + 3], tolerance, name=out)
+        worst = check_parity(backbone, tmp, [batch_size, batch_size + 3], tolerance, name=out, source=weights)
     logger.info(
         "%s -> %s (%s, %d-d, opset %d): max abs difference %.3g (tolerance %g)",
         weights,
@@ -172,12 +211,15 @@ def onnx_command(
 
 def safetensors_command(checkpoint: Path, out: Path) -> None:
     """Copy a checkpoint's `model.safetensors` (metadata included) after verifying the checkpoint's checksums."""
-    from trainer.checkpoint import verify_manifest
+    from models.run_folder import CheckpointFolder
 
-    verify_manifest(checkpoint)  # a CheckpointError (an InputError) names the file that does not match
-    source = checkpoint / "model.safetensors"
+    folder = CheckpointFolder(checkpoint)
+    if not folder.manifest.is_file():
+        raise ExportError(f"{checkpoint}: not a complete checkpoint folder (no {folder.MANIFEST})")
+    folder.verify()  # a CheckpointError (an InputError) names the file that does not match
+    source = folder.model
     if not source.is_file():
-        raise ExportError(f"{checkpoint}: no model.safetensors")
+        raise ExportError(f"{checkpoint}: no {folder.MODEL}")
     with atomic_output(out) as tmp:
         shutil.copyfile(source, tmp)
     logger.info("%s -> %s", source, out)
@@ -193,7 +235,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     onnx.add_argument("--network", help="backbone name (default: the file's metadata)")
     onnx.add_argument("--embedding-size", type=int, help="default: the file's metadata, else the weights' shapes")
     onnx.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
+    onnx.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, {OPSETS.start} to {OPSETS.stop - 1} (default: %(default)s)",
+    )
     onnx.add_argument("--batch-size", type=int, default=2, help="example batch for tracing and parity (default: 2)")
     onnx.add_argument(
         "--tolerance",

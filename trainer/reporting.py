@@ -10,7 +10,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 import torch
@@ -24,13 +24,37 @@ from models.run_folder import RunFolder
 from trainer.curves import plot_run
 
 if TYPE_CHECKING:
-    from trainer.loop import Trainer
+    from data import TrainInput
+    from evaluation.verification import VerificationCallback
+    from heads.base import Head
+    from trainer.config import ExperimentConfig
+    from trainer.optim import Schedule
     from trainer.state import TrainState
 
 logger = logging.getLogger(__name__)
 
 # The progress bar's console, which the run's log lines share (`models.cli.setup_logging(console=...)`).
 console = Console()
+
+
+class RunView(Protocol):
+    """What the report reads of a run (`trainer.loop.Trainer` is one)."""
+
+    cfg: ExperimentConfig
+    accelerator: Accelerator
+    folder: RunFolder
+    state: TrainState
+    schedule: Schedule
+    input: TrainInput
+    head: Head
+    verification: VerificationCallback | None
+    num_classes: int
+    world_size: int
+    precision: str
+    last_results: dict[str, Any]
+
+    @property
+    def global_batch(self) -> int: ...
 
 
 class RunLog:
@@ -50,7 +74,7 @@ class RunLog:
         self.accelerator.log({**values, **(trackers_only or {})}, step=step)
 
 
-def describe_run(trainer: Trainer) -> None:
+def describe_run(trainer: RunView) -> None:
     """The run's derived figures and speed choices, once, at start."""
     from trainer.backbone import describe_speed
 
@@ -65,7 +89,7 @@ def describe_run(trainer: Trainer) -> None:
     logger.info("speed: %s", describe_speed(cfg.speed, trainer.accelerator, cfg.optim.fused))
 
 
-def finish_run(trainer: Trainer, elapsed: float, samples: int, interrupted: bool) -> None:
+def finish_run(trainer: RunView, elapsed: float, samples: int, interrupted: bool) -> None:
     """The end of a run on every rank: the model file (a finished run only), the curves, the loader's workers and
     the process group closed; then the summary on the main process."""
     accelerator, folder, state = trainer.accelerator, trainer.folder, trainer.state
@@ -88,7 +112,7 @@ def finish_run(trainer: Trainer, elapsed: float, samples: int, interrupted: bool
 
 
 def summary_rows(
-    trainer: Trainer, elapsed: float, samples: int, interrupted: bool, curves: Path | None
+    trainer: RunView, elapsed: float, samples: int, interrupted: bool, curves: Path | None
 ) -> list[tuple[str, str]]:
     cfg, state, folder = trainer.cfg, trainer.state, trainer.folder
     total = trainer.schedule.total_steps

@@ -4,6 +4,8 @@ metadata round trip through safetensors and ONNX files."""
 from __future__ import annotations
 
 import json
+import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy.stats import norm
 
-from evaluation.calibrate import (
-    Calibration,
-    CalibrationError,
-    calibrate,
-    measure,
-    read_calibration,
-    read_pair_list,
-    write_calibration,
-)
+from evaluation.calibrate import CalibrationError, calibrate, measure, write_calibration
+from evaluation.calibration import Calibration, read_calibration
+from evaluation.embed import EmbedError, read_pair_list
+from models.cli import OutputError
 
 
 def test_threshold_allows_floor_far_times_n_impostors_above() -> None:
@@ -81,10 +78,10 @@ def test_pair_list_format(tmp_path: Path) -> None:
     ]
     path.write_text("a.jpg b.jpg\n")
     assert read_pair_list(path, need_labels=False)[0].same is None
-    with pytest.raises(CalibrationError, match=r"pairs.txt:1: expected 'path1 path2 label'"):
+    with pytest.raises(EmbedError, match=r"pairs.txt:1: expected 'path1 path2 label'"):
         read_pair_list(path, need_labels=True)
     path.write_text("a.jpg b.jpg maybe\n")
-    with pytest.raises(CalibrationError, match=r"pairs.txt:1: label 'maybe'"):
+    with pytest.raises(EmbedError, match=r"pairs.txt:1: label 'maybe'"):
         read_pair_list(path, need_labels=False)
 
 
@@ -107,6 +104,26 @@ def test_safetensors_metadata_round_trip_keeps_tensors(tmp_path: Path) -> None:
     for key, value in load_file(str(path)).items():
         assert torch.equal(value, tensors[key])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary file left
+
+
+def test_rewrite_keeps_the_mode_and_a_failure_keeps_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(3, 4)}, str(path), metadata={"network": "r_lite"})
+    path.chmod(0o640)
+    write_calibration(path, _calibration())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not the 0600 of a temporary file
+    before = path.read_bytes()
+
+    # A folder that takes no new file (root ignores permissions, so the refusal is simulated where it happens).
+    def refuse(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError, match=r"model.safetensors: cannot be written in .* \(Permission denied\)"):
+        write_calibration(path, _calibration())
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
 def test_checkpoint_model_is_refused(tmp_path: Path) -> None:

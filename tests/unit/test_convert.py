@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +124,7 @@ class Unsafe:
     [
         (None, "no such file"),
         ([1, 2, 3], "not a backbone state dict (found list)"),
-        ({"x": Unsafe()}, "cannot be read with torch.load(weights_only=True) (Unsupported global"),
+        ({"x": Unsafe()}, "refused: it would import tests.unit.test_convert.Unsafe, which a weights file never needs"),
         (b"not a torch file", "cannot be read with torch.load(weights_only=True)"),
     ],
 )
@@ -136,6 +138,41 @@ def test_unreadable_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], co
     err = capsys.readouterr().err
     assert err.startswith(f"error: {source}: {message}"), err
     assert err.count("\n") == 1
+
+
+class _Payload:
+    """What an attacker pickles: a call made while unpickling (harmless callables here)."""
+
+    def __init__(self, call: object, args: tuple) -> None:
+        self.call, self.args = call, args
+
+    def __reduce__(self) -> tuple:
+        return (self.call, self.args)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize(
+    ("call", "args", "shown"),
+    [(os.getcwd, (), "os.getcwd"), (builtins.print, ("PAYLOAD RAN",), "builtins.print")],
+    ids=["os.getcwd", "builtins.print"],
+)
+def test_a_malicious_pickle_is_refused_naming_the_global(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], legacy: bool, call: object, args: tuple, shown: str
+) -> None:
+    """torch 2.13 words the refusal of a blocked module (os is pickled as posix) and of a global outside its
+    allow-list differently; both become one line naming the global as a user knows it."""
+    source = tmp_path / "backbone.pth"
+    torch.save(
+        {"fc.weight": torch.zeros(2), "x": _Payload(call, args)}, source, _use_new_zipfile_serialization=not legacy
+    )
+    out = tmp_path / "model.safetensors"
+    assert main(["insightface-backbone", str(source), "--network", "r_lite", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"error: {source}: refused: it would import {shown}, which a weights file never needs "
+        "(torch.load weights_only=True)\n"
+    )
+    assert "PAYLOAD RAN" not in captured.out and not out.exists()
 
 
 def test_head_checkpoint_folder(tmp_path: Path) -> None:

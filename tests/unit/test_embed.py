@@ -1,10 +1,15 @@
-"""evaluation.embed's Python side: embeddings against an independent forward, flip, alignment from landmarks,
-the input listings, the landmarks formats and the atomic output."""
+"""evaluation.embed's Python side: embeddings against an independent forward, flip (and the calibration's), alignment
+from landmarks, the input listings, the landmarks formats, the output written whole (a pair together or not at all),
+non-finite models refused (import cycles: tests/unit/test_layering.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pickle
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ from safetensors.numpy import load_file
 
 from data.recordio import write_insightface_layout
 from evaluation.alignment import ARCFACE_TEMPLATE, warp_affine
+from evaluation.calibrate import calibrate, write_calibration
 from evaluation.embed import (
     EmbedError,
     FaceEmbedder,
@@ -25,8 +31,10 @@ from evaluation.embed import (
     match_landmarks,
     read_landmarks,
     write_embeddings,
+    write_together,
 )
 from models import build_backbone
+from models.cli import OutputError
 from trainer.checkpoint import model_metadata, save_model
 
 
@@ -163,3 +171,82 @@ def test_outputs_are_written_whole(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.names.txt", "e.npy", "e.safetensors"]
     with pytest.raises(EmbedError, match=r"must end in \.safetensors or \.npy"):
         check_output(tmp_path / "e.csv")
+
+
+def test_embed_follows_the_calibration_flip(
+    model: tuple[Path, torch.nn.Module], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the CLIs do: without `flip=`, the flip the model was calibrated with; a different explicit one warns."""
+    path, backbone = model
+    calibrated = tmp_path / "model.safetensors"
+    shutil.copyfile(path, calibrated)
+    scores, labels = np.r_[np.linspace(-0.2, 0.4, 20), np.linspace(0.3, 0.9, 20)], np.r_[np.zeros(20), np.ones(20)]
+    write_calibration(calibrated, calibrate(scores, labels, far_target=0.1, bootstrap=10, flip=True))
+    crops = _faces(3)
+    embedder = FaceEmbedder.from_file(calibrated)
+    with caplog.at_level(logging.WARNING, logger="evaluation.calibration"):
+        np.testing.assert_allclose(embedder.embed(list(crops)), _reference(backbone, crops, flip=True), atol=1e-5)
+        assert not caplog.records
+        plain = embedder.embed(list(crops), flip=False)
+    np.testing.assert_allclose(plain, _reference(backbone, crops, flip=False), atol=1e-5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the model was calibrated with flip; these embeddings are not flipped: its threshold may not hold"
+    ]
+    # An uncalibrated model: no flip unless asked.
+    np.testing.assert_allclose(
+        FaceEmbedder.from_file(path).embed(list(crops)), _reference(backbone, crops, False), atol=1e-5
+    )
+
+
+def test_non_finite_embeddings_are_refused(model: tuple[Path, torch.nn.Module]) -> None:
+    path, backbone = model
+    embedder = FaceEmbedder(lambda batch: backbone(batch) * float("inf"), path, {}, torch.device("cpu"))
+    with pytest.raises(EmbedError, match=r"model.safetensors: the model's embeddings are not finite"):
+        embedder.embed(list(_faces(2)))
+
+
+def _old_pair(folder: Path) -> tuple[Path, Path]:
+    array, names = folder / "e.npy", folder / "e.names.txt"
+    np.save(array, np.zeros((2, 3), np.float32))
+    names.write_text("old1\nold2\n")
+    array.chmod(0o640)
+    return array, names
+
+
+def _assert_old_pair(folder: Path) -> None:
+    np.testing.assert_array_equal(np.load(folder / "e.npy"), np.zeros((2, 3), np.float32))
+    assert (folder / "e.names.txt").read_text() == "old1\nold2\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["e.names.txt", "e.npy"]  # no temporary files left
+
+
+def test_a_pair_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names, embeddings = ["a", "b", "c"], np.arange(6, dtype=np.float32).reshape(3, 2)
+    out, listing = _old_pair(tmp_path)
+
+    # The array cannot be written (after the names file was): the old pair stays.
+    def fail(tmp: Path) -> None:
+        raise OSError(27, "File too large")
+
+    with pytest.raises(OutputError, match=r"e.npy: cannot be written \(File too large\)"):
+        write_together([(listing, lambda tmp: tmp.write_text("new\n")), (out, fail)])
+    _assert_old_pair(tmp_path)
+
+    # Renaming the array into place fails (after the names file was renamed): the old pair is put back.
+    real_replace = os.replace
+
+    def replace(source: object, target: object) -> None:
+        if Path(str(target)) == out and ".new-" in str(source):
+            raise OSError(5, "Input/output error")
+        real_replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OutputError, match=r"e.npy: cannot be written \(Input/output error\)"):
+        write_embeddings(out, names, embeddings, {})
+    _assert_old_pair(tmp_path)
+    monkeypatch.undo()
+
+    # Written whole: both new, the array keeping the mode of the one it replaced.
+    write_embeddings(out, names, embeddings, {})
+    np.testing.assert_array_equal(np.load(out), embeddings)
+    assert listing.read_text().splitlines() == names and stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.names.txt", "e.npy"]

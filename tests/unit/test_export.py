@@ -130,6 +130,45 @@ def test_parity_failure_exits_nonzero_and_leaves_no_file(
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_nan_from_onnxruntime_is_an_infinite_difference(
+    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """max() passes a NaN by (it compares False): the parity check must not report 0 for it."""
+    real_session = ort.InferenceSession
+
+    class NaNSession:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.session = real_session(*args, **kwargs)
+
+        def run(self, *args: Any) -> list[np.ndarray]:
+            return [np.full_like(self.session.run(*args)[0], np.nan)]
+
+    monkeypatch.setattr(ort, "InferenceSession", NaNSession)
+    out = tmp_path / "model.onnx"
+    assert main(["onnx", "--weights", str(weights), "--out", str(out)]) == 1
+    assert f"error: {out}: onnxruntime differs from PyTorch by up to inf" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_models_that_compute_nothing_and_bad_opsets_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finite weights whose embeddings overflow: refused by name (exit 2), not exported with "difference 0"."""
+    model = _backbone()
+    with torch.no_grad():
+        model.get_parameter("fc.weight").fill_(3e38)  # the largest float32s: finite, and every sum of them overflows
+    source = tmp_path / "overflow.safetensors"
+    ckpt.save_model(source, model, ckpt.model_metadata("r_lite", EMBEDDING))
+    out = tmp_path / "model.onnx"
+    assert main(["onnx", "--weights", str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {source}: the model's embeddings are not finite (NaN or infinite)"), err
+    for opset in ("6", "21", "0"):
+        assert main(["onnx", "--weights", str(source), "--out", str(out), "--opset", opset]) == 2
+        assert f"error: --opset {opset}: not an opset this exporter writes (7 to 20" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overflow.safetensors"]
+
+
 def test_network_from_the_command_line_when_metadata_lacks_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

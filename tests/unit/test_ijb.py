@@ -242,6 +242,16 @@ def test_tar_at_far_matches_brute_force_on_known_features() -> None:
     tars = [point.tar for point in result.points]
     assert tars == [_brute_tar(list(labels), brute_scores, far) for far in FAR_TARGETS]
     assert 0 < tars[2] < tars[-1] < 1  # the numbers are informative, not all 0 or 1
+    # 6,960 impostor pairs resolve a FAR of 1/6960 and above: 1e-3 and up, not 1e-4 and below.
+    assert result.num_impostor == 6960
+    assert [point.resolved for point in result.points] == [False, False, False, True, True, True]
+
+
+def test_far_below_one_impostor_pair_is_not_resolved() -> None:
+    labels, scores = np.r_[np.ones(5), np.zeros(1000)], np.r_[np.linspace(0.5, 0.9, 5), np.linspace(-0.5, 0.6, 1000)]
+    points = verification_metrics(labels, scores).points
+    assert [point.resolved for point in points] == [False, False, False, True, True, True]  # 1e-3 * 1000 = 1
+    assert [p.resolved for p in verification_metrics(labels[:-1], scores[:-1]).points][3] is False  # 999 impostors
 
 
 def test_face_features_follow_the_ablation_switches() -> None:
@@ -292,6 +302,29 @@ def test_shards_cover_every_face_once_in_order() -> None:
             assert covered == list(range(num_items))
 
 
+def test_the_launch_rule_is_the_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`models.launch.process_group_kwargs`, which the trainer and this evaluator both call: several processes
+    without CUDA get gloo and Accelerate told it runs on CPUs, except under DeepSpeed (it would switch it off)."""
+    import torch
+
+    from models.launch import process_group_kwargs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert process_group_kwargs() == [] and "ACCELERATE_USE_CPU" not in os.environ
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert [h.backend for h in process_group_kwargs()] == ["gloo"]  # type: ignore[attr-defined]
+    assert "ACCELERATE_USE_CPU" not in os.environ
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    assert [h.backend for h in process_group_kwargs()] == ["gloo"]  # type: ignore[attr-defined]
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_group_kwargs() == []
+
+
 def test_runs_sharing_a_file_name_are_told_apart() -> None:
     specs = model_specs([Path("a/model.safetensors"), Path("b/model.safetensors")], [Path("m/r50.onnx")])
     assert [spec.name for spec in specs] == ["a/model", "b/model", "r50"]
@@ -336,7 +369,7 @@ def _expected_numbers(bench: IJBFixture, embeddings: np.ndarray, flips: np.ndarr
     templates = _brute_templates(features, bench.templates, bench.medias)
     labels = [label for _, _, label in bench.pairs]
     scores = [float(np.dot(templates[a], templates[b])) for a, b, _ in bench.pairs]
-    out: dict[str, Any] = {"tar": [_brute_tar(labels, scores, far) for far in FAR_TARGETS], "scores": scores}
+    out: dict[Any, Any] = {"tar": [_brute_tar(labels, scores, far) for far in FAR_TARGETS], "scores": scores}
     for name, gallery in bench.galleries.items():
         for fpir in (0.01, 0.1):
             numbers = _brute_identification(templates, bench.probes, bench.template_subject, gallery, fpir)
@@ -346,7 +379,14 @@ def _expected_numbers(bench: IJBFixture, embeddings: np.ndarray, flips: np.ndarr
 
 def _assert_matches(document: dict, expected: dict, bench: IJBFixture) -> None:
     run = document["runs"][0]
-    assert list(run["verification"]["tar_at_far"].values()) == pytest.approx(expected["tar"], abs=1e-12)
+    impostors = sum(1 - label for *_, label in bench.pairs)
+    # A FAR below 1 / impostor pairs is not resolved: no TAR is reported for it.
+    resolved = [far * impostors >= 1 for far in FAR_TARGETS]
+    assert list(run["verification"]["resolved"].values()) == resolved
+    assert run["verification"]["lowest_far"] == pytest.approx(1 / impostors)
+    want = [tar if ok else None for tar, ok in zip(expected["tar"], resolved, strict=True)]
+    assert list(run["verification"]["tar_at_far"].values()) == pytest.approx(want, abs=1e-12)
+    assert [value is None for value in run["verification"]["threshold"].values()] == [not ok for ok in resolved]
     for name in bench.galleries:
         got = run["identification"][name]
         for fpir in (0.01, 0.1):
@@ -380,8 +420,8 @@ def test_cli_numbers_match_brute_force_on_its_embeddings(bench: IJBFixture, defa
         for target, fpir in identification[gallery]["fpir_read"].items():
             assert fpir <= float(target)
     # The random backbone still tells the rendered identities apart somewhat: the numbers carry information.
-    tars = list(document["runs"][0]["verification"]["tar_at_far"].values())
-    assert 0 < tars[0] < tars[-1] < 1
+    tars = [tar for tar in document["runs"][0]["verification"]["tar_at_far"].values() if tar is not None]
+    assert len(tars) == 2 and 0 < tars[0] < tars[-1] < 1  # FAR 1e-2 and 1e-1 of ~450 impostor pairs
     assert (default_run / "roc_ijbc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -426,6 +466,11 @@ def test_subprocess_cli_with_two_models(bench: IJBFixture, weights: Path, tmp_pa
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "IJBC 1:1 verification" in proc.stdout and "TPIR@FPIR=0.01" in proc.stdout
+    # FAR 1e-6 ... 1e-3 are below 1 / impostor pairs: marked, not printed as measured TARs.
+    impostors = sum(1 - label for *_, label in bench.pairs)
+    rows = [line for line in proc.stdout.splitlines() if line.lstrip("│ ").startswith(("r_lite", "other"))][:2]
+    assert all(row.count("n/r") == 4 for row in rows), proc.stdout
+    assert f"n/r: not resolved, a FAR below 1/{impostors}" in proc.stdout
     document = json.loads((out / "results.json").read_text())
     assert [run["name"] for run in document["runs"]] == ["r_lite", "other"]
     assert document["runs"][0]["verification"] != document["runs"][1]["verification"]

@@ -4,7 +4,9 @@
 
 `models/` is the bottom (the registry, the error family, the weights loader) and imports nothing above it;
 `data/`, `heads/` and `evaluation/` never import `trainer/`; the training loop asks `data` for its input pipeline
-and names no dataset, loader or decoder class itself. Imports inside functions count too.
+and names no dataset, loader or decoder class itself. And no module imports itself through others: no import cycle
+among the project's modules. Imports inside functions (and under `TYPE_CHECKING`) count too: they hide a cycle,
+they do not remove it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ DATA_INTERNALS = {
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, anywhere in it (`from a.b import c` counts `a.b`, and `a.b.c` too: c may be a
+    module)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -42,6 +46,50 @@ def imported_modules(path: Path) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """The project's modules and, for each, the project modules it imports."""
+    paths = {module_name(path): path for package in PACKAGES for path in sources(package)}
+    return {name: (imported_modules(path) & paths.keys()) - {name} for name, path in paths.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): each is an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
     return found
 
 
@@ -70,4 +118,22 @@ def test_the_trainer_names_no_dataset_class() -> None:
 def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("import os\n\ndef f():\n    from trainer.loop import run\n    return run\n")
-    assert imported_modules(source) == {"os", "trainer.loop"}
+    assert imported_modules(source) == {"os", "trainer.loop", "trainer.loop.run"}
+
+
+def test_no_import_cycle() -> None:
+    graph = import_graph()
+    assert {"trainer.loop", "heads.registry", "evaluation.embed", "models.run_folder"} <= graph.keys()
+    assert "heads.config" in graph["heads.registry"] and "trainer.reporting" in graph["trainer.loop"]
+    assert not cycles(graph), cycles(graph)
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path: Path) -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    source = tmp_path / "m.py"
+    source.write_text(
+        "from __future__ import annotations\nfrom typing import TYPE_CHECKING\n\n"
+        "if TYPE_CHECKING:\n    from trainer.loop import Trainer\n"
+    )
+    assert "trainer.loop" in imported_modules(source)

@@ -22,9 +22,12 @@ from torch import nn
 
 from data.faces import encode_jpeg, identity_params, render_face
 from evaluation.verification import (
+    NUM_FOLDS,
     THRESHOLDS,
     BinFormatError,
+    NonFiniteEmbeddingsError,
     VerificationCallback,
+    check_bin,
     compute_accuracy,
     evaluate_backbone,
     load_bin,
@@ -109,14 +112,15 @@ EVALPACK = REPO / "tests" / "fixtures" / "evalpack"
 
 def _globals_of(data: bytes) -> set[str]:
     """The `module.name` globals a pickle references (STACK_GLOBAL takes the two strings pushed before it)."""
-    found, strings = set(), []
+    found: set[str] = set()
+    strings: list[str] = []
     for opcode, arg, _ in pickletools.genops(data):
         if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-            strings.append(arg)
+            strings.append(str(arg))
         elif opcode.name == "STACK_GLOBAL":
             found.add(".".join(strings[-2:]))
         elif opcode.name == "GLOBAL":
-            found.add(arg.replace(" ", "."))
+            found.add(str(arg).replace(" ", "."))
     return found
 
 
@@ -225,6 +229,29 @@ def test_format_errors_name_the_file(tmp_path: Path, content: bytes | None, mess
     assert message in str(info.value) and str(path) in str(info.value)
 
 
+def test_fewer_pairs_than_folds_are_refused_for_verification_only(tmp_path: Path) -> None:
+    """9 pairs cannot fill 10 folds: verification (the check at a run's start, the callback, the CLI) refuses the
+    file by name, pair count and folds; embedding and calibration, which need no folds, still read it."""
+    small = _write_bin(tmp_path / "small.bin", _jpegs(18), [bool(i % 2) for i in range(9)])
+    enough = _write_bin(tmp_path / "enough.bin", _jpegs(20), [bool(i % 2) for i in range(10)])
+    message = f"file {small}: 9 pairs, fewer than the 10 folds of the verification protocol (it needs at least 10"
+    with pytest.raises(BinFormatError) as info:
+        check_bin(small)
+    assert str(info.value).startswith(message)
+    with pytest.raises(BinFormatError, match="9 pairs, fewer than the 10 folds"):
+        VerificationCallback([str(enough), str(small)], batch_size=8)
+    assert check_bin(enough) == 10 == NUM_FOLDS
+    assert len(load_bin(small)[1]) == 9  # no folds asked for
+    with pytest.raises(BinFormatError, match="9 pairs"):
+        load_bin(small, folds=NUM_FOLDS)
+
+
+def test_build_bin_warns_at_the_folds_verification_needs() -> None:
+    from data.tools import VERIFICATION_FOLDS
+
+    assert VERIFICATION_FOLDS == NUM_FOLDS  # data may not import evaluation: the two constants must agree
+
+
 def _pairs_at_distances(dists: list[float]) -> tuple[np.ndarray, np.ndarray]:
     e1 = np.zeros((len(dists), 2))
     e2 = np.zeros((len(dists), 2))
@@ -314,6 +341,28 @@ def test_evaluate_backbone_matches_manual_flip_protocol() -> None:
     model.eval()
     evaluate_backbone(model, images, issame)
     assert not model.training
+
+
+class _Overflowing(_LinearEmbedder):
+    """Finite weights, infinite embeddings (fp32 overflow): a model that diverged without a NaN weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 1e38 * 1e38
+
+
+def test_non_finite_embeddings_are_refused_not_scored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    images = torch.randint(0, 256, (20, 3, 112, 112), dtype=torch.uint8)
+    issame = [bool(i % 2) for i in range(10)]
+    with pytest.raises(NonFiniteEmbeddingsError, match="the embeddings of 20 of 20 images are not finite"):
+        evaluate_backbone(_Overflowing(), images, issame)
+    # During training: the target is reported as not evaluated (NaN, a warning), the best accuracy is kept.
+    path = _write_bin(tmp_path / "tiny.bin", _jpegs(20), issame)
+    callback = VerificationCallback([str(path)], batch_size=8)
+    callback.highest["tiny"] = 0.75
+    with caplog.at_level(logging.WARNING, logger="evaluation.verification"):
+        result = callback(5, _Overflowing())["tiny"]
+    assert np.isnan(result.acc) and result.num_pairs == 10 and callback.highest["tiny"] == 0.75
+    assert any("[tiny][5] not evaluated: the embeddings" in r.getMessage() for r in caplog.records)
 
 
 def test_callback_evaluates_when_called_and_tracks_highest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

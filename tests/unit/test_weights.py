@@ -11,6 +11,7 @@ from torch import nn
 
 from models import build_backbone, list_backbones
 from models.errors import InputError
+from models.run_folder import CheckpointError, CheckpointFolder
 from models.weights import (
     WeightsError,
     infer_embedding_size,
@@ -18,6 +19,7 @@ from models.weights import (
     load_state_into,
     load_weights_into,
     read_weights,
+    resolve_weights_path,
 )
 
 EMBEDDING = 24
@@ -72,6 +74,41 @@ def test_a_folder_stands_for_its_model_file(tmp_path: Path, images: torch.Tensor
     loaded, metadata = load_backbone(folder)
     assert metadata["network"] == "r_lite"
     _same_outputs(loaded, original, images)
+
+
+def test_a_checkpoint_model_must_match_its_manifest(tmp_path: Path, images: torch.Tensor) -> None:
+    """Every way of naming a checkpoint's model (the folder, the file, a link to it) checks its sha256 first."""
+    original = _backbone(seed=4)
+    folder = CheckpointFolder(tmp_path / "run" / "checkpoints" / "step-00000020")
+    _save(folder.model, original, _meta())
+    (folder.path / "notes.safetensors").write_bytes(b"not listed: never checked")
+    folder.write_manifest(step=20, world_size=1)
+    (tmp_path / "link.safetensors").symlink_to(folder.model)
+    _same_outputs(load_backbone(folder.path)[0], original, images)  # intact: loads
+    _save(folder.model, _backbone(seed=5), _meta())  # replaced after sealing: a loadable, finite, wrong model
+    for name in (folder.path, folder.model, tmp_path / "link.safetensors"):
+        with pytest.raises(CheckpointError, match=f"checkpoint {folder.path}: model.safetensors does not match"):
+            load_backbone(name)
+        with pytest.raises(InputError, match="does not match its checksum"):
+            load_weights_into(_backbone(), name)
+    assert resolve_weights_path(folder.path, verify=False) == folder.model  # the caller has just verified it
+
+
+def test_nan_or_infinite_weights_are_refused(tmp_path: Path) -> None:
+    model = _backbone()
+    with torch.no_grad():
+        model.get_parameter("fc.weight")[0, :2] = float("nan")
+        model.get_buffer("features.running_var")[3] = float("inf")
+    path = _save(tmp_path / "model.safetensors", model, _meta())
+    message = (
+        f"{path}: 2 of its {len(model.state_dict())} tensors hold NaN or infinite values (first: key 'fc.weight', "
+        "2 values): a diverged or damaged model, refused"
+    )
+    with pytest.raises(WeightsError) as info:
+        load_backbone(path)
+    assert str(info.value) == message
+    with pytest.raises(WeightsError, match="NaN or infinite"):
+        load_weights_into(_backbone(), path)  # fine-tuning from a diverged model is refused too
 
 
 def test_missing_file_and_empty_folder(tmp_path: Path) -> None:
@@ -134,9 +171,9 @@ FAMILIES = {"models.iresnet": "r_lite", "models.mobilefacenet": "mbf", "models.v
 
 
 def test_every_backbone_family_has_a_representative() -> None:
-    from models import _BACKBONES
+    from models.registry import BACKBONES
 
-    modules = {_BACKBONES._factories[name].__module__ for name in list_backbones()}
+    modules = {BACKBONES._factories[name].__module__ for name in list_backbones()}
     assert modules <= set(FAMILIES), f"add a small network of {sorted(modules - set(FAMILIES))} to FAMILIES"
 
 
