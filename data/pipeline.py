@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -27,6 +28,7 @@ from data.dataset import (
     DistributedEpochSampler,
     FaceDataset,
     RecordFaceDataset,
+    augmentation_seeds,
     collate_faces,
     normalize_images,
     seed_worker,
@@ -86,6 +88,17 @@ class TrainInput:
         indices = self.sampler.rank_indices(epoch)[position : position + count]
         key = getattr(self.dataset, "sample_key", None)
         return [int(key(int(i))) if key else int(i) for i in indices]
+
+    def batch_samples(self, epoch: int, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset indices, whether each is mirrored) of this rank's samples [position, position + count) in
+        `epoch`: what a batch was made of. The flips follow from the sampler's augmentation seeds alone (the same
+        ones the workers or the device applied); a source without random flips gives none."""
+        indices = self.sampler.rank_indices(epoch)[position : position + count]
+        flips = getattr(self.dataset, "flips", None)
+        if flips is None:
+            return indices, np.zeros(len(indices), dtype=bool)
+        seeds = augmentation_seeds(self.sampler.seed, epoch, indices)
+        return indices, flips(np.stack([indices, seeds], axis=1))
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's bad-sample counts (the sampler's position is the trainer's: it follows the step)."""

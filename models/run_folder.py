@@ -8,6 +8,7 @@
         model.safetensors           the final backbone (a finished run only)
         curves.png                  loss, lr, samples/s, verification against the step
         tensorboard/, wandb/        trackers' files
+        teacher_cache/              distillation's teacher embeddings (trainer.distill)
         checkpoints/step-XXXXXXXX/  checkpoints (`CheckpointFolder` names their files)
         checkpoints/.tmp-step-*     a save in progress (or killed); checkpoints/.trash-step-*: a delete
         replaced-<time>/            what --overwrite (or a resume from an older checkpoint) moved out of the way
@@ -123,6 +124,10 @@ class CheckpointFolder:
     def rng(self, rank: int) -> Path:
         return self.path / f"rng-rank{rank:05d}.safetensors"
 
+    def module(self, name: str) -> Path:
+        """A module trained beside backbone and head (`distill.safetensors`: distillation's projection)."""
+        return self.path / f"{name}.safetensors"
+
     def is_complete(self) -> bool:
         """Sealed by its manifest (written last)."""
         return self.manifest.is_file()
@@ -174,6 +179,7 @@ class RunFolder:
     CHECKPOINTS = CHECKPOINTS
     TENSORBOARD = "tensorboard"
     WANDB = "wandb"
+    TEACHER_CACHE = "teacher_cache"
     # What a run leaves here that a fresh run would overwrite or mix with its own (moved away by --overwrite).
     RESULTS = (CHECKPOINTS, MODEL, CONFIG, LOG, METRICS, TENSORBOARD, WANDB, CURVES)
     # The files a run writes or appends to by name: none of them may be a symbolic link.
@@ -229,6 +235,11 @@ class RunFolder:
     @property
     def wandb(self) -> Path:
         return self.root / self.WANDB
+
+    @property
+    def teacher_cache(self) -> Path:
+        """Distillation's cache of teacher embeddings (kept by --overwrite: its fingerprint says what it holds)."""
+        return self.root / self.TEACHER_CACHE
 
     def checkpoint(self, step: int) -> CheckpointFolder:
         """The (final) folder of step `step`'s checkpoint."""

@@ -13,14 +13,17 @@ from torch import nn
 
 from models.config import NetworkConfig, build_network
 from trainer.config import ConfigError, SpeedConfig
-from trainer.distributed import uses_ddp
+from trainer.distributed import check_speed_choices, uses_ddp
 
 logger = logging.getLogger(__name__)
 
 
-def build_backbone(network: NetworkConfig, speed: SpeedConfig) -> tuple[nn.Module, torch.memory_format]:
+def build_backbone(
+    network: NetworkConfig, speed: SpeedConfig, accelerator: Accelerator
+) -> tuple[nn.Module, torch.memory_format]:
     """The backbone (models/), with fine-tuning weights, frozen BatchNorm and speed applied; and the memory format
-    its input batches must have."""
+    its input batches must have. Speed choices this launch cannot run are refused first (`check_speed_choices`)."""
+    check_speed_choices(speed, accelerator)
     backbone = build_network(network)
     if network.init_weights:
         load_pretrained(backbone, Path(network.init_weights))

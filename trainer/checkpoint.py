@@ -184,12 +184,15 @@ def _write_checkpoint(
     metadata: dict[str, str],
     keep: int,
     engine: Any = None,
+    extra: Mapping[str, tuple[nn.Module, GroupRef | None]] | None = None,
 ) -> Path:
     """Write a checkpoint from every rank (collective: all ranks must call it at the same step).
 
     `backbone_group`/`head_group` say where each part's parameters sit in their optimizer; under DeepSpeed pass
     `engine` (and no backbone group): it writes its own state into `deepspeed/` and `model.safetensors` gets the
-    fp32 master weights. `trainer_state` is JSON-able (the main process's copy is written).
+    fp32 master weights. `trainer_state` is JSON-able (the main process's copy is written). `extra`: modules trained
+    beside backbone and head, identical on every rank (distillation's projection), each written by the main process
+    as `<name>.safetensors` with its optimizer state.
     """
     folder, final = run.temporary_checkpoint(step), run.checkpoint(step).path
     tmp = folder.path
@@ -229,6 +232,11 @@ def _write_checkpoint(
         groups = {
             part: _hyperparameters(ref) for part, ref in (("backbone", backbone_group), ("head", head_group)) if ref
         }
+        for name, (module, ref) in (extra or {}).items():
+            tensors = {n: t.detach().to("cpu").contiguous() for n, t in module.state_dict().items()}
+            if ref is not None:
+                tensors.update(_state_tensors(ref, {id(p): n for n, p in module.named_parameters()}))
+            save_file(tensors, str(folder.module(name)))
         write_trainer_state(folder, dict(trainer_state, optimizer_param_groups=groups, world_size=world_size))
     barrier()  # every shard is on disk before the manifest seals the folder
 
@@ -395,6 +403,7 @@ def load_checkpoint(
     head_group: GroupRef,
     engine: Any = None,
     verify: bool = True,
+    extra: Mapping[str, tuple[nn.Module, GroupRef | None]] | None = None,
 ) -> dict[str, Any]:
     """Restore backbone, head rows of this rank's class range, optimizer state and RNG; return trainer_state.
 
@@ -447,6 +456,17 @@ def load_checkpoint(
         if ref is not None and saved is not None:
             # head.update ("rows") is this run's recipe's: checkpoints are the same in every mode (row_sgd.py).
             ref[0].param_groups[ref[1]].update({k: v for k, v in saved.items() if k != "rows"})
+
+    for name, (module, ref) in (extra or {}).items():
+        file = folder.module(name)
+        if not file.is_file():
+            logger.warning("checkpoint %s has no %s: %s starts as initialized", path, file.name, name)
+            continue
+        tensors = load_file(str(file))
+        own = module.state_dict()
+        module.load_state_dict({k: tensors.pop(k).to(v.device, v.dtype) for k, v in own.items()}, strict=True)
+        if ref is not None:
+            _restore_group(ref, module, tensors)
 
     rng_file = folder.rng(rank)
     if same_world and rng_file.is_file():
@@ -633,7 +653,8 @@ class Checkpointer:
     DeepSpeed engine's own files) and every stateful part's entries of `trainer_state.json`, in one checkpoint
     folder of `folder` (`models.run_folder`: layout, atomic rename, manifest).
 
-    `parts` are loaded in their order (trainer.state: the step before the sampler position that follows from it);
+    `parts` are loaded in their order (trainer.state: the step before the sampler position that follows from it;
+    a part that is None is not in this run);
     a rollback loads every part but those named in `keep` (the guard's account of the rollback itself is newer than
     the checkpoint). Collective: every rank calls `save` and `load` at the same step.
     """
@@ -648,13 +669,17 @@ class Checkpointer:
         backbone: Callable[[], nn.Module],
         head: Head,
         stepper: Any,
-        parts: Mapping[str, Stateful],
+        parts: Mapping[str, Stateful | None],
         metadata: dict[str, str],
         keep: int,
+        extra: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self.folder, self.rank, self.world_size, self.barrier = folder, rank, world_size, barrier
         self.backbone, self.head, self.stepper = backbone, head, stepper
-        self.parts, self.metadata, self.keep = dict(parts), metadata, keep
+        self.parts = {name: part for name, part in parts.items() if part is not None}  # None: not in this run
+        self.metadata, self.keep = metadata, keep
+        # Modules trained beside backbone and head (distillation's projection), with the stepper's group for them.
+        self.extra = {name: (module, stepper.extra_group) for name, module in (extra or {}).items()}
 
     def state_dict(self) -> dict[str, Any]:
         return compose_state(self.parts)
@@ -681,6 +706,7 @@ class Checkpointer:
             trainer_state=self.state_dict(),
             metadata=self.metadata,
             keep=self.keep,
+            extra=self.extra,
         )
         logger.info("saved checkpoint %s", path)
         return path
@@ -709,6 +735,7 @@ class Checkpointer:
             head_group=self.stepper.head_group,
             engine=self.stepper.engine,
             verify=False,
+            extra=self.extra,
         )
         self.stepper.head_rows_loaded()
         return saved

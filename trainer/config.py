@@ -199,6 +199,41 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (`trainer.distill`, docs/distill.md). Off while `teacher` is
+    empty. The loss is head_weight x the margin head's plus weight x an embedding loss between the L2-normalized
+    student (projected to the teacher's size when they differ) and teacher embeddings, plus relation_weight x the
+    mean squared difference of the global batch's cosine-similarity matrices."""
+
+    teacher: str = key(
+        "",
+        help="the teacher: a run folder, a checkpoint folder or a model.safetensors of this project, an insightface "
+        "backbone .pth (with teacher_network), or an .onnx model; '' = no distillation",
+    )
+    teacher_network: str = key("", help="an insightface .pth teacher: its network name (e.g. r100)")
+    teacher_precision: Literal["fp32", "bf16", "fp16"] = key(
+        "fp32", help="the teacher's own autocast precision (a torch teacher; fp16 needs a GPU)"
+    )
+    teacher_channels: Literal["rgb", "bgr"] = key(
+        "rgb", help="the channel order the teacher was trained on (insightface's released ONNX models: bgr)"
+    )
+    head_weight: float = key(1.0, help="weight of the margin head's loss")
+    weight: float = key(1.0, help="weight of the embedding loss")
+    loss: Literal["cosine", "l2"] = key(
+        "cosine", help="embedding loss on L2-normalized embeddings: cosine (1 - cos) or l2 (squared distance)"
+    )
+    relation_weight: float = key(
+        0.0, help="weight of the relation term: the batch's student similarity matrix against the teacher's"
+    )
+    cache: bool = key(
+        False,
+        help="write the teacher's embeddings (both flips, by record index) during the first epoch and read them "
+        "afterwards instead of running the teacher",
+    )
+    cache_dir: str = key("", help="where the cache lives ('' = <output>/teacher_cache)")
+
+
+@dataclass
 class ExperimentConfig:
     """The whole experiment: a recipe's top level."""
 
@@ -218,6 +253,9 @@ class ExperimentConfig:
     schedule: ScheduleConfig = key(factory=ScheduleConfig, help="the learning rate per optimizer step")
     train: TrainConfig = key(factory=TrainConfig, help="the loop: batch, clipping, logging, checkpoints, divergence")
     eval: EvalConfig = key(factory=EvalConfig, help="verification on .bin files during training (main process)")
+    distill: DistillConfig = key(
+        factory=DistillConfig, help="knowledge distillation from a frozen teacher (trainer/distill.py); off by default"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -488,6 +526,9 @@ def validate(
         "train.max_rollbacks": cfg.train.max_rollbacks,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.backbone_lr_scale": cfg.optim.backbone_lr_scale,
+        "distill.head_weight": cfg.distill.head_weight,
+        "distill.weight": cfg.distill.weight,
+        "distill.relation_weight": cfg.distill.relation_weight,
     }
     for dotted, value in non_negative.items():
         if not value >= 0:
@@ -546,6 +587,15 @@ def validate(
                 raise ConfigError(f"{where('data.root')}: {Path(data.root) / name} does not exist")
     if cfg.network.init_weights and not Path(cfg.network.init_weights).is_file():
         raise ConfigError(f"{where('network.init_weights')}: {cfg.network.init_weights} does not exist")
+    distill = cfg.distill
+    if distill.teacher:
+        if not Path(distill.teacher).exists():
+            raise ConfigError(f"{where('distill.teacher')}: {distill.teacher} does not exist")
+        if distill.teacher.endswith((".pth", ".pt")) and not distill.teacher_network:
+            raise ConfigError(
+                f"{blame('distill.teacher_network', 'distill.teacher')}: distill.teacher {distill.teacher} is an "
+                "insightface .pth: set distill.teacher_network to its network (e.g. r100)"
+            )
     for i, entry in enumerate(cfg.eval.bins):
         candidates = [Path(entry)]
         if data.root and not Path(entry).is_absolute():

@@ -28,13 +28,8 @@ from models.run_folder import RunFolder
 from trainer.backbone import build_backbone
 from trainer.checkpoint import Checkpointer, model_metadata
 from trainer.config import ExperimentConfig, resolve_batch_size
-from trainer.distributed import (
-    StopSignal,
-    check_same_run_on_every_rank,
-    check_speed_choices,
-    effective_precision,
-    seed_everything,
-)
+from trainer.distill import build_distillation
+from trainer.distributed import StopSignal, check_same_run_on_every_rank, effective_precision, seed_everything
 from trainer.guard import DivergenceError, DivergenceGuard
 from trainer.optim import Schedule, build_stepper, set_lr
 from trainer.reporting import ProgressBar, RunLog, Throughput, describe_run, finish_run
@@ -52,14 +47,15 @@ class Trainer:
         self.folder = RunFolder(cfg.output)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         seed_everything(cfg.train.seed)
-        check_speed_choices(cfg.speed, accelerator)
         resolve_batch_size(cfg.train, self.world_size)
         self.input = self.build_input()
         self.num_classes = self.input.num_classes
         self.schedule = self.derive_schedule()
-        backbone, self.memory_format = build_backbone(cfg.network, cfg.speed)
+        backbone, self.memory_format = build_backbone(cfg.network, cfg.speed, accelerator)
         self.head = self.build_head()
-        self.stepper = build_stepper(accelerator, backbone, self.head, cfg.optim, cfg.train)
+        self.distill = build_distillation(cfg, self.folder, self.input, accelerator)  # None without a teacher
+        projection = self.distill.projection if self.distill is not None else None
+        self.stepper = build_stepper(accelerator, backbone, self.head, cfg.optim, cfg.train, projection)
         self.backbone = self.stepper.backbone  # prepared: DDP, autocast, or the DeepSpeed engine
         self.precision = effective_precision(accelerator)
         self.verification = self.build_verification()
@@ -118,7 +114,7 @@ class Trainer:
     def build_checkpointer(self) -> Checkpointer:
         """The run's stateful parts, in load order (trainer.state), and the one checkpointer over them."""
         main = self.accelerator.is_main_process
-        parts: dict[str, Stateful] = {
+        parts: dict[str, Stateful | None] = {
             "identity": RunIdentity(self.cfg, self.num_classes),
             "schedule": self.schedule,
             "train": self.state,
@@ -127,6 +123,7 @@ class Trainer:
             "verification": Nested("verification", self.verification),
             "divergence": self.guard,
             "stepper": self.stepper,
+            "distill": self.distill,  # (None without a teacher) its cache's new entries go with each checkpoint
         }
         return Checkpointer(
             self.folder,
@@ -139,6 +136,7 @@ class Trainer:
             parts=parts,
             metadata=model_metadata(self.cfg.network.name, self.cfg.network.embedding_size),
             keep=self.cfg.train.keep_checkpoints,
+            extra=self.distill.modules() if self.distill is not None else None,  # never in model.safetensors
         )
 
     @property
@@ -161,11 +159,10 @@ class Trainer:
         with ProgressBar(total, state.step, enabled=shown) as bar, StopSignal(self.accelerator.device) as stop:
             while state.step < total and not interrupted:
                 if self.epoch_started != state.epoch:
-                    self.head.start_epoch(state.epoch)
-                    self.epoch_started = state.epoch
+                    self.start_epoch(state.epoch)
                 for batch in self.input.batches(state.epoch):
-                    images, labels, _ = self.input.to_device(batch, self.stepper.input_dtype(), self.memory_format)
-                    loss = self.train_step(images, labels)
+                    images, labels, bad = self.input.to_device(batch, self.stepper.input_dtype(), self.memory_format)
+                    loss = self.train_step(images, labels, bad)
                     if loss is None:
                         continue  # inside a gradient-accumulation group
                     if self.rolled_back:
@@ -187,8 +184,15 @@ class Trainer:
             self.save()
         finish_run(self, time.perf_counter() - start_time, (state.step - start_step) * self.global_batch, interrupted)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
-        """One micro-batch; returns the loss when it completed an optimizer step, else None."""
+    def start_epoch(self, epoch: int) -> None:
+        self.head.start_epoch(epoch)  # sub-centers dropped, a scheduled sample rate
+        if self.distill is not None:
+            self.distill.start_epoch(self.accelerator.wait_for_everyone)  # every rank's new cache entries
+        self.epoch_started = epoch
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, bad: torch.Tensor | None = None) -> float | None:
+        """One micro-batch (`bad`: the keys of samples the loader replaced, -1 elsewhere); returns the loss when it
+        completed an optimizer step, else None."""
         accelerator, stepper = self.accelerator, self.stepper
         if self.micro_step == 0:
             self.guard.begin_step(self.backbone)  # the buffers a bad step must put back
@@ -198,6 +202,10 @@ class Trainer:
             with accelerator.autocast():
                 embeddings = self.backbone(images)
             loss = self.head(embeddings, labels)  # fp32 inside: softmax over the classes is precision-sensitive
+            if self.distill is not None:  # which samples these are: this rank's next ones in the epoch
+                position = self.state.steps_in_epoch * self.samples_per_step + self.micro_step * len(labels)
+                samples = self.input.batch_samples(self.state.epoch, position, len(labels))
+                loss = self.distill.total(loss, embeddings, images, samples, bad)
             stepper.before_backward()
             accelerator.backward(loss)  # / gradient_accumulation_steps, x fp16 loss scale; DeepSpeed steps here
             self.micro_loss += loss.item()  # .item() syncs; the loss is already the global batch's

@@ -172,7 +172,8 @@ class Stepper(Protocol):
     `backbone` is the prepared backbone (DDP, autocast, or a DeepSpeed engine) and `module` the bare one inside it
     (the same object: what checkpoints save and verification runs); `optimizers` everything the
     schedule sets the lr of; `backbone_group` / `head_group` where each part's parameters sit in their optimizer
-    (for checkpoints; no backbone group under DeepSpeed, whose `engine` checkpoints its own partitioned state).
+    (for checkpoints; no backbone group under DeepSpeed, whose `engine` checkpoints its own partitioned state), and
+    `extra_group` that of an extra trained module outside the backbone (distillation's projection), if any.
     The stepper's own run state is the fp16 loss scaler (`scaler` entry of a checkpoint).
     """
 
@@ -181,6 +182,7 @@ class Stepper(Protocol):
     optimizers: list[Any]
     backbone_group: GroupRef | None
     head_group: GroupRef
+    extra_group: GroupRef | None
     engine: Any | None
 
     def input_dtype(self) -> torch.dtype:
@@ -214,17 +216,27 @@ class AccelerateStep:
     engine = None
 
     def __init__(
-        self, accelerator: Accelerator, backbone: nn.Module, head: Head, cfg: OptimConfig, clip_grad_norm: float
+        self,
+        accelerator: Accelerator,
+        backbone: nn.Module,
+        head: Head,
+        cfg: OptimConfig,
+        clip_grad_norm: float,
+        extra: nn.Module | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.clip_grad_norm = clip_grad_norm
-        optimizer = build_optimizer(cfg, (backbone, cfg.backbone_lr_scale), (head, 1.0), fused=cfg.fused)
+        parts: list[tuple[nn.Module | Head, float]] = [(backbone, cfg.backbone_lr_scale), (head, 1.0)]
+        if extra is not None:  # trained like the backbone, outside DDP (it sees the gathered global batch)
+            parts.append((extra, cfg.backbone_lr_scale))
+        optimizer = build_optimizer(cfg, *parts, fused=cfg.fused)
         # `module` is what accelerator.unwrap_model would return (DDP wraps it, autocast patches its forward),
         # without unwrap_model's import of DeepSpeed (and its log line) in a run that does not use it.
         self.module = backbone
         self.backbone, self.optimizer = accelerator.prepare(backbone, optimizer)
         self.backbone_group: GroupRef | None = (self.optimizer.optimizer, 0)
         self.head_group: GroupRef = (self.optimizer.optimizer, 1)
+        self.extra_group: GroupRef | None = (self.optimizer.optimizer, 2) if extra is not None else None
         self.optimizers: list[Any] = [self.optimizer]
 
     def input_dtype(self) -> torch.dtype:
@@ -277,6 +289,7 @@ class DeepSpeedStep:
         cfg: OptimConfig,
         clip_grad_norm: float,
         micro_batch_size: int,
+        extra: nn.Module | None = None,
     ) -> None:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -305,10 +318,14 @@ class DeepSpeedStep:
             raise
         self.engine: Any | None = self.backbone
         # The engine's optimizer stays unfused; the head's is the trainer's own (RowSGD for head.update lazy/sparse).
-        self.head_optimizer = build_optimizer(cfg, (head, 1.0), fused=cfg.fused)
+        outside: list[tuple[nn.Module | Head, float]] = [(head, 1.0)]
+        if extra is not None:
+            outside.append((extra, cfg.backbone_lr_scale))
+        self.head_optimizer = build_optimizer(cfg, *outside, fused=cfg.fused)
         self.head_params = [p for g in self.head_optimizer.param_groups for p in g["params"]]
         self.backbone_group: GroupRef | None = None  # DeepSpeed checkpoints its own (partitioned) optimizer state
         self.head_group: GroupRef = (self.head_optimizer, 0)
+        self.extra_group: GroupRef | None = (self.head_optimizer, 1) if extra is not None else None
         self.optimizers: list[Any] = [self.optimizer, self.head_optimizer]
         self.scale = 1.0
 
@@ -369,9 +386,15 @@ def head_rows_loaded(optimizer: torch.optim.Optimizer) -> None:
 
 
 def build_stepper(
-    accelerator: Accelerator, backbone: nn.Module, head: Head, optim: OptimConfig, train: TrainConfig
+    accelerator: Accelerator,
+    backbone: nn.Module,
+    head: Head,
+    optim: OptimConfig,
+    train: TrainConfig,
+    extra: nn.Module | None = None,
 ) -> Stepper:
-    """How this backend takes an optimizer step over backbone and head: chosen once, here."""
+    """How this backend takes an optimizer step over backbone, head (and `extra`, a module trained beside them
+    outside DDP: distillation's projection): chosen once, here."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return DeepSpeedStep(accelerator, backbone, head, optim, train.clip_grad_norm, train.batch_size)
-    return AccelerateStep(accelerator, backbone, head, optim, train.clip_grad_norm)
+        return DeepSpeedStep(accelerator, backbone, head, optim, train.clip_grad_norm, train.batch_size, extra)
+    return AccelerateStep(accelerator, backbone, head, optim, train.clip_grad_norm, extra)
