@@ -53,23 +53,26 @@ def _gather_dim0(tensor: Tensor, group: ProcessGroup | None) -> Tensor:
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor, dp_average: bool, group: ProcessGroup | None) -> Tensor:
+    def forward(ctx: Any, tensor: Tensor, dp_average: bool, group: ProcessGroup | None, partial: bool) -> Tensor:
         ctx.rank, ctx.world_size = world_info(group)
-        ctx.dp_average, ctx.group, ctx.batch = dp_average, group, tensor.shape[0]
+        ctx.dp_average, ctx.group, ctx.batch, ctx.partial = dp_average, group, tensor.shape[0], partial
         return _gather_dim0(tensor, group)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
-        # Every rank holds a partial gradient for every gathered row (its class shard's contribution): summing
-        # over ranks gives the full gradient of the global loss; this rank keeps its own rows.
-        grad = grad_output.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        grad = grad_output
+        if ctx.partial:
+            # Every rank holds a partial gradient for every gathered row (its class shard's contribution): summing
+            # over ranks gives the full gradient of the global loss; this rank keeps its own rows.
+            grad = grad_output.contiguous().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        # (Not partial: every rank computed the whole loss from the gathered rows, so its gradient is whole already.)
         grad = grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
         if ctx.dp_average:
             # DDP / ZeRO then average backbone gradients over ranks (divide by W); undo it so the backbone sees
             # the gradient of one process on the global batch.
             grad = grad * ctx.world_size
-        return grad, None, None
+        return grad, None, None, None
 
 
 def all_gather_with_grad(tensor: Tensor, dp_average: bool = True, group: ProcessGroup | None = None) -> Tensor:
@@ -86,7 +89,17 @@ def all_gather_with_grad(tensor: Tensor, dp_average: bool = True, group: Process
     """
     if not is_distributed(group):
         return tensor
-    return _AllGatherWithGrad.apply(tensor, dp_average, group)
+    return _AllGatherWithGrad.apply(tensor, dp_average, group, True)
+
+
+def all_gather_replicated(tensor: Tensor, dp_average: bool = True, group: ProcessGroup | None = None) -> Tensor:
+    """`all_gather_with_grad` for a loss that every rank computes in full from the gathered rows (distillation's):
+    each rank's gradient of a gathered row is then already the whole gradient, so backward takes this rank's slice
+    without summing over ranks (a sum would count it W times); `dp_average` as there. A collective in forward only.
+    """
+    if not is_distributed(group):
+        return tensor
+    return _AllGatherWithGrad.apply(tensor, dp_average, group, False)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ project, an insightface backbone `.pth` (read as `trainer.convert` reads it), or
 frozen (no gradient, eval mode, its own autocast precision), outside DDP, DeepSpeed, the optimizer and the
 checkpoint: it sees the student's batch as it is (the same augmented images) and returns its embeddings.
 
-Both losses are computed on the global batch, gathered on every rank (`heads.distributed.all_gather_with_grad`), so
+Both losses are computed on the global batch, gathered on every rank (`heads.distributed.all_gather_replicated`), so
 they are the same number on every rank (the divergence guard and the loss log rely on that) and the backbone's
 gradient, after DDP averages it, is one process's on the global batch: 2 processes train as 1 does. The student's
 embedding is L2-normalized after a learned linear projection to the teacher's size when the sizes differ (applied
@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from data import TrainInput
-from heads.distributed import all_gather_no_grad, all_gather_with_grad
+from heads.distributed import all_gather_no_grad, all_gather_replicated
 from models.cli import atomic_output
 from models.errors import InputError
 from models.run_folder import RunFolder
@@ -333,7 +333,8 @@ class Distillation:
         cfg = self.cfg
         dtype = torch.promote_types(student.dtype, torch.float32)  # fp32 (fp64 in the tests), whatever the autocast
         with torch.autocast(device_type=student.device.type, enabled=False):
-            student = all_gather_with_grad(student.to(dtype))  # backward: x world size, as DDP then averages
+            # Every rank computes the whole loss: backward takes its rows' slice, x world size (DDP then averages).
+            student = all_gather_replicated(student.to(dtype))
             teacher = F.normalize(all_gather_no_grad(teacher.to(dtype)))
             projected = self.projection(student) if self.projection is not None else student
             cosine = (F.normalize(projected) * teacher).sum(dim=1)

@@ -252,8 +252,10 @@ def test_missing_deepspeed_json(tmp_path: Path, face_cache: Path) -> None:
             "data.num_classes=1 is smaller than the 2 processes",
         ),
         # torch's bf16 hook needs NCCL: refused before prepare, naming the key and value.
-        (["--speed.ddp_comm_hook", "bf16"], "speed.ddp_comm_hook 'bf16' needs the NCCL or XCCL backend (GPUs); "
-         "this run's is gloo"),
+        (
+            ["--speed.ddp_comm_hook", "bf16"],
+            "speed.ddp_comm_hook 'bf16' needs the NCCL or XCCL backend (GPUs); this run's is gloo",
+        ),
     ],
 )
 def test_bad_distributed_recipes(extra: list[str], message: str, tmp_path: Path, face_cache: Path) -> None:

@@ -165,9 +165,27 @@ def test_head_scaling_isolated_peak_counts_the_kept_tensors(folder: Path) -> Non
     weight-decay temporary (4 center-sized tensors), and what stays after the steps at least the first three; lazy
     keeps centers + momentum and no center-sized gradient."""
     results = _run(
-        "head_scaling.py", folder, "--classes", "50000", "--sample-rates", "0.1", "--no-full-fc",
-        "--updates", "dense", "lazy", "--embedding-size", "64", "--batch-size", "8", "--warmup", "1", "--steps",
-        "1", "--threads", "1", out="isolated.json",
+        "head_scaling.py",
+        folder,
+        "--classes",
+        "50000",
+        "--sample-rates",
+        "0.1",
+        "--no-full-fc",
+        "--updates",
+        "dense",
+        "lazy",
+        "--embedding-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        out="isolated.json",
     )
     assert results["isolated"]
     dense, lazy = results["results"]
@@ -183,8 +201,19 @@ def test_head_scaling_isolated_peak_counts_the_kept_tensors(folder: Path) -> Non
 
 
 def test_head_scaling_skips_what_would_not_fit(folder: Path) -> None:
-    results = _run("head_scaling.py", folder, "--classes", "10000000000", "--sample-rates", "0.1", "--no-full-fc",
-                   "--updates", "lazy", "--in-process", out="huge.json")
+    results = _run(
+        "head_scaling.py",
+        folder,
+        "--classes",
+        "10000000000",
+        "--sample-rates",
+        "0.1",
+        "--no-full-fc",
+        "--updates",
+        "lazy",
+        "--in-process",
+        out="huge.json",
+    )
     (row,) = results["results"]
     assert row["skipped"].startswith("skipped: needs ~") and "step_s_median" not in row
 
@@ -237,7 +266,8 @@ def test_plot_draws_head_scaling_results(folder: Path, head_scaling: dict[str, A
     summary = _run("plot.py", folder, str(folder / "head_scaling.json"), "--png", str(png), out="plot.json")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(summary["series"]) == {
-        "Partial FC, sample rate 1", "full FC (Linear + CE)",
+        "Partial FC, sample rate 1",
+        "full FC (Linear + CE)",
         *(f"Partial FC, sample rate 0.1, {update}" for update in ("dense", "lazy", "sparse")),
     }
     for points in summary["series"].values():

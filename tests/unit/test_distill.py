@@ -212,3 +212,23 @@ def test_the_teacher_gets_no_gradient_and_is_never_saved(
 
     output = onnx.load(str(tmp_path / "s.onnx")).graph.output[0]
     assert output.type.tensor_type.shape.dim[1].dim_value == STUDENT_SIZE
+
+
+def test_every_head_distils(teacher_file: Path, tmp_path: Path, fresh_accelerator: None) -> None:
+    """One optimizer step of the real trainer per registered head, with a teacher and Partial FC sampling (the heads'
+    own tests check their numbers; this checks each composes with distillation)."""
+    from heads import list_heads
+    from trainer.main import run
+
+    for name in list_heads():
+        overrides = [
+            *("--output", str(tmp_path / name), "--head.name", name, "--head.sample_rate", "0.5"),
+            *("--data.source", "synthetic", "--data.num_classes", "20", "--data.num_images", "32"),
+            *("--network.embedding_size", str(STUDENT_SIZE), "--distill.teacher", str(teacher_file)),
+            *("--train.batch_size", "8", "--schedule.max_steps", "1", "--eval.every", "0"),
+        ]
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        trainer = run(load_config(TINY, overrides), Accelerator(cpu=True))
+        losses = [loss for _, loss in trainer.state.losses()]
+        assert len(losses) == 1 and math.isfinite(losses[0]), name
