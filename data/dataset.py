@@ -447,7 +447,7 @@ class RecordFaceDataset(FaceDataset):
             except RecordIOError as error:
                 raise RecordIOError(
                     f"{error} (found at start, checking records spread over the file: the .idx and .rec disagree; "
-                    "`python -m data.tools scan` lists every broken record)"
+                    f"`python -m data.tools scan {self.root}` lists every broken record)"
                 ) from None
 
     def __len__(self) -> int:

@@ -29,7 +29,9 @@ class NetworkConfig:
     )
     # This project's model.safetensors, or one converted from insightface with `python -m trainer.convert`.
     init_weights: str = key(
-        "", help="fine-tuning: start the backbone from this model.safetensors ('' = random init); the head is new"
+        "",
+        help="fine-tuning: start the backbone from this model.safetensors, or the one in this run or checkpoint "
+        "folder ('' = random init); the head is new",
     )
     gradient_checkpointing: bool = key(
         False,
