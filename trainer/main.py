@@ -214,4 +214,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The run is over: saved, logged, its folder released. A signal that arrives now must not turn its exit code
+    # into "killed by SIGTERM": Python puts the default handlers back while it shuts down, and a launcher that takes
+    # its time to die after a Ctrl-C (Accelerate's plain launcher) sends its parent-death SIGTERM just then.
+    for late in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(late, signal.SIG_IGN)
+    sys.exit(exit_code)
