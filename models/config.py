@@ -17,7 +17,7 @@ class NetworkConfig:
     name: str = key(
         "r50",
         help="the backbone, a name from models.list_backbones(): r18 ... r2060, mbf, mbf_large, vit_t ... vit_h, "
-        "r_lite (README, Models)",
+        'r_lite (README, "Models and heads")',
     )
     embedding_size: int = key(512, help="length of the face embedding the backbone outputs")
     dropout: float = key(
