@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launching import CONFIGS, MAIN, REPO, TINY, env_for, free_port, launch, train_directly
+from tests.launching import CONFIGS, MAIN, REPO, TINY, command, env_for, free_port, launch, train_directly
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -110,6 +110,36 @@ def test_a_killed_data_worker_stops_the_run_with_its_checkpoint(tmp_path: Path, 
     assert not (out / "model.safetensors").exists()
 
 
+def test_a_killed_data_worker_of_another_rank(tmp_path: Path, face_cache: Path) -> None:
+    """2 processes, rank 1's worker killed: every rank completes the step in progress, saves it and exits 5 (the
+    launcher: 1); the main process says what happened on rank 1, in one line."""
+    out = tmp_path / "out"
+    args = [*ARGS, "--output", str(out), "--schedule.max_steps", "30", "--data.num_workers", "1", "--eval.every", "0"]
+    cmd = command(args, CONFIGS / "cpu_ddp_2proc.yaml", launcher=["--main_process_port", str(free_port())])
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env_for(face_cache, 1), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "step 1/30" in line:
+            break
+    ranks = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    (rank1,) = [r for r in ranks if b"RANK=1" in Path(f"/proc/{r}/environ").read_bytes().split(b"\0")]
+    own = Path(f"/proc/{rank1}/cmdline").read_bytes()
+    children = Path(f"/proc/{rank1}/task/{rank1}/children").read_text().split()
+    (worker,) = [int(c) for c in children if Path(f"/proc/{c}/cmdline").read_bytes() == own]
+    os.kill(worker, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr[-3000:]  # torchrun's agent: ChildFailedError, each rank's exit code 5
+    assert stderr.count("exitcode  : 5") == 2, stderr[-3000:]
+    (line,) = _errors(stderr)
+    assert line.startswith("error: rank 1: data worker face-loader-0 died (killed by signal 9"), line
+    (checkpoint,) = out.glob("checkpoints/step-*")
+    assert str(checkpoint) in line
+    assert not _our_traceback(stdout + stderr), (stdout + stderr)[-3000:]
+    assert (out / "train.log").read_text().rstrip().endswith("exit: a data worker died (exit code 5)")
+
+
 def test_a_signal_while_the_libraries_load(tmp_path: Path, face_cache: Path) -> None:
     """Ctrl-C while torch is being imported (before the trainer could install its handler in the old code): no
     KeyboardInterrupt traceback; the run stops after its first step with a checkpoint and exits 0."""
@@ -127,6 +157,22 @@ def test_a_signal_while_the_libraries_load(tmp_path: Path, face_cache: Path) -> 
     assert "received SIGINT while starting" in stderr
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001"]
     assert "interrupted: continue with --resume" in stdout
+
+
+def test_a_signal_after_the_run_ended_leaves_its_exit_code(tmp_path: Path, face_cache: Path) -> None:
+    """What Accelerate's plain launcher does after a Ctrl-C: it dies slowly, and its parent-death SIGTERM reaches a
+    trainer that has saved its last step and is finishing, or already shutting down, when Python has put the
+    default handlers back. Exit code 0 all the same, not "killed by SIGTERM"."""
+    out = tmp_path / "out"
+    proc = _start([*ARGS, "--output", str(out), "--schedule.max_steps", "1", "--eval.every", "0"], face_cache)
+    log, deadline = out / "train.log", time.monotonic() + 600
+    while not (log.is_file() and "saved checkpoint" in log.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    while proc.poll() is None:  # SIGTERM, again and again, until the process is gone
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.001)
+    assert proc.returncode == 0, proc.returncode
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
