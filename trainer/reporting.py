@@ -117,7 +117,9 @@ def summary_rows(
     cfg, state, folder = trainer.cfg, trainer.state, trainer.folder
     total = trainer.schedule.total_steps
     steps = f"{state.step} of {total} ({state.epoch} epochs, global batch {trainer.global_batch})"
-    if interrupted:
+    if trainer.stopped_by is not None:  # a failure outside the step (trainer.faults)
+        steps += f" - stopped, {trainer.stopped_by.reason}: continue with --resume"
+    elif interrupted:
         steps += " - interrupted: continue with --resume"
     rows = [
         ("network", f"{cfg.network.name} ({cfg.network.embedding_size}-d)"),
