@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from evaluation.verification import VerificationCallback
     from heads.base import Head
     from trainer.config import ExperimentConfig
+    from trainer.faults import RunStopped
     from trainer.optim import Schedule
     from trainer.state import TrainState
 
@@ -52,6 +53,7 @@ class RunView(Protocol):
     world_size: int
     precision: str
     last_results: dict[str, Any]
+    stopped_by: RunStopped | None
 
     @property
     def global_batch(self) -> int: ...
