@@ -276,9 +276,7 @@ class FaceDataset(Dataset[FaceSample]):
                 images = normalized
         return FaceBatch(images, torch.from_numpy(labels), torch.from_numpy(bad_keys))
 
-    def fill_batch(
-        self, items: Sequence[Any], pixels: np.ndarray, flip: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def fill_batch(self, items: Sequence[Any], pixels: np.ndarray, flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Decode (and, with ``flip``, flip) the samples ``items`` into ``pixels[:len(items)]``, a
         ``(>= B, 112, 112, 3)`` uint8 array; returns their ``(labels, bad_keys)`` as int64 arrays. The one batch
         path: ``__getitems__`` and :class:`data.loader.FaceLoader`'s reusable shared-memory slots both go through
@@ -447,7 +445,7 @@ class RecordFaceDataset(FaceDataset):
             except RecordIOError as error:
                 raise RecordIOError(
                     f"{error} (found at start, checking records spread over the file: the .idx and .rec disagree; "
-                    "`python -m data.tools scan` lists every broken record)"
+                    f"`python -m data.tools scan {self.root}` lists every broken record)"
                 ) from None
 
     def __len__(self) -> int:

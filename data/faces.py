@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 IMAGE_SIZE = 112
 TRAIN_REC, TRAIN_IDX, PROPERTY, VAL_BIN, META = "train.rec", "train.idx", "property", "val.bin", "faces.json"
+VAL_FOLDS = 10  # the folds of the verification protocol (evaluation.verification.compute_accuracy)
 
 _HALF = IMAGE_SIZE / 2
 # Pixel centres in image units: the image spans [-1, 1] on both axes, y pointing down.
@@ -83,7 +84,9 @@ class FacesConfig:
     num_identities: int = key(300, help="identities of the training set")
     images_per_identity: int = key(30, help="training images per identity")
     num_val_identities: int = key(60, help="held-out identities of the verification set val.bin (>= 2)")
-    num_val_pairs: int = key(1200, help="pairs in val.bin, half the same identity, half different (even)")
+    num_val_pairs: int = key(
+        1200, help="pairs in val.bin, half the same identity, half different (even, >= 10: one per verification fold)"
+    )
     seed: int = key(0, help="the generator's seed: the same settings render the same images")
     jpeg_quality: int = key(
         95, help="highest JPEG quality: each image's is drawn uniformly from [jpeg_quality_min, jpeg_quality]"
@@ -99,8 +102,12 @@ class FacesConfig:
             raise ValueError("num_identities and images_per_identity must be >= 1")
         if self.num_val_identities < 2:
             raise ValueError("num_val_identities must be >= 2 (different-identity pairs need two)")
-        if self.num_val_pairs < 2 or self.num_val_pairs % 2:
-            raise ValueError("num_val_pairs must be an even number >= 2 (half same, half different)")
+        if self.num_val_pairs < VAL_FOLDS or self.num_val_pairs % 2:
+            # Verification splits the pairs into 10 folds (insightface's protocol): fewer pairs leave a fold empty.
+            raise ValueError(
+                f"num_val_pairs must be an even number >= {VAL_FOLDS} (half same, half different; one pair at least "
+                f"per verification fold), got {self.num_val_pairs}"
+            )
         if not 1 <= self.jpeg_quality_min <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality_min must be in [1, jpeg_quality] and jpeg_quality <= 100")
         if self.variation < 0:

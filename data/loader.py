@@ -23,7 +23,9 @@ flip is one elementwise pass over the batch; in a worker, torch's uint8 flip cos
 
 Errors keep their type and message: a worker's :class:`data.recordio.RecordIOError` (e.g. a run of unusable
 records) is raised again in the main process, naming the file; anything else is raised as ``RuntimeError`` with the
-worker's traceback. A worker that dies (killed, out of memory) is reported with its exit code instead of a hang.
+worker's traceback. A worker that dies (killed, out of memory) is not a hang and loses no batch: the loader logs it
+with its exit code, records it in ``failure``, stops the other workers and decodes the rest in its own process (the
+batches in flight included, so the batches are still exactly the sampler's); the trainer then saves and stops.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class FaceLoader:
         self._pool: _WorkerPool | None = None
         self._finalizer: Any = None
         self._iteration = 0
+        # Why the workers are gone (a worker died); from then on every batch is decoded in this process.
+        self.failure: str | None = None
 
     def __len__(self) -> int:
         samples = len(self.sampler) if isinstance(self.sampler, Sized) else 0
@@ -102,8 +106,12 @@ class FaceLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self._iteration += 1
-        if self.num_workers == 0:
-            return self._iterate_here()
+        if self.num_workers == 0 or self.failure is not None:
+            return self._iterate_here(self._chunks())
+        dead = self._dead_worker()  # one that died between two passes
+        if dead is not None:
+            self._lose_workers(dead)
+            return self._iterate_here(self._chunks())
         self._start()
         return self._iterate_workers(self._iteration)
 
@@ -124,10 +132,10 @@ class FaceLoader:
             return (*batch, torch.from_numpy(self.dataset.flips(items)))  # type: ignore[return-value]
         return batch
 
-    def _iterate_here(self) -> Iterator[Batch]:
+    def _iterate_here(self, chunks: Iterator[list[Any]]) -> Iterator[Batch]:
         pixels = self.slots.numpy()
         copied: list[Any] = [None] * len(self.slots)  # pinned: the CUDA event after the last copy from each slot
-        for number, items in enumerate(self._chunks()):
+        for number, items in enumerate(chunks):
             slot = number % len(self.slots)
             if copied[slot] is not None:
                 copied[slot].synchronize()  # an asynchronous copy from this slot may still run
@@ -145,6 +153,7 @@ class FaceLoader:
         copying: list[tuple[int, Any]] = []  # (slot, CUDA event): pinned slots whose device copy may still run
         ready: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
         batch_items: dict[int, list[Any]] = {}
+        batch_slots: dict[int, int] = {}  # the slot each batch in flight is decoded into
         chunks = self._chunks()
         sent = received = yielded = 0
         exhausted = False
@@ -158,7 +167,8 @@ class FaceLoader:
                     exhausted = True
                     return
                 # One int64 array pickles in microseconds; a list of 128 tuples costs a worker ~2 % of a batch.
-                tasks.put((iteration, sent, free.pop(), np.asarray(items, dtype=np.int64)))
+                batch_slots[sent] = free.pop()
+                tasks.put((iteration, sent, batch_slots[sent], np.asarray(items, dtype=np.int64)))
                 batch_items[sent] = items
                 sent += 1
 
@@ -180,12 +190,18 @@ class FaceLoader:
                 dispatch()
                 if yielded == sent and exhausted:
                     return
-                while yielded not in ready:  # batches come back in any order and are yielded in order
-                    number, slot, rows, error = self._receive(results, iteration)
-                    received += 1
-                    if error is not None:
-                        self._raise(number, error)
-                    ready[number] = (slot, rows[0], rows[1])
+                try:
+                    while yielded not in ready:  # batches come back in any order and are yielded in order
+                        number, slot, rows, error = self._receive(results, iteration)
+                        received += 1
+                        if error is not None:
+                            self._raise(number, error)
+                        ready[number] = (slot, rows[0], rows[1])
+                except _WorkerDied as died:
+                    self._lose_workers(str(died))
+                    yield from self._finish_here(range(yielded, sent), ready, batch_items, batch_slots, chunks)
+                    return
+                batch_slots.pop(yielded)
                 slot, labels, bad_keys = ready.pop(yielded)
                 items = batch_items.pop(yielded)
                 held, yielded = slot, yielded + 1
@@ -197,17 +213,49 @@ class FaceLoader:
             while received < sent and self._workers:
                 try:
                     self._receive(results, iteration)
-                except RuntimeError:  # a worker died: nothing more will come
+                except _WorkerDied as died:  # nothing more will come; the next pass runs in this process
+                    self._lose_workers(str(died))
                     break
                 received += 1
 
+    def _finish_here(
+        self,
+        numbers: range,
+        ready: dict[int, tuple[int, np.ndarray, np.ndarray]],
+        batch_items: dict[int, list[Any]],
+        batch_slots: dict[int, int],
+        chunks: Iterator[list[Any]],
+    ) -> Iterator[Batch]:
+        """The rest of a pass after its workers were lost: the batches in flight (`numbers`, in order; those the
+        workers finished as they are, the others decoded here into their slots), then the sampler's remaining
+        batches, all in this process."""
+        pixels = self.slots.numpy()
+        if self.pin_memory:
+            torch.cuda.synchronize()  # no asynchronous copy from a slot is still running
+        for number in numbers:
+            items = batch_items.pop(number)
+            if number in ready:
+                slot, labels, bad_keys = ready.pop(number)
+            else:
+                slot = batch_slots[number]
+                labels, bad_keys = self.dataset.fill_batch(items, pixels[slot], flip=not self.flip_on_device)
+            yield self._batch(slot, items, labels, bad_keys)
+        if self.pin_memory:
+            torch.cuda.synchronize()
+        yield from self._iterate_here(chunks)
+
     def _receive(self, results: Any, iteration: int) -> tuple[int, int, np.ndarray, Any]:
-        """The next result of this pass: ``(batch number, slot, [labels, bad_keys], error)``."""
+        """The next result of this pass: ``(batch number, slot, [labels, bad_keys], error)``.
+
+        Every worker is checked alive at each call (one `waitpid` each), not only while waiting: the others would
+        otherwise take over a dead worker's share without a word, and the run would go on with fewer workers."""
         while True:
+            dead = self._dead_worker()
+            if dead is not None:
+                raise _WorkerDied(dead)
             try:
                 message = results.get(timeout=_POLL_SECONDS)
             except queue.Empty:
-                self._check_workers()
                 continue
             their_iteration, *result = message
             if their_iteration == iteration:  # else left over from a pass whose clean-up was cut short
@@ -229,28 +277,36 @@ class FaceLoader:
 
     def _start(self) -> None:
         if self._pool is not None:
-            self._check_workers()
             return
         self._pool = _WorkerPool(self.dataset, self.slots, self.num_workers, not self.flip_on_device)
         # Stopped at garbage collection or interpreter exit, before multiprocessing's own exit handler would
         # terminate() workers that ignore SIGTERM (and wait for them forever).
         self._finalizer = weakref.finalize(self, self._pool.close)
 
-    def _check_workers(self) -> None:
+    def _dead_worker(self) -> str | None:
+        """What happened to the first worker that is no longer running, or None."""
         for process in self._workers:
             if not process.is_alive():
                 code = process.exitcode
-                self.close()
                 how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                raise RuntimeError(
-                    f"data worker {process.name} died ({how}; out of memory?) while loading {self.dataset.source}"
-                )
+                return f"data worker {process.name} died ({how}; out of memory?) while loading {self.dataset.source}"
+        return None
+
+    def _lose_workers(self, why: str) -> None:
+        """A worker died: say so once, stop the others, and decode in this process from now on."""
+        self.failure = why
+        logger.error("%s; the other workers are stopped and this process decodes the batches from here on", why)
+        self.close()
 
     def close(self) -> None:
         """Stop the workers (the next iteration starts new ones)."""
         if self._pool is not None:
             self._finalizer()  # runs _WorkerPool.close once
             self._pool = None
+
+
+class _WorkerDied(Exception):
+    """A worker process is gone (the message says which and how); handled inside the loader."""
 
 
 class _WorkerPool:

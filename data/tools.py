@@ -404,6 +404,18 @@ def _write_grid(dataset: RecordFaceDataset, path: Path, count: int) -> None:
 _SCANNED: RecordFaceDataset | None = None  # set before forking the pool: workers inherit it
 
 
+class _ScannedDataset(RecordFaceDataset):
+    """A `.rec` opened for scanning. The trainer refuses an `.idx` that disagrees with its `.rec` and sends the user
+    here to list the broken records, so what it refuses at start is a warning here: an incomplete `.idx`, or one
+    whose offsets cannot be counted (not a multiple of 4). Every listed record is then read and reported."""
+
+    def _check_index_complete(self, allow_partial: bool) -> None:
+        try:
+            super()._check_index_complete(allow_partial=True)
+        except RecordIOError as error:
+            logger.warning("%s; listing every record the .idx points at", error)
+
+
 def _scan_chunk(indices: np.ndarray) -> list[tuple[int, int, str]]:
     dataset = _SCANNED
     assert dataset is not None
@@ -422,7 +434,7 @@ def _scan_chunk(indices: np.ndarray) -> list[tuple[int, int, str]]:
 def cmd_scan(args: argparse.Namespace) -> int:
     global _SCANNED
     rec_dir = Path(args.rec_dir)
-    _SCANNED = dataset = RecordFaceDataset(rec_dir, random_flip=False, spot_check=False)
+    _SCANNED = dataset = _ScannedDataset(rec_dir, random_flip=False, spot_check=False)
     chunks = np.array_split(np.arange(len(dataset)), max(1, math.ceil(len(dataset) / 256)))
     bad: list[tuple[int, int, str]] = []
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from heads.base import HeadUpdate, check_sampling
-from models.recipe import key, key_help
+from models.recipe import is_structural, key, key_help
 
 Settings = TypeVar("Settings")
 
@@ -81,10 +81,13 @@ def registered_settings() -> tuple[type[Any], ...]:
 
 
 def declaration(cls: type[Any]) -> dict[str, tuple[Any, ...]]:
-    """Each field of settings dataclass ``cls`` as (type, default, default factory, meaning): what two heads sharing
-    a key must declare alike, since the section holds it once."""
+    """Each field of settings dataclass ``cls`` as (type, default, default factory, meaning, structural): what two
+    heads sharing a key must declare alike, since the section holds it once."""
     hints = typing.get_type_hints(cls)
-    return {f.name: (hints[f.name], f.default, f.default_factory, key_help(f)) for f in dataclasses.fields(cls)}
+    return {
+        f.name: (hints[f.name], f.default, f.default_factory, key_help(f), is_structural(f))
+        for f in dataclasses.fields(cls)
+    }
 
 
 def check_settings(head: str, cls: type[Any], registered: dict[str, type[Any]]) -> None:
@@ -94,7 +97,7 @@ def check_settings(head: str, cls: type[Any], registered: dict[str, type[Any]]) 
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise ValueError(f"head {head!r}: settings must be a dataclass, got {cls!r}")
     mine = declaration(cls)
-    for name, (_, default, factory, _) in mine.items():
+    for name, (_, default, factory, *_) in mine.items():
         if hasattr(HeadConfig, name):
             raise ValueError(f"head {head!r}: settings key {name!r} is taken by the section's own keys (HeadConfig)")
         if default is dataclasses.MISSING and factory is dataclasses.MISSING:
@@ -111,9 +114,9 @@ def check_settings(head: str, cls: type[Any], registered: dict[str, type[Any]]) 
 
 
 def _describe(declared: tuple[Any, ...]) -> str:
-    tp, default, factory, meaning = declared
+    tp, default, factory, meaning, structural = declared
     value = f"default {default!r}" if factory is dataclasses.MISSING else f"default_factory {factory!r}"
-    return f"({tp}, {value}, {meaning!r})"
+    return f"({tp}, {value}, {meaning!r}{', structural' if structural else ''})"
 
 
 @functools.cache

@@ -61,6 +61,11 @@ def unregister_head(name: str) -> None:
     HEADS.unregister(name)
 
 
+def head_settings(name: str) -> type[Any] | None:
+    """The settings dataclass head ``name`` was registered with (None for an unknown name)."""
+    return HEADS.settings.get(name)
+
+
 def build_head(cfg: HeadConfig, *, embedding_size: int, num_classes: int, rank: int, world_size: int) -> Head:
     """Build the head named by ``cfg.name`` for this rank's shard of ``num_classes`` classes, with its settings
     taken from ``cfg``."""

@@ -19,7 +19,7 @@ from models.recipe import key
 class SubCenterSettings(MarginSettings):
     """`subcenter_arcface` (Deng et al. 2020): the combined margin's keys, plus K sub-centers per class."""
 
-    num_subcenters: int = key(3, help="sub-centers per class (K); a class scores its closest one")
+    num_subcenters: int = key(3, help="sub-centers per class (K); a class scores its closest one", structural=True)
     # From this epoch on each class keeps only its dominant sub-center (the one that won the most of its samples
     # during the previous epoch).
     subcenter_drop_epoch: int = key(0, help="> 0: from this epoch on keep each class's dominant sub-center (0 = all)")

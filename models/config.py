@@ -17,7 +17,7 @@ class NetworkConfig:
     name: str = key(
         "r50",
         help="the backbone, a name from models.list_backbones(): r18 ... r2060, mbf, mbf_large, vit_t ... vit_h, "
-        "r_lite (README, Models)",
+        'r_lite (README, "Models and heads")',
     )
     embedding_size: int = key(512, help="length of the face embedding the backbone outputs")
     dropout: float = key(
@@ -29,7 +29,9 @@ class NetworkConfig:
     )
     # This project's model.safetensors, or one converted from insightface with `python -m trainer.convert`.
     init_weights: str = key(
-        "", help="fine-tuning: start the backbone from this model.safetensors ('' = random init); the head is new"
+        "",
+        help="fine-tuning: start the backbone from this model.safetensors, or the one in this run or checkpoint "
+        "folder ('' = random init); the head is new",
     )
     gradient_checkpointing: bool = key(
         False,

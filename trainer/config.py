@@ -25,7 +25,7 @@ from data.config import DataConfig
 from heads.config import HeadConfig
 from models.config import NetworkConfig
 from models.errors import InputError
-from models.recipe import key
+from models.recipe import is_structural, key
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO_ROOT / "launch" / "recipes" / "default.yaml"
@@ -585,8 +585,15 @@ def validate(
         for name in ("train.rec", "train.idx"):
             if not (Path(data.root) / name).is_file():
                 raise ConfigError(f"{where('data.root')}: {Path(data.root) / name} does not exist")
-    if cfg.network.init_weights and not Path(cfg.network.init_weights).is_file():
-        raise ConfigError(f"{where('network.init_weights')}: {cfg.network.init_weights} does not exist")
+    if cfg.network.init_weights:
+        # A weights file, or a run or checkpoint folder standing for the model.safetensors inside it (as every
+        # reader of trained models takes it: models.weights).
+        from models.weights import WeightsError, resolve_weights_path
+
+        try:
+            resolve_weights_path(cfg.network.init_weights)
+        except WeightsError as exc:
+            raise ConfigError(f"{where('network.init_weights')}: {exc}") from None
     distill = cfg.distill
     if distill.teacher:
         if not Path(distill.teacher).exists():
@@ -640,13 +647,24 @@ def save_config(cfg: ExperimentConfig, path: Path) -> None:
         tmp.write_text(config_text(cfg))
 
 
-# Keys whose change makes a checkpoint unusable: the shapes of what it stores, or the meaning of its classes.
+# Keys whose change makes a checkpoint unusable: the shapes of what it stores, or the meaning of its classes. The
+# chosen head adds the settings it declares `structural` (`structural_keys`).
 STRUCTURAL_KEYS = (
     "network.name",
     "network.embedding_size",
     "head.name",
     "optim.name",
 )
+
+
+def structural_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """`STRUCTURAL_KEYS` and the chosen head's settings that shape its class-center table (declared with
+    `key(..., structural=True)`, e.g. `head.num_subcenters`)."""
+    from heads.registry import head_settings
+
+    settings = head_settings(cfg.head.name)
+    fields = dataclasses.fields(settings) if settings is not None else ()
+    return (*STRUCTURAL_KEYS, *(f"head.{f.name}" for f in fields if is_structural(f)))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

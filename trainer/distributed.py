@@ -15,11 +15,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar, TypeVar, cast
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import (
     DDPCommunicationHookType,
@@ -32,6 +34,7 @@ from accelerate.utils import (
 from models.errors import InputError
 from models.launch import process_group_kwargs
 from trainer.config import ConfigError, ExperimentConfig, SpeedConfig, to_dict
+from trainer.faults import RunStopped, share_fault
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,6 +77,62 @@ def build_accelerator(
         project_config=ProjectConfiguration(project_dir=output, logging_dir=str(RunFolder(output).tensorboard)),
         kwargs_handlers=kwargs_handlers,
     )
+
+
+def check_launch_devices() -> None:
+    """Refuse (`ConfigError`, one line naming the CPU configs) an Accelerate config that asks for GPUs on a machine
+    where torch finds no CUDA device: Accelerate would silently train on the CPU instead.
+
+    How the request is known: Accelerate's plain launcher (one process) passes the config's `use_cpu` (or `--cpu`)
+    as `ACCELERATE_USE_CPU`. Its torchrun path (`distributed_type: MULTI_GPU` or `DEEPSPEED`, several processes)
+    passes nothing of the kind, so the config is read from the launcher's command line (`--config_file`, else
+    Accelerate's default config file); the repository's CPU configs say `use_cpu: true`. A trainer started by
+    another launcher (torchrun, srun, mpirun) or by hand is not checked: nothing says what it asked for."""
+    if torch.cuda.is_available():
+        return
+    config, cpu_flag = _launcher_config()
+    if "ACCELERATE_USE_CPU" in os.environ and "LOCAL_RANK" not in os.environ:  # the plain launcher
+        asks_for_gpu = os.environ["ACCELERATE_USE_CPU"].lower() in ("false", "0", "no")
+    elif config is not None and not cpu_flag:  # torchrun under `accelerate launch`: the config file says
+        try:
+            settings = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return  # the launcher read it; if this process cannot, it cannot tell either
+        asks_for_gpu = isinstance(settings, dict) and not settings.get("use_cpu", False)
+    else:
+        return
+    if asks_for_gpu:
+        named = f"the Accelerate config {config}" if config is not None else "this Accelerate config"
+        configs = Path(__file__).resolve().parent.parent / "accelerate_configs"
+        cpu = ", ".join(f"accelerate_configs/{p.name}" for p in sorted(configs.glob("cpu*.yaml")))
+        raise ConfigError(
+            f"{named} asks for GPUs (use_cpu: false), but torch finds no CUDA device on this machine: launch with a "
+            f"CPU config instead (accelerate_configs/cpu.yaml for one process; all of them: {cpu})"
+        )
+
+
+def _launcher_config() -> tuple[Path | None, bool]:
+    """(the config file of the `accelerate launch` that started this process, whether it was given `--cpu`);
+    (None, False) when the parent is not `accelerate launch` (Linux: read from /proc)."""
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = Path(os.readlink(f"/proc/{parent}/cwd"))
+    except OSError:
+        return None, False
+    if not any("accelerate" in Path(arg).name for arg in argv[:3]):  # `accelerate launch`, `-m accelerate...`
+        return None, False
+    config: str | None = None
+    for i, arg in enumerate(argv):
+        if arg in ("--config_file", "--config-file") and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif arg.startswith(("--config_file=", "--config-file=")):
+            config = arg.split("=", 1)[1]
+    if config is None:
+        from accelerate.commands.config import default_config_file
+
+        config = default_config_file if os.path.isfile(default_config_file) else None
+    return (cwd / config if config is not None else None), "--cpu" in argv
 
 
 def ddp_kwargs(speed: SpeedConfig) -> DistributedDataParallelKwargs:
@@ -213,8 +272,10 @@ class StopSignal:
         self.announced = False
 
     @classmethod
-    def install(cls) -> None:
-        """Record SIGTERM / SIGINT from now on, for the rest of the process."""
+    def install(cls, already: Sequence[str] = ()) -> None:
+        """Record SIGTERM / SIGINT from now on, for the rest of the process; `already`: the names of those received
+        before (trainer/main.py records them while it imports the libraries)."""
+        cls.received.extend(already)
         for sig in cls.SIGNALS:
             signal.signal(sig, cls._handle)
 
@@ -235,23 +296,29 @@ class StopSignal:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def poll(self, step: int, save_every_minutes: float = 0.0) -> tuple[bool, bool]:
-        """(stop now, save now by the clock), the same on every rank. Collective: every rank calls it once per
-        optimizer step, after step `step`."""
+    def poll(
+        self, step: int, save_every_minutes: float = 0.0, fault: RunStopped | None = None
+    ) -> tuple[bool, bool, RunStopped | None]:
+        """(stop now, save now by the clock, the fault that stops the run), the same on every rank. Collective:
+        every rank calls it once per optimizer step, after step `step`. `fault`: this rank's failure outside the
+        step (`trainer.faults`), if any; when a rank has one, every rank gets it (that rank's; the highest such
+        rank's if several) and stops."""
         due = save_every_minutes > 0 and time.monotonic() - self.clock >= save_every_minutes * 60
-        flags = [1.0 if self.received else 0.0, 1.0 if due else 0.0]
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        flags = [1.0 if self.received else 0.0, 1.0 if due else 0.0, float(rank + 1) if fault else 0.0]
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             tensor = torch.tensor(flags, device=self.device)
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
             flags = tensor.tolist()
         stop, save = flags[0] > 0, flags[1] > 0
+        shared = share_fault(fault, int(flags[2]) - 1) if flags[2] > 0 else None
         if stop and not self.announced:
             self.announced = True
             if self.received:
                 logger.warning("received %s: every rank stops after step %d and saves it", self.received[0], step)
             else:
                 logger.warning("another rank received a stop signal: every rank stops after step %d", step)
-        return stop, save
+        return stop or shared is not None, save, shared
 
     def restart_clock(self) -> None:
         """A checkpoint was just saved: the next time-based one is `save_every_minutes` from now."""
@@ -279,6 +346,15 @@ def main_process_decides(decide: Callable[[], T]) -> T:
     if kind == "refused":
         raise RefusedByMainProcess(f"the main process refused to start: {value}")
     return cast(T, value)
+
+
+def main_process_builds(build: Callable[[], T]) -> T | None:
+    """`build()` on the main process only; its result stays there (None on the other ranks), but its refusal reaches
+    every rank as in `main_process_decides` (they raise `RefusedByMainProcess` instead of waiting at the next
+    collective for a main process that left). Collective."""
+    built: list[T] = []
+    main_process_decides(lambda: built.append(build()))
+    return built[0] if built else None
 
 
 class RefusedByMainProcess(InputError):

@@ -4,10 +4,9 @@ The backbone goes through `accelerator.prepare` (DDP, autocast, GradScaler, or a
 Accelerate config file says). The Partial FC head stays outside DDP and ZeRO: its class centers are sharded by rank
 and must never be averaged across ranks. How an optimizer step covers both is chosen once (`trainer.optim`).
 
-Each part is built by the package that owns it, from its section of the recipe: the input pipeline by `data`, the
-backbone by `models` (`trainer.backbone` adds the training-side choices), the head by `heads`, verification by
-`evaluation`. The run's state lives in its parts (`trainer.state`), which one `Checkpointer` saves, loads and rolls
-back; every path of the output folder comes from one `RunFolder`.
+Each part is built by the package that owns it, from its section of the recipe (data, models, heads, evaluation;
+`trainer.backbone` adds the training-side choices, `trainer.distill` a teacher). The run's state lives in its parts
+(`trainer.state`), which one `Checkpointer` saves, loads and rolls back; one `RunFolder` names every path.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import torch
 from accelerate import Accelerator
 
 from data import TrainInput, build_train_input
-from evaluation.verification import VerificationCallback
 from heads import Head, build_head
 from models.run_folder import RunFolder
 from trainer.backbone import build_backbone
@@ -30,10 +28,12 @@ from trainer.checkpoint import Checkpointer, model_metadata
 from trainer.config import ExperimentConfig, resolve_batch_size
 from trainer.distill import build_distillation
 from trainer.distributed import StopSignal, check_same_run_on_every_rank, effective_precision, seed_everything
+from trainer.faults import RunStopped, data_worker_fault
 from trainer.guard import DivergenceError, DivergenceGuard
 from trainer.optim import Schedule, build_stepper, set_lr
 from trainer.reporting import ProgressBar, RunLog, Throughput, describe_run, finish_run
 from trainer.state import Nested, RunIdentity, SamplerPosition, Stateful, TrainState
+from trainer.verify import build_verification, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ class Trainer:
         resolve_batch_size(cfg.train, self.world_size)
         self.input = self.build_input()
         self.num_classes = self.input.num_classes
-        self.schedule = self.derive_schedule()
+        self.schedule = Schedule.derive(cfg, len(self.input.sampler), self.world_size, self.input.num_samples)
+        # `.bin` verification (evaluation/) on the main process, its files loaded and checked now (trainer.verify)
+        self.verification = build_verification(self.input.bins, cfg.eval.batch_size)
         backbone, self.memory_format = build_backbone(cfg.network, cfg.speed, accelerator)
         self.head = self.build_head()
         self.distill = build_distillation(cfg, self.folder, self.input, accelerator)  # None without a teacher
@@ -58,7 +60,6 @@ class Trainer:
         self.stepper = build_stepper(accelerator, backbone, self.head, cfg.optim, cfg.train, projection)
         self.backbone = self.stepper.backbone  # prepared: DDP, autocast, or the DeepSpeed engine
         self.precision = effective_precision(accelerator)
-        self.verification = self.build_verification()
         self.state = TrainState(self.schedule.steps_per_epoch)
         self.guard = DivergenceGuard.from_config(cfg.train)
         self.log = RunLog(self.state, self.folder, accelerator)
@@ -66,6 +67,8 @@ class Trainer:
         self.micro_loss, self.micro_step, self.current_lr = 0.0, 0, 0.0
         self.epoch_started, self.last_saved, self.rolled_back = -1, -1, False
         self.last_results: dict[str, Any] = {}
+        self.fault: RunStopped | None = None  # a failure outside the step on this rank (trainer.faults)
+        self.stopped_by: RunStopped | None = None  # the one every rank stopped for
         describe_run(self)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -87,10 +90,6 @@ class Trainer:
         check_same_run_on_every_rank(cfg, train_input.num_classes, train_input.num_samples)
         return train_input
 
-    def derive_schedule(self) -> Schedule:
-        """Steps per epoch, total and warm-up steps: the derived values, computed once."""
-        return Schedule.derive(self.cfg, len(self.input.sampler), self.world_size, self.input.num_samples)
-
     def build_head(self) -> Head:
         """This rank's shard of the head (heads/), outside DDP and ZeRO, initialized the same for any rank count."""
         cfg = self.cfg
@@ -104,12 +103,6 @@ class Trainer:
         head.reset_parameters(seed=cfg.train.seed)
         head.to(self.accelerator.device)
         return head
-
-    def build_verification(self) -> VerificationCallback | None:
-        """`.bin` verification (evaluation/) on the main process; the loop decides when (`eval.every`)."""
-        if not (self.input.bins and self.accelerator.is_main_process):
-            return None
-        return VerificationCallback(self.input.bins, batch_size=self.cfg.eval.batch_size)
 
     def build_checkpointer(self) -> Checkpointer:
         """The run's stateful parts, in load order (trainer.state), and the one checkpointer over them."""
@@ -183,6 +176,8 @@ class Trainer:
         if interrupted and self.last_saved != state.step:
             self.save()
         finish_run(self, time.perf_counter() - start_time, (state.step - start_step) * self.global_batch, interrupted)
+        if self.stopped_by is not None:  # every rank saved this step; main.py turns it into its exit code
+            raise self.stopped_by.saved(str(self.folder.checkpoint(state.step).path))
 
     def start_epoch(self, epoch: int) -> None:
         self.head.start_epoch(epoch)  # sub-centers dropped, a scheduled sample rate
@@ -272,15 +267,20 @@ class Trainer:
         due = self.state.at_end_of_epoch() if every == "epoch" else bool(every) and step % every == 0
         if self.verification is None or not (due or step == self.schedule.total_steps):
             return
-        self.last_results = self.verification(step, self.stepper.module)
+        outcome = evaluate(self.verification, step, self.stepper.module, self.folder.log)
+        if isinstance(outcome, RunStopped):
+            self.fault = outcome  # every rank saves this step and stops (maybe_checkpoint)
+            return
+        self.last_results = outcome
         self.log.record(step, {f"val/{name}": r.acc for name, r in self.last_results.items()})
 
     def maybe_checkpoint(self, stop: StopSignal) -> bool:
-        """Save every `train.save_every` steps, every `train.save_every_minutes`, at the end, and when a signal
-        stops the run; return whether it stops. One collective per step (`stop.poll`) settles both the signal and
-        the clock, so every rank saves and stops at the same step."""
+        """Save every `train.save_every` steps, every `train.save_every_minutes`, at the end, and when a signal or a
+        failure outside the step (trainer.faults) stops the run; return whether it stops. One collective per step
+        (`stop.poll`) settles the signal, the failure and the clock, so every rank saves and stops at the same step."""
         step, every = self.state.step, self.cfg.train.save_every
-        interrupted, clock_due = stop.poll(step, self.cfg.train.save_every_minutes)
+        fault = self.fault or data_worker_fault(self.input, self.rank)
+        interrupted, clock_due, self.stopped_by = stop.poll(step, self.cfg.train.save_every_minutes, fault)
         periodic = clock_due or bool(every) and step % every == 0
         if periodic and self.guard.consecutive:
             periodic = False  # during a run of bad steps the newest checkpoint stays the last good step's

@@ -4,32 +4,43 @@
 With no arguments it trains the embedded default (`launch/recipes/default.yaml`): generated faces, a small iresnet,
 a few minutes on a CPU. Precision and backend come from the Accelerate config file, never from here.
 
-Exit codes: 0 the run finished, or stopped on SIGTERM/SIGINT with a checkpoint; 2 bad input (one line on stderr:
-config, data, checkpoint, or an output folder in use or holding an earlier run); 3 the run diverged
-(`train.max_bad_steps` non-finite steps in a row; the newest checkpoint predates them). README.md lists what the
-launcher returns in each case.
+Exit codes (README.md, "Output folder, resume, signals, exit codes", also lists what the launcher returns):
+
+    0  the run finished, or stopped on SIGTERM/SIGINT with its checkpoint
+    2  bad input, one line on stderr: config, data, checkpoint, an output folder in use or holding an earlier run,
+       a verification file too small for its 10 folds, an Accelerate config asking for GPUs where there are none
+    3  the run diverged (`train.max_bad_steps` non-finite steps in a row; the newest checkpoint predates them)
+    4  evaluation failed during training: its traceback is in train.log, the step it evaluated is saved
+    5  a data worker process died (killed, out of memory): the step in progress completed and is saved
+
+Only the standard library is imported before `main` records SIGTERM/SIGINT: a Ctrl-C while torch is imported
+must not end in a KeyboardInterrupt traceback (the run stops after its first step instead, with a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
-
-from models.cli import FILE_ONLY
-from models.errors import EXIT_BAD_INPUT, InputError
-from trainer.config import DEFAULT_RECIPE, ConfigError, ExperimentConfig, config_text, load_config
-from trainer.distributed import StopSignal, exit_with_launcher
-from trainer.guard import EXIT_DIVERGED, DivergenceError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from trainer.config import ExperimentConfig
     from trainer.loop import Trainer
 
 logger = logging.getLogger(__name__)
+_EARLY_SIGNALS: list[str] = []  # received before `StopSignal.install()` (while the libraries were imported)
+
+
+def _record_early(signum: int, frame: FrameType | None) -> None:
+    _EARLY_SIGNALS.append(signal.Signals(signum).name)
+    os.write(2, f"received {_EARLY_SIGNALS[-1]} while starting: the run stops after its first step\n".encode())
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -38,7 +49,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     `--help` lists every recipe key (`trainer.keys`); `--print-config` prints the resolved recipe as YAML and, as
     `--help` does, exits here (0, or 2 with one `config error:` line), before anything is created or read.
     """
-    from trainer.config import config_text
+    from trainer.config import DEFAULT_RECIPE, ConfigError, config_text, load_config
     from trainer.keys import render_help
 
     parser = argparse.ArgumentParser(
@@ -89,6 +100,7 @@ def run(cfg: ExperimentConfig, accelerator: Accelerator, resume_from: Path | Non
     The resolved config goes to `<output>/config.yaml` only once the resume checks passed: a refused resume leaves
     the folder's config.yaml the one of the run that wrote its checkpoints.
     """
+    from trainer.config import config_text
     from trainer.loop import Trainer
     from trainer.trackers import start_trackers
 
@@ -105,22 +117,39 @@ def run(cfg: ExperimentConfig, accelerator: Accelerator, resume_from: Path | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    # First: a SIGTERM during start-up must not kill the process (it stops the run at the first step boundary),
-    # and the kernel must tell this process when its launcher dies.
-    StopSignal.install()
+    # First, before any library is imported: a signal during start-up must not kill the process (it stops the run
+    # at the first step boundary); then the kernel must tell this process when its launcher dies.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _record_early)
+    from models.cli import FILE_ONLY
+    from models.errors import EXIT_BAD_INPUT, InputError
+    from trainer.config import ConfigError, load_config
+    from trainer.distributed import StopSignal, check_launch_devices, exit_with_launcher
+    from trainer.faults import RunStopped
+    from trainer.guard import EXIT_DIVERGED, DivergenceError
+
+    StopSignal.install(already=_EARLY_SIGNALS)
     exit_with_launcher()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    first = os.environ.get("RANK", "0") == "0"  # every rank refuses alike below: one line is enough
+    try:
+        check_launch_devices()
+    except ConfigError as exc:
+        if first:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        if first:
+            print(f"config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from models.cli import setup_logging
     from models.run_folder import RunFolder
     from trainer.checkpoint import remove_leftovers
     from trainer.distributed import RefusedByMainProcess, build_accelerator, main_process_decides
     from trainer.reporting import console
-    from trainer.runlock import RunLock, RunPlan, plan_run
+    from trainer.runlock import RunLock, RunPlan, check_checkpoints_writable, plan_run
 
     folder = RunFolder(cfg.output)
     resume = args.resume if args.resume in (None, "newest", "auto") else Path(args.resume)
@@ -137,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         """Main process: take the folder, then decide fresh/resume/refuse; only then may train.log be written."""
         lock.acquire()
         plan = plan_run(folder, resume, args.overwrite)  # --overwrite moves the old train.log away first
+        check_checkpoints_writable(folder)  # at start, not at the first save hours later
         leftovers = remove_leftovers(folder)  # what a killed save or prune left; the lock says no save is running
         setup_logging(True, console=console, log_file=folder.log)
         if lock.took_over:
@@ -170,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         code, reason = EXIT_DIVERGED, "diverged"
+    except RunStopped as exc:
+        # A failure outside the step (trainer.faults): every rank saved the same step and raised the same error.
+        if accelerator.is_main_process:
+            logger.error("%s", exc)
+            print(f"error: {exc}", file=sys.stderr)
+        code, reason = exc.exit_code, exc.reason
     finally:
         if lock.fd is not None:
             logger.info("exit: %s (exit code %d)", reason, code, extra={FILE_ONLY: True})
@@ -178,4 +214,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The run is over: saved, logged, its folder released. A signal that arrives now must not turn its exit code
+    # into "killed by SIGTERM": Python puts the default handlers back while it shuts down, and a launcher that takes
+    # its time to die after a Ctrl-C (Accelerate's plain launcher) sends its parent-death SIGTERM just then.
+    for late in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(late, signal.SIG_IGN)
+    sys.exit(exit_code)

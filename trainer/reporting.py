@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from evaluation.verification import VerificationCallback
     from heads.base import Head
     from trainer.config import ExperimentConfig
+    from trainer.faults import RunStopped
     from trainer.optim import Schedule
     from trainer.state import TrainState
 
@@ -52,6 +53,7 @@ class RunView(Protocol):
     world_size: int
     precision: str
     last_results: dict[str, Any]
+    stopped_by: RunStopped | None
 
     @property
     def global_batch(self) -> int: ...
@@ -117,7 +119,9 @@ def summary_rows(
     cfg, state, folder = trainer.cfg, trainer.state, trainer.folder
     total = trainer.schedule.total_steps
     steps = f"{state.step} of {total} ({state.epoch} epochs, global batch {trainer.global_batch})"
-    if interrupted:
+    if trainer.stopped_by is not None:  # a failure outside the step (trainer.faults)
+        steps += f" - stopped, {trainer.stopped_by.reason}: continue with --resume"
+    elif interrupted:
         steps += " - interrupted: continue with --resume"
     rows = [
         ("network", f"{cfg.network.name} ({cfg.network.embedding_size}-d)"),

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,22 @@ def plan_run(output: RunFolder | Path, resume: ResumeRequest, overwrite: bool) -
             raise RunFolderError(f"--overwrite would move away {path}, the checkpoint --resume names")
         return _drop_later_broken(output, path, steps)
     return _clear_for_new_run(output, overwrite, RunPlan())
+
+
+def check_checkpoints_writable(output: RunFolder) -> None:
+    """`<output>/checkpoints/` can take this run's checkpoints: created if needed, and a file can be made in it.
+    Checked at start (main process, holding the folder), so that a file in the way, a read-only file system or a
+    missing permission stops the run now, not at its first save hours later (`RunFolderError` naming the path)."""
+    path = output.checkpoints
+    try:
+        path.mkdir(exist_ok=True)
+        probe, name = tempfile.mkstemp(dir=path, prefix=".tmp-probe-")
+        os.close(probe)
+        os.unlink(name)
+    except FileExistsError:
+        raise RunFolderError(f"{path}: is a file, not a folder: the run cannot save checkpoints there") from None
+    except OSError as exc:
+        raise RunFolderError(f"{path}: the run cannot save checkpoints there ({exc.strerror or exc})") from None
 
 
 def newest_checkpoint(output: RunFolder) -> Path:

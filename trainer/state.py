@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from data import TrainInput
 from models.run_folder import CheckpointError
-from trainer.config import STRUCTURAL_KEYS, ExperimentConfig, flatten, to_dict
+from trainer.config import STRUCTURAL_KEYS, ExperimentConfig, flatten, structural_keys, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,14 @@ class SamplerPosition:
 
 
 class RunIdentity:
-    """What makes a checkpoint fit this run: the keys that shape what it stores (`trainer.config.STRUCTURAL_KEYS`)
-    and the class count. Restoring it is checking it: a `CheckpointError` names the key and both values."""
+    """What makes a checkpoint fit this run: the keys that shape what it stores (`trainer.config.structural_keys`:
+    network, embedding size, head, optimizer, and the chosen head's own, e.g. `head.num_subcenters`) and the class
+    count. Restoring it is checking it: a `CheckpointError` names the key and both values. A head key the checkpoint
+    does not record (one written before the key was marked) is not compared: the head shards' shapes still are."""
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int) -> None:
-        self.config = {k: v for k, v in flatten(to_dict(cfg)).items() if k in STRUCTURAL_KEYS}
+        keys = structural_keys(cfg)
+        self.config = {k: v for k, v in flatten(to_dict(cfg)).items() if k in keys}
         self.num_classes = num_classes
 
     def state_dict(self) -> dict[str, Any]:
@@ -136,11 +139,11 @@ class RunIdentity:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state.get("config") or {}
-        for key in STRUCTURAL_KEYS:
-            if saved.get(key) != self.config[key]:
-                raise CheckpointError(
-                    f"it was made with {key}={saved.get(key)!r}, this run has {key}={self.config[key]!r}"
-                )
+        for key, value in self.config.items():
+            if key not in STRUCTURAL_KEYS and key not in saved:
+                continue
+            if saved.get(key) != value:
+                raise CheckpointError(f"it was made with {key}={saved.get(key)!r}, this run has {key}={value!r}")
         if state.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"it was made with {state.get('num_classes')} classes, this run has {self.num_classes}"

@@ -114,7 +114,7 @@ def _our_traceback(text: str) -> bool:
 def _stopped_by_signal(out: Path, output: str, after: int = 0) -> int:
     """The checks every interrupted run passes; returns the step it stopped at (> `after`, where it started)."""
     found = re.findall(
-        r"(?:received SIGTERM|another rank received a stop signal): every rank stops after step (\d+)",
+        r"(?:received SIG(?:TERM|INT)|another rank received a stop signal): every rank stops after step (\d+)",
         (out / "train.log").read_text(),
     )
     assert found, output[-3000:]
@@ -127,24 +127,26 @@ def _stopped_by_signal(out: Path, output: str, after: int = 0) -> int:
     return step
 
 
-def _interrupt(args: list[str], cache: Path, processes: int, target: str, after: int = 0) -> int:
-    """Start a run, send SIGTERM to `target` once it logged a step, check what every process returned; returns the
+def _interrupt(
+    args: list[str], cache: Path, processes: int, target: str, after: int = 0, sig: signal.Signals = signal.SIGTERM
+) -> int:
+    """Start a run, send `sig` to `target` once it logged a step, check what every process returned; returns the
     step it stopped at."""
     out = Path(args[args.index("--output") + 1])
     proc = _start(args, cache, processes)
     _read_until(proc, f"step {after + 1}/{STEPS}")
     trainer = _holder_pid(out)
     if target == "launcher":
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
     elif target == "rank 1":
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+        os.kill(_rank_pid(proc.pid, 1), sig)
     else:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
     assert proc.stdout is not None
     output = proc.stdout.read()  # EOF: every process sharing the pipe, trainers included, has exited
     if processes == 1:
         # The plain launcher dies at once; its trainer, adopted by this process, saved and exited 0.
-        assert proc.wait(timeout=60) == -signal.SIGTERM
+        assert proc.wait(timeout=60) == -sig
         _, status = os.waitpid(trainer, 0)
         assert os.waitstatus_to_exitcode(status) == 0, output[-3000:]
     elif target == "rank 1":
@@ -223,6 +225,19 @@ def test_one_process(reference_1: Path, tmp_path: Path, face_cache: Path) -> Non
     resumed = train_directly([*ARGS, "--output", str(out), "--resume"], face_cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "train.log").read_text().count("resumed from") == 2
+    _assert_same_run(out, reference_1)
+
+
+def test_ctrl_c_to_the_one_process_launcher(reference_1: Path, tmp_path: Path, face_cache: Path) -> None:
+    """Ctrl-C in a terminal (SIGINT to the process group) with Accelerate's plain launcher: the launcher does not
+    wait for its child on SIGINT, it dies at once (130 in a shell; the KeyboardInterrupt traceback it prints is its
+    own, README); the trainer stops after its step, saves it and exits 0 without a traceback of ours. `--resume`
+    ends where the uninterrupted run ended."""
+    out = tmp_path / "run"
+    _interrupt([*ARGS, "--output", str(out)], face_cache, 1, "process group", sig=signal.SIGINT)
+    assert "received SIGINT: every rank stops after step" in (out / "train.log").read_text()
+    resumed = train_directly([*ARGS, "--output", str(out), "--resume"], face_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(out, reference_1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,8 @@ def test_resume_continues_exactly(full_run: Path, tmp_path: Path, face_cache: Pa
 def test_resume_refuses_incompatible_config(full_run: Path, tmp_path: Path, face_cache: Path) -> None:
     out = tmp_path / "copy"
     out.mkdir()
-    (out / "checkpoints").symlink_to(full_run / "checkpoints")
+    # A copy, not a link: a run refuses a symbolic link among its files (models.run_folder.RunFolder.refuse_links).
+    shutil.copytree(full_run / "checkpoints", out / "checkpoints")
     proc = launch(
         ["--config", str(TINY), "--output", str(out), "--resume", "--network.embedding_size", "64"], face_cache
     )
