@@ -44,3 +44,18 @@ def test_vit_recipes_are_insightface_adamw(size: str) -> None:
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 0.001, 0.1)
     assert (cfg.head.sample_rate, cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (0.3, 40, 4.0)
     assert cfg.schedule.name == "polynomial" and cfg.schedule.power == 1.0
+
+
+def test_the_distillation_and_schedule_recipes() -> None:
+    """docs/distill.md's recipes: the CPU pair (the student's teacher is the teacher recipe's output), the MS1MV3
+    r100/r50 -> mbf ones, and the full-softmax finish of a sample-rate schedule."""
+    recipes = REPO_ROOT / "launch" / "recipes"
+    teacher = load_config(recipes / "default_teacher.yaml", check_files=False)
+    student = load_config(recipes / "default_distill.yaml", check_files=False)
+    assert student.distill.teacher == teacher.output and student.distill.cache
+    assert teacher.schedule.epochs > student.schedule.epochs and teacher.train.seed != student.train.seed
+    for name in ("r100", "r50"):
+        cfg = load_config(recipes / f"ms1mv3_{name}_to_mbf.yaml", check_files=False)
+        assert cfg.network.name == "mbf" and cfg.distill.teacher.endswith(f"ms1mv3_{name}")
+    finish = load_config(recipes / "glint360k_r100_pfc_finish.yaml", check_files=False)
+    assert finish.head.sample_rate == [[0, 0.1], [18, 1.0]] and finish.schedule.epochs == 20
