@@ -232,7 +232,7 @@ def test_the_input_pipeline_leaves_the_flip_to_a_gpu_only(faces: Path) -> None:
     cfg = DataConfig(source="recordio", root=str(faces))
     dataset = RecordFaceDataset(faces, output="uint8")
     for device, on_device in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
-        loader = _build_loader(cfg, dataset, _sampler(len(dataset)), 8, device)
+        loader = _build_loader(cfg, dataset, _sampler(len(dataset)), 8, device, seed=0)
         assert isinstance(loader, FaceLoader) and loader.flip_on_device is on_device
         assert loader.num_workers == cfg.num_workers and loader.prefetch == cfg.prefetch
         loader.close()
