@@ -211,9 +211,14 @@ def test_fp16_on_cpu_is_reported_as_fp32(tmp_path: Path, face_cache: Path) -> No
     assert "fp32 (fp16 requested; ignored on CPU)" in proc.stdout
 
 
-def test_deepspeed_fp16_refused_clearly_on_this_cpu(tmp_path: Path, face_cache: Path) -> None:
+def test_deepspeed_fp16_runs_or_is_refused_clearly_on_this_cpu(tmp_path: Path, face_cache: Path) -> None:
+    """DeepSpeed takes fp16 on a CPU only where its CPU accelerator has fp16 kernels (AVX512-FP16, as this project's
+    2026-12 machine has; the one before had none): there it trains, elsewhere the run stops before step 1 with one
+    line pointing to the bf16 configs."""
+    from deepspeed.accelerator import get_accelerator
+
     proc = launch(
-        ["--config", str(TINY), "--output", str(tmp_path)],
+        ["--config", str(TINY), "--output", str(tmp_path), "--schedule.max_steps", "2", "--eval.every", "0"],
         face_cache,
         config="cpu_ds_zero2_bf16",
         launcher=[
@@ -223,9 +228,13 @@ def test_deepspeed_fp16_refused_clearly_on_this_cpu(tmp_path: Path, face_cache: 
             str(REPO / "ds_configs" / "zero2_fp16.json"),
         ],
     )
-    assert proc.returncode != 0
-    assert "use a bf16 DeepSpeed config" in proc.stderr
-    assert "step 1/" not in proc.stdout
+    if get_accelerator().is_fp16_supported():
+        _ok(proc)
+        assert "precision fp16" in proc.stdout and "step 2/2" in proc.stdout
+    else:
+        assert proc.returncode != 0
+        assert "use a bf16 DeepSpeed config" in proc.stderr
+        assert "step 1/" not in proc.stdout
 
 
 # --- bad input: clear errors before any training step -----------------------------------------------------------
