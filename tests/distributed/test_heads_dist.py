@@ -23,11 +23,10 @@ from torch import nn
 from tests.heads_reference import SEED, head_cases, reference_step, state_of
 from tests.launching import spawn_ranks
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.tier2]
 
 DTYPE = torch.float64
 EMBEDDING, CLASSES, BATCH, INPUT = 8, 12, 12, 6  # 12 classes as 12, 6+6, 4+4+4; global batch 12 as 12, 6x2, 4x3
-SPAWN_TIMEOUT_S = 240.0
 NAMES = sorted(head_cases())
 
 
@@ -183,19 +182,13 @@ def _run_cases(rank: int, world_size: int, checkpoints: Path) -> dict[str, Any]:
     return results
 
 
-def _worker(rank: int, world_size: int, init_file: str, out_dir: str, checkpoints: str) -> None:
-    torch.set_num_threads(1)  # several ranks share few CPU cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.save(_run_cases(rank, world_size, Path(checkpoints)), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world_size: int, out_dir: str, checkpoints: str) -> None:
+    """One rank, inside the gloo process group that spawn_ranks sets up and tears down."""
+    torch.save(_run_cases(rank, world_size, Path(checkpoints)), Path(out_dir) / f"rank{rank}.pt")
 
 
 def _spawn(world_size: int, folder: Path, checkpoints: Path) -> list[dict[str, Any]]:
-    spawn_ranks(
-        _worker, (world_size, str(folder / "rendezvous"), str(folder), str(checkpoints)), world_size, SPAWN_TIMEOUT_S
-    )
+    spawn_ranks(_worker, (world_size, str(folder), str(checkpoints)), world_size)
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

@@ -16,7 +16,7 @@ import pytest
 from evaluation.ijb import main
 from tests.fixtures.ijb import IJBFixture, make_ijb_fixture, make_weights
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.tier2]
 
 REPO = Path(__file__).resolve().parents[2]
 TWO_PROCESSES = REPO / "accelerate_configs" / "cpu_ddp_2proc.yaml"

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.tier2]
 
 # 96 samples of 12 classes; global batch 12 splits over 1, 2 and 3 ranks; 12 classes as 12, 6+6 and 4+4+4.
 ARGS = [

@@ -21,9 +21,8 @@ from tests.launching import spawn_ranks
 from trainer import checkpoint as ckpt
 from trainer.optim import head_rows_loaded, sync_head_rows
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.tier2]
 
-SPAWN_TIMEOUT_S = 180.0
 TOTAL, RESUME_AT = 240, 120
 
 
@@ -68,22 +67,16 @@ def _train(rank: int, world_size: int, update: str, output: Path, resume: Path |
     return {**synced_state(head, optimizer), "class_start": torch.tensor(head.class_start)}
 
 
-def _worker(rank: int, world_size: int, init_file: str, job: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        for update in ("dense", "lazy"):
-            resume = job["resume"] / update / ckpt.CHECKPOINTS / f"step-{RESUME_AT:08d}" if job["resume"] else None
-            state = _train(rank, world_size, update, job["output"] / update, resume)
-            torch.save(state, job["output"] / f"{update}-rank{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _worker(rank: int, world_size: int, job: dict[str, Any]) -> None:
+    """One rank (inside spawn_ranks' gloo process group when there are several)."""
+    for update in ("dense", "lazy"):
+        resume = job["resume"] / update / ckpt.CHECKPOINTS / f"step-{RESUME_AT:08d}" if job["resume"] else None
+        state = _train(rank, world_size, update, job["output"] / update, resume)
+        torch.save(state, job["output"] / f"{update}-rank{rank}.pt")
 
 
-def _spawn(world_size: int, job: dict[str, Any], tmp: Path) -> None:
-    spawn_ranks(_worker, (world_size, str(tmp / "rendezvous"), job), world_size, SPAWN_TIMEOUT_S)
+def _spawn(world_size: int, job: dict[str, Any]) -> None:
+    spawn_ranks(_worker, (world_size, job), world_size)
 
 
 def _assert_equal(output: Path, world_size: int) -> None:
@@ -97,11 +90,11 @@ def _assert_equal(output: Path, world_size: int) -> None:
 def test_lazy_equals_dense_on_two_ranks_then_resumed_on_one(tmp_path: Path) -> None:
     first, second = tmp_path / "two-ranks", tmp_path / "one-rank"
     first.mkdir(), second.mkdir()
-    _spawn(2, {"output": first, "resume": None}, first)
+    _spawn(2, {"output": first, "resume": None})
     _assert_equal(first, 2)
     starts = [int(torch.load(first / f"lazy-rank{r}.pt")["class_start"]) for r in range(2)]
     assert starts == [0, 49]  # really sharded: 97 classes over 2 ranks
-    _spawn(1, {"output": second, "resume": first}, second)
+    _spawn(1, {"output": second, "resume": first})
     _assert_equal(second, 1)
     resumed = torch.load(second / "lazy-rank0.pt")["weight"]
     at_resume = torch.cat([torch.load(first / f"lazy-rank{r}.pt")["weight"] for r in range(2)])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from heads import PartialFC, PartialFCOptions
 from tests.launching import CONFIGS, MAIN, REPO, TINY, command, env_for, free_port, launch, losses
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.tier2]
 
 STEPS = 6
 EQUIV = [

@@ -25,7 +25,7 @@ from data.faces import encode_jpeg, identity_params, render_face
 from models import build_backbone
 from models.errors import EXIT_BAD_INPUT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tier2]
 
 REPO = Path(__file__).resolve().parents[2]
 # Small enough that every output below exceeds it: r_lite's weights are ~2 MB, the .bin ~12 kB.

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.launching import MAIN, REPO, TINY, env_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tier2]
 
 
 def train(args: list[str], cache: Path, preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:

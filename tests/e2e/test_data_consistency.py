@@ -14,7 +14,7 @@ from data.recordio import IRHeader, RecordWriter, pack
 from models.errors import EXIT_BAD_INPUT
 from tests.launching import REPO, TINY, env_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tier2]
 
 
 def _headers_only(root: Path, labels: list[int]) -> Path:

@@ -27,7 +27,7 @@ from models import build_backbone
 from tests.launching import REPO, TINY, launch
 from trainer.config import load_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tier2]
 
 # The tiny recipe with a larger held-out set: 200 impostor pairs, enough for a threshold at FAR 1e-2.
 VAL = ["--data.generated.num_val_identities", "30", "--data.generated.num_val_pairs", "400"]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from tests.launching import CONFIGS, REPO, TINY, command, env_for, free_port, launch, train_directly
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.tier2]
 
 STEPS = 8  # 1 process: 6 steps an epoch; 2 processes: 3
 ARGS = ["--config", str(TINY), "--schedule.max_steps", str(STEPS), "--train.save_every", "0", "--eval.every", "0"]

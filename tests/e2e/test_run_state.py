@@ -16,7 +16,7 @@ from data.dataset import RecordFaceDataset
 from data.faces import FacesConfig, ensure_dataset
 from tests.launching import TINY, launch, train_directly
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.tier2]
 
 
 def _state(run: Path, step: int) -> dict:

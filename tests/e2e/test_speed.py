@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tests.launching import TINY, launch
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tier2]
 
 STEPS = 4
 # Power 2: the learning rate falls fast over the 4 steps, so the compiled kernels' rounding stays near 1e-4 (with

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from models import build_backbone
 from tests.launching import TINY, launch
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tier2]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from tests.launching import TINY, free_port, launch, losses
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.tier2,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.tier2  # runs the bench scripts (docs/testing.md)
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 # Scripts whose --tiny run tests/unit/test_bench_train.py makes and checks field by field: not run twice.
 CHECKED_IN_BENCH_TRAIN = {"train_step.py", "speed.py", "head_scaling.py", "gpu_bench.py", "plot.py"}

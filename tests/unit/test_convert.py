@@ -256,6 +256,7 @@ def test_head_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.e2e
+@pytest.mark.tier2
 def test_converted_insightface_run_resumes_with_the_real_cli(tmp_path: Path, face_cache: Path) -> None:
     """5 insightface ranks at global_step 6 -> `python -m trainer.convert` -> one more step on 1 rank here.
 

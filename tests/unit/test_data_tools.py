@@ -224,6 +224,7 @@ def test_errors_are_one_line_with_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2 and "is truncated" in _error_line(err)
 
 
+@pytest.mark.fast_launch
 def test_module_entry_point(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "data.tools", "inspect", str(tmp_path)], capture_output=True, text=True, timeout=120

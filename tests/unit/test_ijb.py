@@ -457,6 +457,7 @@ def test_ablation_switches(bench: IJBFixture, weights: Path, default_run: Path, 
     assert np.abs(saved["pair_scores"] - reference["pair_scores"]).max() > 1e-3
 
 
+@pytest.mark.fast_launch
 def test_subprocess_cli_with_two_models(bench: IJBFixture, weights: Path, tmp_path: Path) -> None:
     other = make_weights(tmp_path / "other.safetensors", seed=1)
     out = tmp_path / "out"

@@ -39,6 +39,7 @@ def _checkpoint(out: Path, step: int, complete: bool = True) -> Path:
     return folder.path
 
 
+@pytest.mark.fast_launch
 def test_a_second_holder_is_refused_and_a_killed_one_taken_over(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with RunLock(out) as lock:

@@ -422,6 +422,7 @@ def test_cli_errors_are_one_line(
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.fast_launch
 def test_cli_module_entry_point(tmp_path: Path) -> None:
     weights = tmp_path / "model.safetensors"
     _save_lite(weights)  # no metadata: the flags must say which network
