@@ -311,14 +311,12 @@ def _refuse() -> None:
     raise InputError("val.bin holds 4 pairs")
 
 
-def _two_ranks(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
+def _two_ranks(rank: int, out: str) -> None:
+    """One rank, inside the gloo process group that spawn_ranks sets up and tears down."""
     from models.errors import InputError
     from trainer.distributed import RefusedByMainProcess, StopSignal, main_process_builds
     from trainer.faults import DataWorkerDied, EvaluationFailed
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     results: dict[str, Any] = {}
     try:
         main_process_builds(_refuse)
@@ -334,14 +332,14 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     fault = EvaluationFailed("evaluation failed at step 3") if rank == 0 else None
     results["evaluation"] = stop.poll(3, fault=fault)
     torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.mark.dist
+@pytest.mark.fast_launch  # two small spawned ranks: the one multi-process check of the fast tier
 def test_a_refusal_or_a_failure_on_one_rank_reaches_every_rank(tmp_path: Path) -> None:
-    from tests.launching import free_port, spawn_ranks
+    from tests.launching import spawn_ranks
 
-    spawn_ranks(_two_ranks, (free_port(), str(tmp_path)), world_size=2, timeout_s=240)
+    spawn_ranks(_two_ranks, (str(tmp_path),), world_size=2)
     main, other = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert main["refused"] == "main: val.bin holds 4 pairs"
     assert other["refused"] == "the main process refused to start: val.bin holds 4 pairs"
