@@ -20,6 +20,15 @@ and `numeric._frombuffer` (protocol 5, what `pickle.HIGHEST_PROTOCOL` gives on P
 arrays); every element is then checked to be bytes or a uint8 array.
 
     python -m evaluation.verification --weights model.safetensors --bin lfw.bin --bin cfp_fp.bin
+    python -m evaluation.verification --weights runs/r50 --root /data/ms1m --bin lfw --bin calfw
+    python -m evaluation.verification --weights runs/r50 --root /data/ms1m --bins all [--card]
+
+The sets by name (`BIN_NAMES`, insightface's `val_targets` names, shipped as `<name>.bin` in its training archives):
+`lfw`, `cfp_fp`, `cfp_ff`, `agedb_30`, `calfw`, `cplfw`, `vgg2_fp`. A `--bin` that is not an existing file is a name
+under `--root` (`lfw` -> `<root>/lfw.bin`, as insightface's `val_targets` resolve against the data folder); `--bins
+all` takes every one of the seven found under `--root` (insightface's callback skips the missing ones the same way;
+a name given explicitly must exist). Every set is evaluated with the same protocol; the table has a row per set
+(pairs, accuracy +- std, XNorm) and their mean. `--card` adds the table to the model's card (`evaluation.card`).
 
 `--weights` also takes a run's output folder or a checkpoint folder (its `model.safetensors`, checked against the
 checkpoint's manifest). Bad input (a missing, unfitting, damaged or non-finite model, an unreadable `.bin` or one with
@@ -56,6 +65,10 @@ logger = logging.getLogger(__name__)
 THRESHOLDS = np.arange(0, 4, 0.01)
 # insightface's k: every fold holds out at least one pair, so a file needs at least this many pairs.
 NUM_FOLDS = 10
+# The verification sets insightface ships as `<name>.bin` beside its training data (MS1M-ArcFace, MS1M-RetinaFace,
+# Glint360K), by the names its configs use (`val_targets`); `all` stands for every one of them that is there.
+BIN_NAMES = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
+ALL_BINS = "all"
 
 _ALLOWED_GLOBALS = frozenset(
     {
@@ -196,6 +209,44 @@ def check_bin(path: str | Path, folds: int = NUM_FOLDS) -> int:
     readable, safe, the `(images, issame)` layout, at least `folds` pairs. Returns the number of pairs; raises
     `BinFormatError` (an `InputError`) naming the file. Images are decoded later, by `load_bin`."""
     return len(read_bin(path, folds)[1])
+
+
+def resolve_bins(entries: Sequence[str], root: Path | str | None) -> list[Path]:
+    """The `.bin` files that `entries` name: an existing file is itself; a name is `<root>/<name>.bin` (or
+    `<root>/<name>`); `all` is every `BIN_NAMES` file found under `root`, in that order. A name that is not there is a
+    `BinFormatError` naming where it was looked for; so is `all` when none is; a set named twice is refused."""
+    folder = Path(root) if root else None
+    found: list[Path] = []
+    for entry in entries:
+        if entry == ALL_BINS:
+            if folder is None:
+                raise BinFormatError(f"--bins {ALL_BINS}: give --root, the folder holding the .bin files")
+            present = [folder / f"{name}.bin" for name in BIN_NAMES if (folder / f"{name}.bin").is_file()]
+            if not present:
+                raise BinFormatError(
+                    f"--bins {ALL_BINS}: none of {', '.join(f'{n}.bin' for n in BIN_NAMES)} is in {folder}"
+                )
+            missing = [name for name in BIN_NAMES if not (folder / f"{name}.bin").is_file()]
+            if missing:
+                logger.info("--bins all: %s not in %s", ", ".join(missing), folder)
+            found += present
+            continue
+        candidates = [Path(entry)]
+        if folder is not None and not Path(entry).is_absolute():
+            candidates += [folder / entry, folder / f"{entry}.bin"]
+        match = next((c for c in candidates if c.is_file()), None)
+        if match is None:
+            hint = "" if folder is not None or Path(entry).suffix else " (a set name needs --root)"
+            raise BinFormatError(
+                f"{entry}: not found (looked at {', '.join(map(str, candidates))}){hint}; the sets by name: "
+                f"{', '.join(BIN_NAMES)}"
+            )
+        found.append(match)
+    stems = [path.stem for path in found]
+    twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if twice:
+        raise BinFormatError(f"the set {twice[0]!r} is named twice ({', '.join(str(p) for p in found)})")
+    return found
 
 
 def load_bin(
@@ -349,13 +400,36 @@ class VerificationCallback:
                 self.highest[name] = float(value)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The `python -m evaluation.verification` CLI; returns the exit status."""
-    from rich.console import Console
+def results_table(results: dict[str, VerificationResult], title: str) -> Any:
+    """A rich table: a row per set (pairs, accuracy +- std, XNorm) and, for several sets, their mean."""
     from rich.table import Table
 
-    from models.cli import report_input_error
-    from models.weights import load_backbone
+    table = Table(title=title)
+    for column in ("set", "pairs", "accuracy +- std", "XNorm"):
+        table.add_column(column, justify="left" if column == "set" else "right")
+    for name, result in results.items():
+        table.add_row(name, str(result.num_pairs), f"{result.acc:.5f} +- {result.std:.5f}", f"{result.xnorm:.4f}")
+    if len(results) > 1:
+        values = list(results.values())
+        table.add_section()
+        table.add_row(
+            "mean",
+            str(sum(r.num_pairs for r in values)),
+            f"{np.mean([r.acc for r in values]):.5f}",
+            f"{np.mean([r.xnorm for r in values]):.4f}",
+        )
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `python -m evaluation.verification` CLI; returns the exit status."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from evaluation.card import update_card, verification_section
+    from models.cli import report_input_error, setup_logging
+    from models.weights import load_backbone, resolve_weights_path
 
     parser = argparse.ArgumentParser(prog="python -m evaluation.verification", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -365,36 +439,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--embedding-size", type=int, help="embedding size (default: the file's metadata, else the weights' shapes)"
     )
-    parser.add_argument("--bin", dest="bins", action="append", required=True, type=Path, help="a .bin (repeatable)")
+    parser.add_argument(
+        "--bin", dest="bins", action="append", default=[], help="a .bin file, or a set name under --root (repeatable)"
+    )
+    parser.add_argument(
+        "--bins",
+        dest="bin_list",
+        action="append",
+        default=[],
+        help=f"set names under --root, comma separated, or {ALL_BINS} ({', '.join(BIN_NAMES)}: those present)",
+    )
+    parser.add_argument("--root", type=Path, help="the folder the set names resolve in (insightface's data folder)")
+    parser.add_argument("--card", action="store_true", help="add the results to the model's card (evaluation.card)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    entries = [*args.bins, *(name.strip() for group in args.bin_list for name in group.split(",") if name.strip())]
+    if not entries:
+        parser.error("give --bin FILE_OR_NAME (repeatable) or --bins NAMES|all")
+    setup_logging()
     try:
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as err:
             raise InputError(f"--device {args.device!r}: {err}") from None
         backbone, metadata = load_backbone(args.weights, args.network, args.embedding_size, device)
+        bin_paths = resolve_bins(entries, args.root)
         network, embedding_size = metadata["network"], metadata["embedding_size"]
         # Every file is read before the first evaluation: a bad one fails at once, not after the others ran.
-        targets = [(bin_path, *load_bin(bin_path, folds=NUM_FOLDS)) for bin_path in args.bins]
-        table = Table(title=f"Verification: {args.weights.name} ({network}, {embedding_size}-d)")
-        for column in ("target", "pairs", "accuracy", "std", "XNorm"):
-            table.add_column(column, justify="left" if column == "target" else "right")
+        targets = [(bin_path, *load_bin(bin_path, folds=NUM_FOLDS)) for bin_path in bin_paths]
+        results: dict[str, VerificationResult] = {}
         for bin_path, images, issame in targets:
             try:
-                result = evaluate_backbone(backbone, images, issame, batch_size=args.batch_size, device=device)
+                results[bin_path.stem] = evaluate_backbone(
+                    backbone, images, issame, batch_size=args.batch_size, device=device
+                )
             except NonFiniteEmbeddingsError as err:
                 raise InputError(f"{args.weights} on {bin_path}: {err}: a diverged or damaged model, refused") from None
-            table.add_row(
-                bin_path.stem,
-                str(result.num_pairs),
-                f"{result.acc:.5f}",
-                f"{result.std:.5f}",
-                f"{result.xnorm:.4f}",
-            )
+        table = results_table(results, f"Verification: {args.weights.name} ({network}, {embedding_size}-d)")
+        if args.card:
+            section = verification_section({name: asdict(r) for name, r in results.items()})
+            update_card(resolve_weights_path(args.weights, verify=False), "verification", section)
     except InputError as err:
         return report_input_error(err)
     Console().print(table)
