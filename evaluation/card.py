@@ -55,6 +55,7 @@ __all__ = [
     "recipe_summary",
     "render_card",
     "result_section",
+    "run_card",
     "update_card",
     "write_card",
     "write_card_for",
@@ -403,21 +404,17 @@ def _file_format(model: Path, metadata: Mapping[str, str]) -> str:
     return "safetensors"
 
 
-def write_card(
-    folder: RunFolder,
+def run_card(
+    metadata: Mapping[str, str],
     config: Mapping[str, Any],
     verification: Mapping[str, Mapping[str, float]] | None = None,
     step: int | None = None,
-) -> Path:
-    """The card of a finished run (`trainer.reporting.finish_run` calls it after publishing `model.safetensors`):
-    the network's facts, the recipe's keys that matter, the training data's name and licence, the last
-    verification (`{target: {acc, std, xnorm, num_pairs}}`, as `VerificationResult`'s fields), into the model's
-    metadata and `<output>/README.md`. Returns the README's path."""
-    metadata = read_model_metadata(folder.model)
+) -> dict[str, Any]:
+    """The card of a model trained by a run: its network's facts, the recipe's keys that matter, the training
+    data's name and licence, and the given verification results (`{target: {acc, std, xnorm, num_pairs}}`)."""
     card = base_card(metadata, "safetensors")
-    recipe = recipe_summary(config)
     flat = _flatten(config)
-    card["recipe"] = recipe
+    card["recipe"] = recipe_summary(config)
     card["training"] = {
         "data": flat.get("data.name") or _default_data_name(flat),
         "licence": flat.get("data.licence") or DEFAULT_LICENCE,
@@ -426,9 +423,20 @@ def write_card(
         "producer": "arcface-accelerate",
     }
     if verification:
-        card["results"] = {
-            "verification": verification_section(verification, step=step, tool="the run's last evaluation")
-        }
+        section = verification_section(verification, step=step, tool="the run's last evaluation")
+        card["results"] = {"verification": section}
+    return card
+
+
+def write_card(
+    folder: RunFolder,
+    config: Mapping[str, Any],
+    verification: Mapping[str, Mapping[str, float]] | None = None,
+    step: int | None = None,
+) -> Path:
+    """The card of a finished run (`trainer.reporting.finish_run` calls it after publishing `model.safetensors`):
+    `run_card` into the model's metadata and `<output>/README.md`. Returns the README's path."""
+    card = run_card(read_model_metadata(folder.model), config, verification, step)
     return write_card_for(folder.model, card)
 
 

@@ -11,13 +11,7 @@ A file with fewer pairs than folds (`NUM_FOLDS`) is refused when it is loaded fo
 number that is not the protocol's and cannot be compared with any published one. A model whose embeddings are not
 finite is refused too (`NonFiniteEmbeddingsError`), rather than scored at chance accuracy.
 
-Unpickling: `.bin` files are pickles, and pickles can run code. `load_bin` refuses every global except the few that
-real `.bin` files need: `_codecs.encode` and `bytearray` (how Python 3 writes bytes in protocol <= 2), and NumPy's
-array reconstruction, because insightface's `build_eval_pack.py` stores each image as the uint8 array returned by
-`cv2.imencode`: `numpy.ndarray`, `numpy.dtype`, `multiarray._reconstruct` and `multiarray.scalar` (protocols <= 4)
-and `numeric._frombuffer` (protocol 5, what `pickle.HIGHEST_PROTOCOL` gives on Python 3.8+), each under NumPy 1's
-`numpy.core` and NumPy 2's `numpy._core` name. None of these calls user-chosen code (`_frombuffer` refuses object
-arrays); every element is then checked to be bytes or a uint8 array.
+Reading: `data.bin_file.read_bin` (a restricted unpickler: the file is never trusted to run code).
 
     python -m evaluation.verification --weights model.safetensors --bin lfw.bin --bin cfp_fp.bin
     python -m evaluation.verification --weights runs/r50 --root /data/ms1m --bin lfw --bin calfw
@@ -38,16 +32,13 @@ fewer than 10 pairs) is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import importlib
-import io
 import logging
 import math
-import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +46,7 @@ from PIL import Image
 from sklearn.model_selection import KFold
 from torch import nn
 
+from data.bin_file import BinFormatError, image_bytes, read_bin
 from data.dataset import mirror_images, normalize_images
 from data.recordio import decode_image
 from models.errors import InputError
@@ -69,27 +61,6 @@ NUM_FOLDS = 10
 # Glint360K), by the names its configs use (`val_targets`); `all` stands for every one of them that is there.
 BIN_NAMES = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
 ALL_BINS = "all"
-
-_ALLOWED_GLOBALS = frozenset(
-    {
-        ("_codecs", "encode"),
-        ("builtins", "bytearray"),
-        ("__builtin__", "bytearray"),  # the Python 2 spelling; the base class maps it to builtins
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy._core.numeric", "_frombuffer"),
-    }
-)
-
-
-class BinFormatError(InputError, ValueError):
-    """A `.bin` file that is missing, unsafe, not in the `(bins, issame_list)` layout or too small for the protocol;
-    the message names the file."""
 
 
 class NonFiniteEmbeddingsError(ValueError):
@@ -106,63 +77,6 @@ class VerificationResult:
     num_pairs: int
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], path: Path, encoding: str = "ASCII") -> None:
-        super().__init__(file, encoding=encoding)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise BinFormatError(f"file {self.path}: refusing to unpickle global '{module}.{name}'")
-        if module.startswith(("numpy.core.", "numpy._core.")):
-            return _numpy_internal(module.split(".", 2)[2], name)
-        return super().find_class(module, name)
-
-
-def _numpy_internal(submodule: str, name: str) -> Any:
-    """A NumPy internal under either name: NumPy 2 calls the package `numpy._core` (and warns on `numpy.core`),
-    NumPy 1 `numpy.core` (1.26 has a partial `numpy._core`), so a file pickled under one loads under the other."""
-    for package in ("numpy._core", "numpy.core"):
-        try:
-            return getattr(importlib.import_module(f"{package}.{submodule}"), name)
-        except (ImportError, AttributeError):
-            continue
-    raise ImportError(f"this NumPy has no {submodule}.{name}")
-
-
-def _unpickle(path: Path) -> Any:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BinFormatError(f"file {path}: not found") from None
-    except OSError as err:
-        raise BinFormatError(f"file {path}: cannot be read ({err.strerror or err})") from None
-    try:
-        try:
-            return _RestrictedUnpickler(io.BytesIO(data), path).load()
-        except UnicodeDecodeError:
-            # A Python 2 pickle: its JPEGs are `str`, which Python 3 can only take as raw bytes (as insightface does).
-            return _RestrictedUnpickler(io.BytesIO(data), path, encoding="bytes").load()
-    except BinFormatError:
-        raise
-    except Exception as err:  # the unpickler raises many types on garbage: report them all the same way
-        raise BinFormatError(f"file {path}: not a readable pickle ({type(err).__name__}: {err})") from None
-
-
-def _as_bytes(item: Any, path: Path, index: int) -> bytes:
-    if isinstance(item, bytes | bytearray):
-        return bytes(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
-        return item.tobytes()
-    raise BinFormatError(f"file {path}: image {index} is a {type(item).__name__}, expected encoded image bytes")
-
-
-def _as_bool(item: Any, path: Path, index: int) -> bool:
-    if isinstance(item, bool | np.bool_) or (isinstance(item, int | np.integer) and item in (0, 1)):
-        return bool(item)
-    raise BinFormatError(f"file {path}: issame_list[{index}] is {item!r}, expected a bool")
-
-
 def _fit(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """Resize the shorter side to the target and centre-crop, like insightface's `resize_short` on square crops."""
     height, width = image_size
@@ -174,34 +88,6 @@ def _fit(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return resized[top : top + height, left : left + width]
-
-
-def read_bin(path: str | Path, folds: int | None = None) -> tuple[list[Any], list[bool]]:
-    """The `(encoded images, issame)` of a verification `.bin`, checked for layout but not decoded.
-
-    With `folds`, a file with fewer pairs than that is refused (`BinFormatError` naming the file, its pair count and
-    the folds)."""
-    path = Path(path)
-    obj = _unpickle(path)
-    if not (isinstance(obj, tuple | list) and len(obj) == 2):
-        raise BinFormatError(f"file {path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
-    bins, issame_raw = obj
-    if not isinstance(bins, list | tuple) or not isinstance(issame_raw, list | tuple | np.ndarray):
-        raise BinFormatError(
-            f"file {path}: expected (list of images, list of bools), got ({type(bins).__name__}, "
-            f"{type(issame_raw).__name__})"
-        )
-    issame = [_as_bool(item, path, i) for i, item in enumerate(issame_raw)]
-    if not issame:
-        raise BinFormatError(f"file {path}: no pairs")
-    if len(bins) != 2 * len(issame):
-        raise BinFormatError(f"file {path}: {len(bins)} images for {len(issame)} pairs (need exactly 2 per pair)")
-    if folds is not None and len(issame) < folds:
-        raise BinFormatError(
-            f"file {path}: {len(issame)} pairs, fewer than the {folds} folds of the verification protocol "
-            f"(it needs at least {folds} pairs)"
-        )
-    return list(bins), issame
 
 
 def check_bin(path: str | Path, folds: int = NUM_FOLDS) -> int:
@@ -261,7 +147,7 @@ def load_bin(
     bins, issame = read_bin(path, folds)
     images = torch.empty((len(bins), 3, *image_size), dtype=torch.uint8)
     for index, item in enumerate(bins):
-        buf = _as_bytes(item, path, index)
+        buf = image_bytes(item, path, index)
         try:
             image = decode_image(buf)
         except Exception as err:  # decoders raise their own error types
