@@ -19,10 +19,11 @@
 * ``extract SRC OUT_DIR``: the images of a dataset as files, to look at them or to feed the tools that take image
   folders. SRC a ``.rec`` (a folder holding ``train.rec``/``train.idx``, or a ``.rec`` with its ``.idx``):
   ``OUT_DIR/<label>/<key>.jpg`` (the stored bytes; a non-JPEG record is re-encoded as JPEG) and ``OUT_DIR/labels.csv``
-  (``path,label``): the layout of ``pack`` and of an ``image_folder`` source, so ``pack`` of the output gives the same
-  labels back. SRC a verification ``.bin``: ``OUT_DIR/<i:05d>.jpg`` (image ``i``; pair ``p`` is images ``2p`` and
-  ``2p+1``) and ``OUT_DIR/pairs.txt`` (``path1 path2 0|1``, ``build-bin``'s format and that of ``evaluation.compare
-  --pairs``, so ``build-bin OUT_DIR/pairs.txt OUT_DIR x.bin`` gives the same ``.bin`` back). OUT_DIR must not exist
+  (``path,label``): the layout of ``pack`` and of an ``image_folder`` source; the label folders are zero-padded to one
+  width (``007``), so their sorted order is the label order and ``pack`` of the output gives the same labels back.
+  SRC a verification ``.bin``: ``OUT_DIR/<i:05d>.jpg`` (image ``i``; pair ``p`` is images ``2p`` and ``2p+1``) and
+  ``OUT_DIR/pairs.txt`` (``path1 path2 0|1``, ``build-bin``'s format and that of ``evaluation.compare --pairs``, so
+  ``build-bin OUT_DIR/pairs.txt OUT_DIR x.bin`` gives the same ``.bin`` back). OUT_DIR must not exist
   or be empty; it is written in a temporary folder beside it and renamed into place, so a failure leaves nothing.
   Unreadable records are skipped with a warning (a ``.bin`` with one is refused: its pairs would be broken).
 * ``inspect REC_DIR``: files, layout, images, identities, headers; ``--grid out.png`` writes a grid of samples.
@@ -367,9 +368,8 @@ def _extract_rec(src: Path, staging: Path) -> str:
 
     reader = RecordReader(rec, rec.with_suffix(".idx"))
     layout = read_insightface_layout(reader, with_identity_ranges=False)
-    rows: list[str] = []
+    written: list[tuple[int, int]] = []  # (label, key)
     skipped = 0
-    labels: set[int] = set()
     with _progress() as progress:
         task = progress.add_task("extract", total=len(layout.image_keys))
         for key in (int(k) for k in layout.image_keys):
@@ -383,11 +383,15 @@ def _extract_rec(src: Path, staging: Path) -> str:
                 continue
             value = header.label
             label = int(value if isinstance(value, float) else np.asarray(value, dtype=np.float64).reshape(-1)[0])
-            name = f"{label}/{key}.jpg"
             (staging / str(label)).mkdir(exist_ok=True)
-            (staging / name).write_bytes(data)
-            rows.append(f"{name},{label}\n")
-            labels.add(label)
+            (staging / str(label) / f"{key}.jpg").write_bytes(data)
+            written.append((label, key))
+    # Folder names padded to one width: their sorted order (an image folder's label order) is the labels' order.
+    labels = sorted({label for label, _ in written})
+    width = len(str(labels[-1])) if labels else 1
+    for label in labels:
+        os.replace(staging / str(label), staging / f"{label:0{width}d}")
+    rows = [f"{label:0{width}d}/{key}.jpg,{label}\n" for label, key in written]
     (staging / "labels.csv").write_text("path,label\n" + "".join(rows), encoding="utf-8")
     return f"{len(rows)} images of {len(labels)} labels" + (
         f" ({skipped} unreadable records skipped)" if skipped else ""

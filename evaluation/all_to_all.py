@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 from evaluation.calibration import allowed_false_accepts
+from evaluation.embed import FaceImage
 from models.cli import atomic_output, report_input_error, setup_logging
 from models.errors import InputError
 
@@ -226,10 +228,10 @@ class Labelled:
     identities: list[str]
 
 
-def list_labelled(source: Path) -> tuple[list, Labelled]:
+def list_labelled(source: Path) -> tuple[list[FaceImage], Labelled]:
     """The images of an identity-folder tree or a `path label` list, and their labels (`evaluation.embed`'s
     `FaceImage`s, in a fixed order)."""
-    from evaluation.embed import FaceImage, list_images, read_image
+    from evaluation.embed import list_images, read_image
 
     if source.is_dir():
         images = list_images(source)
@@ -254,7 +256,7 @@ def list_labelled(source: Path) -> tuple[list, Labelled]:
         if len(fields) != 2:
             raise AllToAllError(f"{source}:{number}: expected 'path label', got {raw.strip()!r}")
         path = source.parent / fields[0]
-        images.append(FaceImage(fields[0], lambda path=path: read_image(path)))
+        images.append(FaceImage(fields[0], functools.partial(read_image, path)))
         identities.append(fields[1])
     if not images:
         raise AllToAllError(f"{source}: no images listed")

@@ -27,10 +27,11 @@ embeddings are not finite (NaN or infinite) is refused: nothing is written.
 
 Writing (`write_together`; the names, the norms, then the array): every file is written in full to a temporary
 file beside it first; a failure there (a full disk, a file-size limit, a folder that takes no files) removes the
-temporaries and leaves the old output as it was. Then the old files are moved aside (the array first), the new ones renamed in (the array last) and the old ones
-deleted; a failed rename puts the old files back. The array is the file that completes the pair: at no moment is
-there an array beside a names file of another run (a run killed in the middle can leave a names file without its
-array, and hidden `.<name>.*.tmp` files). The output folder is checked to take files before any work.
+temporaries and leaves the old output as it was. Then the old files are moved aside (the array first), the new
+ones renamed in (the array last) and the old ones deleted; a failed rename puts the old files back. The array is
+the file that completes the output: at no moment is there an array beside a names file of another run (a run killed
+in the middle can leave a names file without its array, and hidden `.<name>.*.tmp` files). The output folder is
+checked to take files before any work.
 
 Python: `FaceEmbedder.from_file("model.safetensors").embed([array_or_path, ...])`. The input normalization and
 the flip are `data.dataset.normalize_images`, the one the trainer and the verification use.

@@ -35,12 +35,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from models.cli import atomic_output, report_input_error, setup_logging
 from models.errors import InputError
+
+if TYPE_CHECKING:
+    from evaluation.embed import FaceEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +224,9 @@ def summarize(groups: Sequence[GroupResult]) -> RFWResult:
     return RFWResult(list(groups), float(accuracies.mean()), float(accuracies.std()), ser)
 
 
-def evaluate(embedder, protocols: Sequence[GroupProtocol], flip: bool, batch_size: int, workers: int) -> RFWResult:  # noqa: ANN001
+def evaluate(
+    embedder: FaceEmbedder, protocols: Sequence[GroupProtocol], flip: bool, batch_size: int, workers: int
+) -> RFWResult:
     """Embed each group's images with a `FaceEmbedder` and score its pairs."""
     results = []
     for protocol in protocols:

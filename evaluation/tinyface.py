@@ -34,12 +34,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from models.cli import atomic_output, report_input_error, setup_logging
 from models.errors import InputError
+
+if TYPE_CHECKING:
+    from evaluation.embed import FaceEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +191,9 @@ def identification(
     return {k: float((rank[mated] <= k).mean()) for k in ranks}, int((~mated).sum())
 
 
-def evaluate(embedder, protocol: Protocol, flip: bool, batch_size: int, workers: int) -> IdentificationResult:  # noqa: ANN001
+def evaluate(
+    embedder: FaceEmbedder, protocol: Protocol, flip: bool, batch_size: int, workers: int
+) -> IdentificationResult:
     """Embed the probes and the gallery with a `FaceEmbedder` and identify."""
 
     def embed(paths: list[Path], what: str) -> np.ndarray:

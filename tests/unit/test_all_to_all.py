@@ -43,7 +43,9 @@ def test_exact_against_every_pair_with_ties(seed: int, block: int) -> None:
     far_targets = (0.001, 0.01, 0.05, 0.3)
     result = all_to_all(embeddings, labels, far_targets, block=block, min_buffer=3)
     expected = brute_force(embeddings, labels, far_targets)
-    assert len(set(np.round(embeddings @ embeddings.T).ravel())) <= 25  # 25 distinct scores for thousands of pairs: ties
+    assert (
+        len(set(np.round(embeddings @ embeddings.T).ravel())) <= 25
+    )  # 25 distinct scores for thousands of pairs: ties
     for point, (threshold, tar, far) in zip(result.points, expected, strict=True):
         assert (point.threshold, point.tar, point.far) == (threshold, tar, far)
         assert point.far <= point.far_target or not point.resolved
