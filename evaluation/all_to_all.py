@@ -457,12 +457,12 @@ def _run(args: argparse.Namespace) -> int:
         embeddings, labelled = read_embeddings(args.embeddings)
         source = args.embeddings.name
     else:
-        from evaluation.card import input_line
+        from evaluation.card import print_input_line
         from evaluation.embed import FaceEmbedder, embed_images, resolve_device
 
         images, labelled = list_labelled(args.input)
         embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device))
-        logger.info("%s", input_line(embedder.metadata))
+        print_input_line(embedder.metadata)
         model_path = embedder.path
         names, embeddings, skipped = embed_images(embedder, images, None, args.flip, args.batch_size, args.workers)
         if skipped:

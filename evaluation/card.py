@@ -49,6 +49,7 @@ __all__ = [
     "card_path",
     "describe_input",
     "input_line",
+    "print_input_line",
     "model_facts",
     "read_card",
     "read_model_metadata",
@@ -258,6 +259,14 @@ def input_line(metadata: Mapping[str, str]) -> str:
         f"model {network} ({dim}-d): input aligned {size} {facts.get('channels', 'RGB')} faces (5-point ArcFace "
         f"template), {facts.get('normalization', NORMALIZATION)}"
     )
+
+
+def print_input_line(metadata: Mapping[str, str]) -> None:
+    """`input_line` on standard output, where the tools print their results: standard error stays for one line of
+    bad input (every tool's contract), so the line is not a log record."""
+    from rich.console import Console
+
+    Console(soft_wrap=True).print(input_line(metadata), markup=False, highlight=False)
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

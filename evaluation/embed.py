@@ -19,7 +19,7 @@ Output (`--out`): `.safetensors` (tensors `embeddings` (N, D) float32 and `norms
 list, the model, flip and the model's calibration) or `.npy` (the array) plus `<stem>.names.txt` (one name per line,
 in row order) and `<stem>.norms.npy`. `norms` is each face's embedding norm before normalization (with `--flip` the
 mean of the image's and its mirror's), a quality signal: `--min-norm X` leaves out the faces below X, each logged
-with its name and norm. The model's input expectations (its card, `evaluation.card`) are logged at start.
+with its name and norm. The model's input expectations (its card, `evaluation.card`) are printed at start.
 Embeddings are L2-normalized, so the dot product of two rows is their cosine similarity; `--flip` embeds each image
 and its mirror image and sums the two before normalizing (default: as the model's calibration, else off). An image
 that cannot be read, decoded or aligned is reported by name and skipped; it is not in the output. A model whose
@@ -61,7 +61,7 @@ import torch
 from data.dataset import normalize_images
 from evaluation.alignment import ALIGNED_SIZE, align_face
 from evaluation.calibration import Calibration, read_calibration, resolve_flip
-from evaluation.card import input_line
+from evaluation.card import print_input_line
 from models.cli import OutputError, atomic_output, file_mode, output_folder, report_input_error, setup_logging
 from models.errors import InputError
 
@@ -762,7 +762,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.landmarks is not None:
         landmarks = match_landmarks(images, read_landmarks(args.landmarks), args.landmarks)
     embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device), network=args.network)
-    logger.info("%s", input_line(embedder.metadata))
+    print_input_line(embedder.metadata)
     flip = resolve_flip(args.flip, embedder.calibration)
     names, embeddings, norms, skipped = embed_with_norms(
         embedder, images, landmarks, flip, args.batch_size, args.workers, progress=True

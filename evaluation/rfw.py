@@ -271,14 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        from evaluation.card import input_line, result_section, update_card
+        from evaluation.card import print_input_line, result_section, update_card
         from evaluation.embed import FaceEmbedder, check_writable_folder, resolve_device
 
         if args.out is not None:
             check_writable_folder(args.out)
         protocols = load_protocol(args.root, args.groups, align=not args.no_align)
         embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device))
-        logger.info("%s", input_line(embedder.metadata))
+        print_input_line(embedder.metadata)
         result = evaluate(embedder, protocols, args.flip, args.batch_size, args.workers)
         if args.out is not None:
             with atomic_output(args.out) as tmp:

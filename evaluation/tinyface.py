@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        from evaluation.card import input_line, result_section, update_card
+        from evaluation.card import print_input_line, result_section, update_card
         from evaluation.embed import FaceEmbedder, check_writable_folder, resolve_device
 
         if args.out is not None:
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             protocol.num_distractors,
         )
         embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device))
-        logger.info("%s", input_line(embedder.metadata))
+        print_input_line(embedder.metadata)
         result = evaluate(embedder, protocol, args.flip, args.batch_size, args.workers)
         if args.out is not None:
             with atomic_output(args.out) as tmp:

@@ -73,5 +73,5 @@ def test_readme_walkthrough_runs_as_written(tiny_run: Path, face_cache: Path, tm
     int8 = read_card(work / "model_int8.onnx")
     assert int8["results"]["int8"]["values"]["cosine_int8_fp32"]["mean"] >= 0.99
     assert json.loads(read_model_metadata(work / "model.onnx")["card"])["format"]["file"] == "onnx"
-    assert "model r_lite (32-d): input aligned 112x112 RGB" in proc.stderr  # compare and embed say how to feed it
+    assert "model r_lite (32-d): input aligned 112x112 RGB" in proc.stdout  # compare and embed say how to feed it
     assert os.path.isfile(work / "model_int8.onnx.README.md")

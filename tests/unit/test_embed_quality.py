@@ -60,7 +60,10 @@ def test_norms_beside_the_embeddings(setup: tuple[Path, Path, np.ndarray], tmp_p
 
 
 def test_npy_norms_and_min_norm(
-    setup: tuple[Path, Path, np.ndarray], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    setup: tuple[Path, Path, np.ndarray],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     model, faces, crops = setup
     norms = reference_norms(model, crops, flip=False)
@@ -75,5 +78,6 @@ def test_npy_norms_and_min_norm(
     assert np.load(out).shape == (len(kept), 16)
     dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("left out")]
     assert len(dropped) == 6 - len(kept) and all(".png: norm" in m and "below --min-norm" in m for m in dropped)
-    assert any(r.getMessage().startswith("model r_lite (16-d): input aligned 112x112 RGB") for r in caplog.records)
+    # How to feed the model, on standard output (standard error stays one line for bad input).
+    assert capsys.readouterr().out.startswith("model r_lite (16-d): input aligned 112x112 RGB")
     assert main([str(faces), "--model", str(model), "--out", str(out), "--min-norm", "1e9", "--device", "cpu"]) == 2
