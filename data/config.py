@@ -25,6 +25,11 @@ class DataConfig:
         "(root/<identity>/*.jpg), generated (the embedded procedural faces), synthetic (throughput only)",
     )
     root: str = key("", help="the dataset folder (recordio, image_folder); eval.bins names resolve against it")
+    # Stated by the user, copied into the model card (evaluation.card): the trainer cannot know either.
+    name: str = key("", help="the training data's name for the model card, e.g. MS1MV3 (default: from source/root)")
+    licence: str = key(
+        "not stated", help="the training data's licence as you state it, for the model card (e.g. non-commercial)"
+    )
     # `gpu` decodes the JPEGs of a `recordio` source (the generated faces are one) in batches with nvJPEG through
     # torchvision.
     decode: Literal["cpu", "gpu"] = key(

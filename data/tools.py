@@ -1,4 +1,4 @@
-"""Dataset tools: ``python -m data.tools {pack,shuffle,build-bin,inspect,scan} ...`` (``--help`` on each).
+"""Dataset tools: ``python -m data.tools {pack,shuffle,build-bin,extract,inspect,scan} ...`` (``--help`` on each).
 
 * ``pack IMAGE_DIR OUT_DIR``: an image folder (``IMAGE_DIR/<identity>/<image>``, the layout of
   :mod:`data.image_folder`, same labels) into insightface-layout ``train.rec``/``train.idx`` + ``property``, and
@@ -16,6 +16,16 @@
   ``pairs.txt`` (first line ``folds pairs`` or ``pairs``, then ``name i j`` / ``name1 i name2 j`` meaning
   ``IMAGE_ROOT/name/name_000i.jpg``). Images are stored byte for byte after a decode check. Fewer than 10 pairs
   (verification's 10 folds) is written with a warning: verification refuses such a file.
+* ``extract SRC OUT_DIR``: the images of a dataset as files, to look at them or to feed the tools that take image
+  folders. SRC a ``.rec`` (a folder holding ``train.rec``/``train.idx``, or a ``.rec`` with its ``.idx``):
+  ``OUT_DIR/<label>/<key>.jpg`` (the stored bytes; a non-JPEG record is re-encoded as JPEG) and ``OUT_DIR/labels.csv``
+  (``path,label``): the layout of ``pack`` and of an ``image_folder`` source; the label folders are zero-padded to one
+  width (``007``), so their sorted order is the label order and ``pack`` of the output gives the same labels back.
+  SRC a verification ``.bin``: ``OUT_DIR/<i:05d>.jpg`` (image ``i``; pair ``p`` is images ``2p`` and ``2p+1``) and
+  ``OUT_DIR/pairs.txt`` (``path1 path2 0|1``, ``build-bin``'s format and that of ``evaluation.compare --pairs``, so
+  ``build-bin OUT_DIR/pairs.txt OUT_DIR x.bin`` gives the same ``.bin`` back). OUT_DIR must not exist
+  or be empty; it is written in a temporary folder beside it and renamed into place, so a failure leaves nothing.
+  Unreadable records are skipped with a warning (a ``.bin`` with one is refused: its pairs would be broken).
 * ``inspect REC_DIR``: files, layout, images, identities, headers; ``--grid out.png`` writes a grid of samples.
 * ``scan REC_DIR``: reads and decodes every image record, lists the unusable ones (key, byte offset, reason);
   exit status 1 if there are any.
@@ -32,7 +42,9 @@ import math
 import multiprocessing
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -324,6 +336,107 @@ def cmd_build_bin(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# extract
+
+
+def _staging_folder(out_dir: Path) -> Path:
+    """A new folder beside `out_dir` to write into, refused when `out_dir` is a file or holds anything."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ToolError(f"{out_dir}: exists and is not an empty folder; choose another output folder or delete it")
+    output_folder(out_dir.parent)
+    try:
+        return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.extract-"))
+    except OSError as error:
+        raise OutputError(f"{out_dir}: cannot be written ({error.strerror or error})") from None
+
+
+def _publish_folder(staging: Path, out_dir: Path) -> None:
+    if out_dir.is_dir():
+        out_dir.rmdir()  # empty (checked before the work)
+    os.replace(staging, out_dir)
+
+
+def _jpeg_bytes(data: bytes) -> bytes:
+    if simplejpeg.is_jpeg(data):
+        return data
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(decode_image(data)), quality=95, colorspace="RGB")
+
+
+def _extract_rec(src: Path, staging: Path) -> str:
+    rec = src / "train.rec" if src.is_dir() else src
+    from data.recordio import RecordReader
+
+    reader = RecordReader(rec, rec.with_suffix(".idx"))
+    layout = read_insightface_layout(reader, with_identity_ranges=False)
+    written: list[tuple[int, int]] = []  # (label, key)
+    skipped = 0
+    with _progress() as progress:
+        task = progress.add_task("extract", total=len(layout.image_keys))
+        for key in (int(k) for k in layout.image_keys):
+            progress.advance(task)
+            try:
+                header, payload = reader.read_record(key)
+                data = _jpeg_bytes(payload)
+            except RecordIOError as error:
+                logger.warning("%s: key %d: %s; skipped", rec, key, error)
+                skipped += 1
+                continue
+            value = header.label
+            label = int(value if isinstance(value, float) else np.asarray(value, dtype=np.float64).reshape(-1)[0])
+            (staging / str(label)).mkdir(exist_ok=True)
+            (staging / str(label) / f"{key}.jpg").write_bytes(data)
+            written.append((label, key))
+    # Folder names padded to one width: their sorted order (an image folder's label order) is the labels' order.
+    labels = sorted({label for label, _ in written})
+    width = len(str(labels[-1])) if labels else 1
+    for label in labels:
+        os.replace(staging / str(label), staging / f"{label:0{width}d}")
+    rows = [f"{label:0{width}d}/{key}.jpg,{label}\n" for label, key in written]
+    (staging / "labels.csv").write_text("path,label\n" + "".join(rows), encoding="utf-8")
+    return f"{len(rows)} images of {len(labels)} labels" + (
+        f" ({skipped} unreadable records skipped)" if skipped else ""
+    )
+
+
+def _extract_bin(src: Path, staging: Path) -> str:
+    from data.bin_file import BinFormatError, encoded_images
+
+    try:
+        images, issame = encoded_images(src)
+    except BinFormatError as error:
+        raise ToolError(str(error)) from None
+    for index, data in enumerate(images):
+        try:
+            (staging / f"{index:05d}.jpg").write_bytes(_jpeg_bytes(data))
+        except RecordIOError as error:
+            raise ToolError(f"{src}: image {index} cannot be decoded ({error})") from None
+    lines = [f"{2 * i:05d}.jpg {2 * i + 1:05d}.jpg {int(same)}\n" for i, same in enumerate(issame)]
+    (staging / "pairs.txt").write_text("".join(lines), encoding="utf-8")
+    same = sum(issame)
+    return f"{len(images)} images, {len(issame)} pairs ({same} same, {len(issame) - same} different) in pairs.txt"
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    src, out_dir = Path(args.src), Path(args.out_dir)
+    if src.suffix == ".bin" and src.is_file():
+        extract = _extract_bin
+    elif (src.is_dir() and (src / "train.rec").is_file()) or (src.suffix == ".rec" and src.is_file()):
+        extract = _extract_rec
+    else:
+        raise ToolError(f"{src}: neither a verification .bin, a .rec, nor a folder holding train.rec")
+    staging = _staging_folder(out_dir)
+    try:
+        summary = extract(src, staging)
+        _publish_folder(staging, out_dir)
+    except OSError as error:
+        raise OutputError(f"{out_dir}: cannot be written ({error.strerror or error})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    console.print(f"extracted {summary} to {out_dir}", markup=False, highlight=False)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # inspect
 
 
@@ -484,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     bin_parser.add_argument("image_root", help="folder the pairs' paths are relative to")
     bin_parser.add_argument("out", help="the .bin to write")
     bin_parser.set_defaults(run=cmd_build_bin)
+
+    extract_parser = commands.add_parser("extract", help="a .rec or a .bin as an image folder (+ labels or pairs)")
+    extract_parser.add_argument("src", help="a .bin, a .rec (with its .idx), or a folder holding train.rec")
+    extract_parser.add_argument("out_dir", help="the folder to create (must not exist, or be empty)")
+    extract_parser.set_defaults(run=cmd_extract)
 
     inspect_parser = commands.add_parser("inspect", help="describe a .rec; optionally write a grid of samples")
     inspect_parser.add_argument("rec_dir", help="folder with train.rec/train.idx")

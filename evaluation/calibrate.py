@@ -31,8 +31,9 @@ named in `results.json`; IJB scores compare templates, so the threshold is the o
 
 The result is written into the model's metadata under the key `calibration` (JSON; `evaluation.calibration`): the
 safetensors header (the file is rewritten through a temporary file and renamed, tensors and permissions kept) or
-the ONNX model's `metadata_props`. The model's folder is checked to take a new file before any work; a failed write
-leaves the model untouched. `evaluation.compare` and `evaluation.embed` read it back. `--dry-run` only prints.
+the ONNX model's `metadata_props`, and the model's card (`evaluation.card`: its README) is rendered again with the
+threshold in it. The model's folder is checked to take a new file before any work; a failed write leaves the model
+untouched. `evaluation.compare` and `evaluation.embed` read it back. `--dry-run` only prints.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from evaluation.calibration import (
     CalibrationError,
     allowed_false_accepts,
 )
+from evaluation.card import CardError, write_card_for, write_model_metadata
 from evaluation.embed import (
     FaceEmbedder,
     check_writable_folder,
@@ -61,7 +63,7 @@ from evaluation.embed import (
     resolve_device,
     score_pairs,
 )
-from models.cli import atomic_output, report_input_error, setup_logging
+from models.cli import report_input_error, setup_logging
 from models.errors import InputError
 
 __all__ = [
@@ -187,50 +189,14 @@ def check_writable_model(model: Path) -> None:
 def write_calibration(model: Path, calibration: Calibration) -> None:
     """Store `calibration` in the model file's metadata: safetensors (tensors kept) or ONNX `metadata_props`,
     rewritten through a temporary file and renamed (`models.cli.atomic_output`: the file keeps its permissions, and a
-    failed write leaves it untouched and becomes an `OutputError`). A model inside a checkpoint folder is refused."""
+    failed write leaves it untouched and becomes an `OutputError`), and render the model's card again
+    (`evaluation.card`: its README shows the threshold). A model inside a checkpoint folder is refused."""
     check_writable_model(model)
-    if model.suffix == ".onnx":
-        _write_onnx_metadata(model, {METADATA_KEY: calibration.to_json()})
-    else:
-        _write_safetensors_metadata(model, {METADATA_KEY: calibration.to_json()})
-
-
-def _write_safetensors_metadata(path: Path, updates: dict[str, str]) -> None:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file, save
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CalibrationError(f"{path}: not a readable safetensors file ({err})") from None
-    metadata.update(updates)
-    metadata.setdefault("format", "pt")
-    # Serialized here and written by Python: a failed write is an OSError with its reason (safetensors' own writer
-    # reports it as a SafetensorError), which atomic_output turns into one line naming the model.
-    data = save(tensors, metadata=metadata)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _write_onnx_metadata(path: Path, updates: dict[str, str]) -> None:
-    try:
-        import onnx
-    except ImportError:
-        raise CalibrationError("writing into an ONNX model needs the onnx package: pip install onnx") from None
-    try:
-        model = onnx.load(str(path))
-    except Exception as err:  # onnx raises DecodeError, OSError, ... on a bad file
-        raise CalibrationError(f"{path}: not a readable ONNX model ({err})") from None
-    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in updates]
-    del model.metadata_props[:]
-    for key, value in [*kept, *updates.items()]:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    data = model.SerializeToString()
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
+        write_model_metadata(model, {METADATA_KEY: calibration.to_json()})
+    except CardError as err:
+        raise CalibrationError(str(err)) from None
+    write_card_for(model)  # the README shows the threshold: rendered again from the metadata just written
 
 
 # --------------------------------------------------------------------------------------------------------------

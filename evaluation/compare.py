@@ -29,6 +29,7 @@ import numpy as np
 
 from evaluation.calibrate import measure
 from evaluation.calibration import resolve_flip
+from evaluation.card import print_input_line
 from evaluation.embed import (
     EmbedError,
     FaceEmbedder,
@@ -124,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             raise EmbedError(f"--out {args.out}: is a folder")
         check_writable_folder(args.out)  # before the work, not after it
     embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device), network=args.network)
+    print_input_line(embedder.metadata)
     flip = resolve_flip(args.flip, embedder.calibration)
     calibration = embedder.calibration
     threshold = args.threshold if args.threshold is not None else (calibration.threshold if calibration else None)

@@ -15,19 +15,23 @@ lines and `#` comments skipped; names as written), a `.rec` with its `.idx` (nam
 
 Every image needs an entry (names as above); entries for other names are ignored.
 
-Output (`--out`): `.safetensors` (tensor `embeddings` (N, D) float32, metadata `names` as a JSON list, the model,
-flip and the model's calibration) or `.npy` (the array) plus `<stem>.names.txt` (one name per line, in row order).
+Output (`--out`): `.safetensors` (tensors `embeddings` (N, D) float32 and `norms` (N,), metadata `names` as a JSON
+list, the model, flip and the model's calibration) or `.npy` (the array) plus `<stem>.names.txt` (one name per line,
+in row order) and `<stem>.norms.npy`. `norms` is each face's embedding norm before normalization (with `--flip` the
+mean of the image's and its mirror's), a quality signal: `--min-norm X` leaves out the faces below X, each logged
+with its name and norm. The model's input expectations (its card, `evaluation.card`) are printed at start.
 Embeddings are L2-normalized, so the dot product of two rows is their cosine similarity; `--flip` embeds each image
 and its mirror image and sums the two before normalizing (default: as the model's calibration, else off). An image
 that cannot be read, decoded or aligned is reported by name and skipped; it is not in the output. A model whose
 embeddings are not finite (NaN or infinite) is refused: nothing is written.
 
-Writing (`write_together`): every file is written in full to a temporary file beside it first; a failure there (a
-full disk, a file-size limit, a folder that takes no files) removes the temporaries and leaves the old output as it
-was. Then the old files are moved aside (the array first), the new ones renamed in (the array last) and the old ones
-deleted; a failed rename puts the old files back. The array is the file that completes the pair: at no moment is
-there an array beside a names file of another run (a run killed in the middle can leave a names file without its
-array, and hidden `.<name>.*.tmp` files). The output folder is checked to take files before any work.
+Writing (`write_together`; the names, the norms, then the array): every file is written in full to a temporary
+file beside it first; a failure there (a full disk, a file-size limit, a folder that takes no files) removes the
+temporaries and leaves the old output as it was. Then the old files are moved aside (the array first), the new
+ones renamed in (the array last) and the old ones deleted; a failed rename puts the old files back. The array is
+the file that completes the output: at no moment is there an array beside a names file of another run (a run killed
+in the middle can leave a names file without its array, and hidden `.<name>.*.tmp` files). The output folder is
+checked to take files before any work.
 
 Python: `FaceEmbedder.from_file("model.safetensors").embed([array_or_path, ...])`. The input normalization and
 the flip are `data.dataset.normalize_images`, the one the trainer and the verification use.
@@ -57,6 +61,7 @@ import torch
 from data.dataset import normalize_images
 from evaluation.alignment import ALIGNED_SIZE, align_face
 from evaluation.calibration import Calibration, read_calibration, resolve_flip
+from evaluation.card import print_input_line
 from models.cli import OutputError, atomic_output, file_mode, output_folder, report_input_error, setup_logging
 from models.errors import InputError
 
@@ -150,6 +155,12 @@ class FaceEmbedder:
     def embed_batch(self, images: torch.Tensor, flip: bool) -> np.ndarray:
         """One forward of uint8 `(B, 3, 112, 112)` crops (2B with `flip`: each image and its mirror, summed).
         Non-finite embeddings are an `EmbedError` naming the model: no score is made of them."""
+        return self.embed_batch_norms(images, flip)[0]
+
+    def embed_batch_norms(self, images: torch.Tensor, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        """`embed_batch` and each face's norm before normalization (B,): the L2 norm of its embedding, with `flip`
+        the mean of the image's and its mirror image's (so the two settings give comparable norms). The norm is a
+        quality signal: blurred, tiny or non-face crops get small ones (MagFace, AdaFace)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, 112, 112):
             raise ValueError(f"need uint8 (B, 3, 112, 112) crops, got {images.dtype} {tuple(images.shape)}")
         count = len(images)
@@ -167,10 +178,12 @@ class FaceEmbedder:
                     f"{self.path}: the model's embeddings are not finite (NaN or infinite): a diverged or damaged "
                     "model, refused"
                 )
+            norms = out.norm(dim=1)
             if flip:
+                norms = (norms[:count] + norms[count:]) / 2
                 out = out[:count] + out[count:]
             out = torch.nn.functional.normalize(out, dim=1)
-        return out.cpu().numpy()
+        return out.cpu().numpy(), norms.cpu().numpy()
 
     def embed(
         self,
@@ -457,8 +470,9 @@ def iter_embeddings(
     batch_size: int,
     workers: int,
     progress: bool = True,
-) -> Iterator[tuple[list[int], np.ndarray, list[tuple[str, str]]]]:
-    """Per batch: (indices of the images embedded, their embeddings, (name, reason) of the images skipped)."""
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[str, str]]]]:
+    """Per batch: (indices of the images embedded, their embeddings, their norms before normalization, (name,
+    reason) of the images skipped)."""
 
     def crop(index: int) -> np.ndarray | str:
         image = images[index]
@@ -478,12 +492,12 @@ def iter_embeddings(
                 else:
                     kept.append(index)
                     crops.append(result)
-            embeddings = np.zeros((0, 0), np.float32)
+            embeddings, norms = np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
             if crops:
                 batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
-                embeddings = embedder.embed_batch(batch, flip)
+                embeddings, norms = embedder.embed_batch_norms(batch, flip)
             bar.advance(task, len(indices))
-            yield kept, embeddings, skipped
+            yield kept, embeddings, norms, skipped
 
 
 def embed_images(
@@ -496,17 +510,37 @@ def embed_images(
     progress: bool = True,
 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """(names embedded, their embeddings (N, D), (name, reason) skipped); a skipped image is logged by name."""
+    names, embeddings, _, skipped = embed_with_norms(embedder, images, landmarks, flip, batch_size, workers, progress)
+    return names, embeddings, skipped
+
+
+def embed_with_norms(
+    embedder: FaceEmbedder,
+    images: Sequence[FaceImage],
+    landmarks: Sequence[np.ndarray] | None = None,
+    flip: bool = False,
+    batch_size: int = 64,
+    workers: int = 4,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """`embed_images` and each embedded face's norm before normalization (`FaceEmbedder.embed_batch_norms`)."""
     names: list[str] = []
     chunks: list[np.ndarray] = []
+    norm_chunks: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
-    for kept, embeddings, bad in iter_embeddings(embedder, images, landmarks, flip, batch_size, workers, progress):
+    for kept, embeddings, norms, bad in iter_embeddings(
+        embedder, images, landmarks, flip, batch_size, workers, progress
+    ):
         names.extend(images[index].name for index in kept)
         if kept:
             chunks.append(embeddings)
+            norm_chunks.append(norms)
         for _, reason in bad:
             logger.warning("skipped %s", reason)
         skipped.extend(bad)
-    return names, (np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)), skipped
+    if not chunks:
+        return names, np.zeros((0, 0), np.float32), np.zeros(0, np.float32), skipped
+    return names, np.concatenate(chunks), np.concatenate(norm_chunks).astype(np.float32), skipped
 
 
 def score_pairs(
@@ -554,18 +588,43 @@ def names_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.names.txt")
 
 
-def write_embeddings(out: Path, names: Sequence[str], embeddings: np.ndarray, metadata: dict[str, str]) -> list[Path]:
-    """Write the output: `.safetensors` atomically, `.npy` and its names file together or not at all
-    (`write_together`); returns the files written. A failed write is an `OutputError` naming the file."""
+def norms_path(out: Path) -> Path:
+    """`emb.npy` -> `emb.norms.npy`."""
+    return out.with_name(f"{out.stem}.norms.npy")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    # Through memory and Python's write: np.save into a file writes the data with C stdio, which loses a failed
+    # write (a file-size limit leaves a truncated array and no error).
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return bytes(buffer.getbuffer())
+
+
+def write_embeddings(
+    out: Path,
+    names: Sequence[str],
+    embeddings: np.ndarray,
+    metadata: dict[str, str],
+    norms: np.ndarray | None = None,
+) -> list[Path]:
+    """Write the output: `.safetensors` atomically (tensors `embeddings` and, when given, `norms`), or `.npy`, its
+    names file and `<stem>.norms.npy` together or not at all (`write_together`); returns the files written. A failed
+    write is an `OutputError` naming the file."""
     from safetensors.numpy import save
 
     check_output(out)
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if norms is not None and len(norms) != len(embeddings):
+        raise ValueError(f"{len(norms)} norms for {len(embeddings)} embeddings")
     if out.suffix == ".safetensors":
         header = {**metadata, "names": json.dumps(list(names))}
+        tensors = {"embeddings": embeddings}
+        if norms is not None:
+            tensors["norms"] = np.ascontiguousarray(norms, dtype=np.float32)
         # Serialized here and written by Python: a failed write is an OSError naming its reason (safetensors' own
         # writer reports it as a SafetensorError), which atomic_output turns into an OutputError.
-        data = save({"embeddings": embeddings}, header)
+        data = save(tensors, header)
         with atomic_output(out) as tmp:
             tmp.write_bytes(data)
         return [out]
@@ -573,16 +632,17 @@ def write_embeddings(out: Path, names: Sequence[str], embeddings: np.ndarray, me
     if any("\n" in name or "\r" in name for name in names):
         raise EmbedError(f"--out {out}: a name contains a line break; write .safetensors instead")
 
-    def save_array(tmp: Path) -> None:
-        # Through memory and Python's write: np.save into a file writes the data with C stdio, which loses a failed
-        # write (a file-size limit leaves a truncated array and no error).
-        buffer = io.BytesIO()
-        np.save(buffer, embeddings)
-        tmp.write_bytes(buffer.getbuffer())
-
-    # The array last: it is what makes the pair complete (module docstring).
-    write_together([(listing, lambda p: p.write_text("".join(f"{n}\n" for n in names))), (out, save_array)])
-    return [out, listing]
+    files: list[tuple[Path, Callable[[Path], Any]]] = [
+        (listing, lambda p: p.write_text("".join(f"{n}\n" for n in names)))
+    ]
+    if norms is not None:
+        norm_bytes = _npy_bytes(np.ascontiguousarray(norms, dtype=np.float32))
+        files.append((norms_path(out), lambda p: p.write_bytes(norm_bytes)))
+    array_bytes = _npy_bytes(embeddings)
+    # The array last: it is what makes the output complete (module docstring).
+    files.append((out, lambda p: p.write_bytes(array_bytes)))
+    write_together(files)
+    return [out, listing] + ([norms_path(out)] if norms is not None else [])
 
 
 def write_together(files: Sequence[tuple[Path, Callable[[Path], Any]]]) -> None:
@@ -679,6 +739,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="sum each image's and its mirror's embedding (default: as the model's calibration, else off)",
     )
+    parser.add_argument(
+        "--min-norm",
+        type=float,
+        help="leave out faces whose embedding norm before normalization is below this (a quality threshold); "
+        "each is logged with its name and norm",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -696,24 +762,43 @@ def _run(args: argparse.Namespace) -> int:
     if args.landmarks is not None:
         landmarks = match_landmarks(images, read_landmarks(args.landmarks), args.landmarks)
     embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device), network=args.network)
+    print_input_line(embedder.metadata)
     flip = resolve_flip(args.flip, embedder.calibration)
-    names, embeddings, skipped = embed_images(
+    names, embeddings, norms, skipped = embed_with_norms(
         embedder, images, landmarks, flip, args.batch_size, args.workers, progress=True
     )
     if not names:
         raise EmbedError(f"{args.input}: none of its {len(images)} images could be embedded; nothing written")
-    metadata = {"model": str(embedder.path), "flip": str(flip).lower(), "normalized": "true"}
+    dropped = 0
+    if args.min_norm is not None:
+        keep = norms >= args.min_norm
+        for index in np.flatnonzero(~keep):
+            logger.warning("left out %s: norm %.4f below --min-norm %g", names[index], norms[index], args.min_norm)
+        dropped = int((~keep).sum())
+        names = [name for name, kept in zip(names, keep, strict=True) if kept]
+        embeddings, norms = embeddings[keep], norms[keep]
+        if not names:
+            raise EmbedError(f"{args.input}: every face's norm is below --min-norm {args.min_norm:g}; nothing written")
+    metadata = {
+        "model": str(embedder.path),
+        "flip": str(flip).lower(),
+        "normalized": "true",
+        "norms": "L2 norm of each embedding before normalization (with flip: the mean of image and mirror)",
+    }
+    if args.min_norm is not None:
+        metadata["min_norm"] = f"{args.min_norm:g}"
     if embedder.calibration is not None:
         metadata["calibration"] = embedder.calibration.to_json()
-    written = write_embeddings(args.out, names, embeddings, metadata)
+    written = write_embeddings(args.out, names, embeddings, metadata, norms=norms)
     threshold = "" if embedder.calibration is None else f"; calibrated threshold {embedder.calibration.threshold:.4f}"
     logger.info(
-        "%d embeddings (%d-d%s) -> %s; %d images skipped%s",
+        "%d embeddings (%d-d%s) -> %s; %d images skipped%s%s",
         len(names),
         embeddings.shape[1],
         ", flip-summed" if flip else "",
         ", ".join(map(str, written)),
         len(skipped),
+        f", {dropped} below --min-norm" if args.min_norm is not None else "",
         threshold,
     )
     return 0

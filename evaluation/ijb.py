@@ -395,6 +395,31 @@ def results_json(protocol: Protocol, settings: Settings, runs: list[RunResult], 
     }
 
 
+def write_card_section(run: RunResult, protocol: Protocol, settings: Settings) -> Path:
+    """Add a run's 1:1 TARs (and 1:N means) to its model's card (`evaluation.card`, section `ijb_<target>`)."""
+    from evaluation.card import result_section, update_card
+    from models.weights import resolve_weights_path
+
+    model = run.spec.path if run.spec.kind == "onnx" else resolve_weights_path(run.spec.path, verify=False)
+    points = run.verification.points
+    columns = ["protocol", *[f"TAR@FAR={p.far_target:.0e}" for p in points], "AUC"]
+    mode = f"N{settings.norm:d}D{settings.det_score:d}F{settings.flip:d}"
+    rows: list[list[Any]] = [
+        [f"{protocol.target} 1:1, {mode}", *(f"{p.tar:.5f}" if p.resolved else NOT_RESOLVED for p in points)]
+        + [f"{run.verification.auc:.5f}"]
+    ]
+    values: dict[str, Any] = {
+        "tar_at_far": {_key(p.far_target): _measured(p, p.tar) for p in points},
+        "pairs": len(protocol.pairs),
+        "settings": {"flip": settings.flip, "norm": settings.norm, "det_score": settings.det_score},
+    }
+    if run.identification:
+        values["identification_mean"] = mean_identification(run.identification)
+    note = f"{protocol.target} ({len(protocol.pairs)} template pairs); {NOT_RESOLVED}: FAR below 1 / impostor pairs"
+    section = result_section(f"{protocol.target}", columns, rows, values, note, "evaluation.ijb")
+    return update_card(model, f"ijb_{protocol.target.lower()}", section)
+
+
 def plot_roc(path: Path, target: str, runs: list[RunResult]) -> bool:
     """Write the ROC curves (log-scale FAR) as a PNG; False (and a warning) without matplotlib."""
     try:
@@ -533,6 +558,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ablations.add_argument("--no-det-score", action="store_true", help="do not weight faces by detector score")
     ablations.add_argument("--no-flip", action="store_true", help="embed the image only, not its flip")
     parser.add_argument("--save-features", action="store_true", help="also write features_<run>.npz per model")
+    parser.add_argument("--card", action="store_true", help="add each model's results to its card (evaluation.card)")
     args = parser.parse_args(argv)
     if not args.weights and not args.onnx:
         parser.error("give at least one --weights or --onnx model")
@@ -604,6 +630,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.save_features:
             for run in runs:
                 logger.info("features: %s", save_features(args.out, run))
+        if args.card:
+            for run in runs:
+                write_card_section(run, protocol, settings)
         print_report(protocol, settings, runs)
         logger.info("results: %s", args.out / "results.json")
     accelerator.wait_for_everyone()

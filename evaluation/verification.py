@@ -11,15 +11,18 @@ A file with fewer pairs than folds (`NUM_FOLDS`) is refused when it is loaded fo
 number that is not the protocol's and cannot be compared with any published one. A model whose embeddings are not
 finite is refused too (`NonFiniteEmbeddingsError`), rather than scored at chance accuracy.
 
-Unpickling: `.bin` files are pickles, and pickles can run code. `load_bin` refuses every global except the few that
-real `.bin` files need: `_codecs.encode` and `bytearray` (how Python 3 writes bytes in protocol <= 2), and NumPy's
-array reconstruction, because insightface's `build_eval_pack.py` stores each image as the uint8 array returned by
-`cv2.imencode`: `numpy.ndarray`, `numpy.dtype`, `multiarray._reconstruct` and `multiarray.scalar` (protocols <= 4)
-and `numeric._frombuffer` (protocol 5, what `pickle.HIGHEST_PROTOCOL` gives on Python 3.8+), each under NumPy 1's
-`numpy.core` and NumPy 2's `numpy._core` name. None of these calls user-chosen code (`_frombuffer` refuses object
-arrays); every element is then checked to be bytes or a uint8 array.
+Reading: `data.bin_file.read_bin` (a restricted unpickler: the file is never trusted to run code).
 
     python -m evaluation.verification --weights model.safetensors --bin lfw.bin --bin cfp_fp.bin
+    python -m evaluation.verification --weights runs/r50 --root /data/ms1m --bin lfw --bin calfw
+    python -m evaluation.verification --weights runs/r50 --root /data/ms1m --bins all [--card]
+
+The sets by name (`BIN_NAMES`, insightface's `val_targets` names, shipped as `<name>.bin` in its training archives):
+`lfw`, `cfp_fp`, `cfp_ff`, `agedb_30`, `calfw`, `cplfw`, `vgg2_fp`. A `--bin` that is not an existing file is a name
+under `--root` (`lfw` -> `<root>/lfw.bin`, as insightface's `val_targets` resolve against the data folder); `--bins
+all` takes every one of the seven found under `--root` (insightface's callback skips the missing ones the same way;
+a name given explicitly must exist). Every set is evaluated with the same protocol; the table has a row per set
+(pairs, accuracy +- std, XNorm) and their mean. `--card` adds the table to the model's card (`evaluation.card`).
 
 `--weights` also takes a run's output folder or a checkpoint folder (its `model.safetensors`, checked against the
 checkpoint's manifest). Bad input (a missing, unfitting, damaged or non-finite model, an unreadable `.bin` or one with
@@ -29,16 +32,13 @@ fewer than 10 pairs) is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import importlib
-import io
 import logging
 import math
-import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from PIL import Image
 from sklearn.model_selection import KFold
 from torch import nn
 
+from data.bin_file import BinFormatError, image_bytes, read_bin
 from data.dataset import mirror_images, normalize_images
 from data.recordio import decode_image
 from models.errors import InputError
@@ -56,27 +57,10 @@ logger = logging.getLogger(__name__)
 THRESHOLDS = np.arange(0, 4, 0.01)
 # insightface's k: every fold holds out at least one pair, so a file needs at least this many pairs.
 NUM_FOLDS = 10
-
-_ALLOWED_GLOBALS = frozenset(
-    {
-        ("_codecs", "encode"),
-        ("builtins", "bytearray"),
-        ("__builtin__", "bytearray"),  # the Python 2 spelling; the base class maps it to builtins
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy._core.numeric", "_frombuffer"),
-    }
-)
-
-
-class BinFormatError(InputError, ValueError):
-    """A `.bin` file that is missing, unsafe, not in the `(bins, issame_list)` layout or too small for the protocol;
-    the message names the file."""
+# The verification sets insightface ships as `<name>.bin` beside its training data (MS1M-ArcFace, MS1M-RetinaFace,
+# Glint360K), by the names its configs use (`val_targets`); `all` stands for every one of them that is there.
+BIN_NAMES = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
+ALL_BINS = "all"
 
 
 class NonFiniteEmbeddingsError(ValueError):
@@ -93,63 +77,6 @@ class VerificationResult:
     num_pairs: int
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], path: Path, encoding: str = "ASCII") -> None:
-        super().__init__(file, encoding=encoding)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise BinFormatError(f"file {self.path}: refusing to unpickle global '{module}.{name}'")
-        if module.startswith(("numpy.core.", "numpy._core.")):
-            return _numpy_internal(module.split(".", 2)[2], name)
-        return super().find_class(module, name)
-
-
-def _numpy_internal(submodule: str, name: str) -> Any:
-    """A NumPy internal under either name: NumPy 2 calls the package `numpy._core` (and warns on `numpy.core`),
-    NumPy 1 `numpy.core` (1.26 has a partial `numpy._core`), so a file pickled under one loads under the other."""
-    for package in ("numpy._core", "numpy.core"):
-        try:
-            return getattr(importlib.import_module(f"{package}.{submodule}"), name)
-        except (ImportError, AttributeError):
-            continue
-    raise ImportError(f"this NumPy has no {submodule}.{name}")
-
-
-def _unpickle(path: Path) -> Any:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BinFormatError(f"file {path}: not found") from None
-    except OSError as err:
-        raise BinFormatError(f"file {path}: cannot be read ({err.strerror or err})") from None
-    try:
-        try:
-            return _RestrictedUnpickler(io.BytesIO(data), path).load()
-        except UnicodeDecodeError:
-            # A Python 2 pickle: its JPEGs are `str`, which Python 3 can only take as raw bytes (as insightface does).
-            return _RestrictedUnpickler(io.BytesIO(data), path, encoding="bytes").load()
-    except BinFormatError:
-        raise
-    except Exception as err:  # the unpickler raises many types on garbage: report them all the same way
-        raise BinFormatError(f"file {path}: not a readable pickle ({type(err).__name__}: {err})") from None
-
-
-def _as_bytes(item: Any, path: Path, index: int) -> bytes:
-    if isinstance(item, bytes | bytearray):
-        return bytes(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
-        return item.tobytes()
-    raise BinFormatError(f"file {path}: image {index} is a {type(item).__name__}, expected encoded image bytes")
-
-
-def _as_bool(item: Any, path: Path, index: int) -> bool:
-    if isinstance(item, bool | np.bool_) or (isinstance(item, int | np.integer) and item in (0, 1)):
-        return bool(item)
-    raise BinFormatError(f"file {path}: issame_list[{index}] is {item!r}, expected a bool")
-
-
 def _fit(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """Resize the shorter side to the target and centre-crop, like insightface's `resize_short` on square crops."""
     height, width = image_size
@@ -163,39 +90,49 @@ def _fit(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     return resized[top : top + height, left : left + width]
 
 
-def read_bin(path: str | Path, folds: int | None = None) -> tuple[list[Any], list[bool]]:
-    """The `(encoded images, issame)` of a verification `.bin`, checked for layout but not decoded.
-
-    With `folds`, a file with fewer pairs than that is refused (`BinFormatError` naming the file, its pair count and
-    the folds)."""
-    path = Path(path)
-    obj = _unpickle(path)
-    if not (isinstance(obj, tuple | list) and len(obj) == 2):
-        raise BinFormatError(f"file {path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
-    bins, issame_raw = obj
-    if not isinstance(bins, list | tuple) or not isinstance(issame_raw, list | tuple | np.ndarray):
-        raise BinFormatError(
-            f"file {path}: expected (list of images, list of bools), got ({type(bins).__name__}, "
-            f"{type(issame_raw).__name__})"
-        )
-    issame = [_as_bool(item, path, i) for i, item in enumerate(issame_raw)]
-    if not issame:
-        raise BinFormatError(f"file {path}: no pairs")
-    if len(bins) != 2 * len(issame):
-        raise BinFormatError(f"file {path}: {len(bins)} images for {len(issame)} pairs (need exactly 2 per pair)")
-    if folds is not None and len(issame) < folds:
-        raise BinFormatError(
-            f"file {path}: {len(issame)} pairs, fewer than the {folds} folds of the verification protocol "
-            f"(it needs at least {folds} pairs)"
-        )
-    return list(bins), issame
-
-
 def check_bin(path: str | Path, folds: int = NUM_FOLDS) -> int:
     """Whether a `.bin` can be verified on, before it is needed (the trainer calls it at start, on every rank):
     readable, safe, the `(images, issame)` layout, at least `folds` pairs. Returns the number of pairs; raises
     `BinFormatError` (an `InputError`) naming the file. Images are decoded later, by `load_bin`."""
     return len(read_bin(path, folds)[1])
+
+
+def resolve_bins(entries: Sequence[str], root: Path | str | None) -> list[Path]:
+    """The `.bin` files that `entries` name: an existing file is itself; a name is `<root>/<name>.bin` (or
+    `<root>/<name>`); `all` is every `BIN_NAMES` file found under `root`, in that order. A name that is not there is a
+    `BinFormatError` naming where it was looked for; so is `all` when none is; a set named twice is refused."""
+    folder = Path(root) if root else None
+    found: list[Path] = []
+    for entry in entries:
+        if entry == ALL_BINS:
+            if folder is None:
+                raise BinFormatError(f"--bins {ALL_BINS}: give --root, the folder holding the .bin files")
+            present = [folder / f"{name}.bin" for name in BIN_NAMES if (folder / f"{name}.bin").is_file()]
+            if not present:
+                raise BinFormatError(
+                    f"--bins {ALL_BINS}: none of {', '.join(f'{n}.bin' for n in BIN_NAMES)} is in {folder}"
+                )
+            missing = [name for name in BIN_NAMES if not (folder / f"{name}.bin").is_file()]
+            if missing:
+                logger.info("--bins all: %s not in %s", ", ".join(missing), folder)
+            found += present
+            continue
+        candidates = [Path(entry)]
+        if folder is not None and not Path(entry).is_absolute():
+            candidates += [folder / entry, folder / f"{entry}.bin"]
+        match = next((c for c in candidates if c.is_file()), None)
+        if match is None:
+            hint = "" if folder is not None or Path(entry).suffix else " (a set name needs --root)"
+            raise BinFormatError(
+                f"{entry}: not found (looked at {', '.join(map(str, candidates))}){hint}; the sets by name: "
+                f"{', '.join(BIN_NAMES)}"
+            )
+        found.append(match)
+    stems = [path.stem for path in found]
+    twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if twice:
+        raise BinFormatError(f"the set {twice[0]!r} is named twice ({', '.join(str(p) for p in found)})")
+    return found
 
 
 def load_bin(
@@ -210,7 +147,7 @@ def load_bin(
     bins, issame = read_bin(path, folds)
     images = torch.empty((len(bins), 3, *image_size), dtype=torch.uint8)
     for index, item in enumerate(bins):
-        buf = _as_bytes(item, path, index)
+        buf = image_bytes(item, path, index)
         try:
             image = decode_image(buf)
         except Exception as err:  # decoders raise their own error types
@@ -349,13 +286,36 @@ class VerificationCallback:
                 self.highest[name] = float(value)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The `python -m evaluation.verification` CLI; returns the exit status."""
-    from rich.console import Console
+def results_table(results: dict[str, VerificationResult], title: str) -> Any:
+    """A rich table: a row per set (pairs, accuracy +- std, XNorm) and, for several sets, their mean."""
     from rich.table import Table
 
-    from models.cli import report_input_error
-    from models.weights import load_backbone
+    table = Table(title=title)
+    for column in ("set", "pairs", "accuracy +- std", "XNorm"):
+        table.add_column(column, justify="left" if column == "set" else "right")
+    for name, result in results.items():
+        table.add_row(name, str(result.num_pairs), f"{result.acc:.5f} +- {result.std:.5f}", f"{result.xnorm:.4f}")
+    if len(results) > 1:
+        values = list(results.values())
+        table.add_section()
+        table.add_row(
+            "mean",
+            str(sum(r.num_pairs for r in values)),
+            f"{np.mean([r.acc for r in values]):.5f}",
+            f"{np.mean([r.xnorm for r in values]):.4f}",
+        )
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `python -m evaluation.verification` CLI; returns the exit status."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from evaluation.card import update_card, verification_section
+    from models.cli import report_input_error, setup_logging
+    from models.weights import load_backbone, resolve_weights_path
 
     parser = argparse.ArgumentParser(prog="python -m evaluation.verification", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -365,36 +325,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--embedding-size", type=int, help="embedding size (default: the file's metadata, else the weights' shapes)"
     )
-    parser.add_argument("--bin", dest="bins", action="append", required=True, type=Path, help="a .bin (repeatable)")
+    parser.add_argument(
+        "--bin", dest="bins", action="append", default=[], help="a .bin file, or a set name under --root (repeatable)"
+    )
+    parser.add_argument(
+        "--bins",
+        dest="bin_list",
+        action="append",
+        default=[],
+        help=f"set names under --root, comma separated, or {ALL_BINS} ({', '.join(BIN_NAMES)}: those present)",
+    )
+    parser.add_argument("--root", type=Path, help="the folder the set names resolve in (insightface's data folder)")
+    parser.add_argument("--card", action="store_true", help="add the results to the model's card (evaluation.card)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    entries = [*args.bins, *(name.strip() for group in args.bin_list for name in group.split(",") if name.strip())]
+    if not entries:
+        parser.error("give --bin FILE_OR_NAME (repeatable) or --bins NAMES|all")
+    setup_logging()
     try:
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as err:
             raise InputError(f"--device {args.device!r}: {err}") from None
         backbone, metadata = load_backbone(args.weights, args.network, args.embedding_size, device)
+        bin_paths = resolve_bins(entries, args.root)
         network, embedding_size = metadata["network"], metadata["embedding_size"]
         # Every file is read before the first evaluation: a bad one fails at once, not after the others ran.
-        targets = [(bin_path, *load_bin(bin_path, folds=NUM_FOLDS)) for bin_path in args.bins]
-        table = Table(title=f"Verification: {args.weights.name} ({network}, {embedding_size}-d)")
-        for column in ("target", "pairs", "accuracy", "std", "XNorm"):
-            table.add_column(column, justify="left" if column == "target" else "right")
+        targets = [(bin_path, *load_bin(bin_path, folds=NUM_FOLDS)) for bin_path in bin_paths]
+        results: dict[str, VerificationResult] = {}
         for bin_path, images, issame in targets:
             try:
-                result = evaluate_backbone(backbone, images, issame, batch_size=args.batch_size, device=device)
+                results[bin_path.stem] = evaluate_backbone(
+                    backbone, images, issame, batch_size=args.batch_size, device=device
+                )
             except NonFiniteEmbeddingsError as err:
                 raise InputError(f"{args.weights} on {bin_path}: {err}: a diverged or damaged model, refused") from None
-            table.add_row(
-                bin_path.stem,
-                str(result.num_pairs),
-                f"{result.acc:.5f}",
-                f"{result.std:.5f}",
-                f"{result.xnorm:.4f}",
-            )
+        table = results_table(results, f"Verification: {args.weights.name} ({network}, {embedding_size}-d)")
+        if args.card:
+            section = verification_section({name: asdict(r) for name, r in results.items()})
+            update_card(resolve_weights_path(args.weights, verify=False), "verification", section)
     except InputError as err:
         return report_input_error(err)
     Console().print(table)

@@ -6,6 +6,7 @@
         train.log                   the main process's log
         metrics.jsonl               one JSON record per log line and per evaluation
         model.safetensors           the final backbone (a finished run only)
+        README.md                   its model card (evaluation.card: rendered from the model's metadata)
         curves.png                  loss, lr, samples/s, verification against the step
         tensorboard/, wandb/        trackers' files
         teacher_cache/              distillation's teacher embeddings (trainer.distill)
@@ -175,15 +176,16 @@ class RunFolder:
     LOG = "train.log"
     METRICS = "metrics.jsonl"
     MODEL = "model.safetensors"
+    CARD = "README.md"
     CURVES = "curves.png"
     CHECKPOINTS = CHECKPOINTS
     TENSORBOARD = "tensorboard"
     WANDB = "wandb"
     TEACHER_CACHE = "teacher_cache"
     # What a run leaves here that a fresh run would overwrite or mix with its own (moved away by --overwrite).
-    RESULTS = (CHECKPOINTS, MODEL, CONFIG, LOG, METRICS, TENSORBOARD, WANDB, CURVES)
+    RESULTS = (CHECKPOINTS, MODEL, CARD, CONFIG, LOG, METRICS, TENSORBOARD, WANDB, CURVES)
     # The files a run writes or appends to by name: none of them may be a symbolic link.
-    WRITTEN = (LOCK, CONFIG, LOG, METRICS, MODEL, CURVES, CHECKPOINTS)
+    WRITTEN = (LOCK, CONFIG, LOG, METRICS, MODEL, CARD, CURVES, CHECKPOINTS)
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -219,6 +221,11 @@ class RunFolder:
     @property
     def model(self) -> Path:
         return self.root / self.MODEL
+
+    @property
+    def card(self) -> Path:
+        """The model card of `model` (`evaluation.card`), written with it at the end of a finished run."""
+        return self.root / self.CARD
 
     @property
     def curves(self) -> Path:

@@ -3,6 +3,7 @@ table (on the console and, with the library versions, at the end of `train.log`)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,7 +20,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from evaluation.card import write_card
 from models.cli import FILE_ONLY
+from models.errors import InputError
 from models.run_folder import RunFolder
 from trainer.curves import plot_run
 
@@ -102,6 +105,13 @@ def finish_run(trainer: RunView, elapsed: float, samples: int, interrupted: bool
             # Only a finished run has a model: the final checkpoint's model file (fp32 master weights under
             # DeepSpeed too). An interrupted run's summary points at its checkpoint.
             folder.publish_model(last_checkpoint)
+            # Its card (README.md and the model's metadata): what the model is, how to feed it, the last evaluation.
+            # A card that cannot be written (a full disk) loses no run: the model is there, the other ranks wait.
+            results = {name: dataclasses.asdict(result) for name, result in trainer.last_results.items()}
+            try:
+                write_card(folder, dataclasses.asdict(trainer.cfg), results, step=state.step)
+            except InputError as err:
+                logger.warning("model card not written: %s", err)
         cfg = trainer.cfg
         curves = plot_run(folder, state.history, title=f"{cfg.network.name}, {cfg.head.name}")
     trainer.input.close()  # the loader's workers

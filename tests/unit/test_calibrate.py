@@ -103,7 +103,9 @@ def test_safetensors_metadata_round_trip_keeps_tensors(tmp_path: Path) -> None:
     assert json.loads(metadata["calibration"])["threshold"] == calibration.threshold
     for key, value in load_file(str(path)).items():
         assert torch.equal(value, tensors[key])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary file left
+    # No temporary file left; the card beside the model shows the threshold (evaluation.card).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.safetensors.README.md"]
+    assert f"{calibration.threshold:.5f}" in (tmp_path / "model.safetensors.README.md").read_text()
 
 
 def test_rewrite_keeps_the_mode_and_a_failure_keeps_the_model(
@@ -123,7 +125,8 @@ def test_rewrite_keeps_the_mode_and_a_failure_keeps_the_model(
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(OutputError, match=r"model.safetensors: cannot be written in .* \(Permission denied\)"):
         write_calibration(path, _calibration())
-    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    listing = ["model.safetensors", "model.safetensors.README.md"]
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
 def test_checkpoint_model_is_refused(tmp_path: Path) -> None:
