@@ -134,13 +134,17 @@ def plan_run(output: RunFolder | Path, resume: ResumeRequest, overwrite: bool) -
 def check_checkpoints_writable(output: RunFolder) -> None:
     """`<output>/checkpoints/` can take this run's checkpoints: created if needed, and a file can be made in it.
     Checked at start (main process, holding the folder), so that a file in the way, a read-only file system or a
-    missing permission stops the run now, not at its first save hours later (`RunFolderError` naming the path)."""
+    missing permission stops the run now, not at its first save hours later (`RunFolderError` naming the path).
+    A folder made only for the probe is removed again: a run refused later at start leaves no trace."""
     path = output.checkpoints
     try:
+        made = not path.exists()
         path.mkdir(exist_ok=True)
         probe, name = tempfile.mkstemp(dir=path, prefix=".tmp-probe-")
         os.close(probe)
         os.unlink(name)
+        if made:
+            path.rmdir()  # the first save makes it again (in the same, writable, parent)
     except FileExistsError:
         raise RunFolderError(f"{path}: is a file, not a folder: the run cannot save checkpoints there") from None
     except OSError as exc:

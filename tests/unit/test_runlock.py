@@ -114,3 +114,21 @@ def test_resume_path(tmp_path: Path) -> None:
         plan_run(other, old, overwrite=False)
     with pytest.raises(ckpt.CheckpointError):
         plan_run(other, tmp_path / "nowhere", overwrite=False)
+
+
+def test_the_checkpoint_folder_is_checked_at_start_and_left_as_found(tmp_path: Path) -> None:
+    from trainer.runlock import check_checkpoints_writable
+
+    fresh = RunFolder(tmp_path / "fresh")
+    fresh.root.mkdir()
+    check_checkpoints_writable(fresh)  # writable: nothing left behind for a run that is refused later at start
+    assert list(fresh.root.iterdir()) == []
+    kept = RunFolder(tmp_path / "kept")
+    kept.checkpoints.mkdir(parents=True)
+    check_checkpoints_writable(kept)
+    assert kept.checkpoints.is_dir() and list(kept.checkpoints.iterdir()) == []
+    blocked = RunFolder(tmp_path / "blocked")
+    blocked.root.mkdir()
+    blocked.checkpoints.write_text("in the way")
+    with pytest.raises(RunFolderError, match="checkpoints: is a file, not a folder"):
+        check_checkpoints_writable(blocked)
