@@ -96,13 +96,6 @@ def test_resume_refuses_incompatible_config(full_run: Path, tmp_path: Path, face
     assert "network.embedding_size=32" in proc.stderr and "network.embedding_size=64" in proc.stderr
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path, face_cache: Path) -> None:
-    proc = launch(["--config", str(TINY), "--output", str(tmp_path / "empty"), "--resume"], face_cache)
-    assert proc.returncode != 0
-    assert "--resume: no checkpoint in" in proc.stderr
-    assert not _our_traceback(proc.stderr)
-
-
 def test_unknown_key_is_one_line(tmp_path: Path, face_cache: Path) -> None:
     proc = launch(["--config", str(TINY), "--output", str(tmp_path), "--optim.learning_rate", "0.1"], face_cache)
     assert proc.returncode != 0
