@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.launching import REPO, TINY, launch
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.tier2]
 
 FIXTURE = REPO / "tests" / "fixtures" / "checkpoint_v1"
 CHECKPOINT = FIXTURE / "step-00000006"

@@ -1,9 +1,11 @@
-"""The real CLI on a tiny recipe: it trains, the loss falls, checkpoints reload, resume continues exactly."""
+"""The real CLI on a tiny recipe: it trains, the loss falls, checkpoints reload, resume continues exactly.
+
+Stopping by a signal and resuming: tests/e2e/test_run_control.py (one chain per topology, against one
+uninterrupted run each); refusals at start, an incompatible resume among them: tests/unit/test_start_refusals.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -84,18 +86,6 @@ def test_resume_continues_exactly(full_run: Path, tmp_path: Path, face_cache: Pa
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_resume_refuses_incompatible_config(full_run: Path, tmp_path: Path, face_cache: Path) -> None:
-    out = tmp_path / "copy"
-    out.mkdir()
-    # A copy, not a link: a run refuses a symbolic link among its files (models.run_folder.RunFolder.refuse_links).
-    shutil.copytree(full_run / "checkpoints", out / "checkpoints")
-    proc = launch(
-        ["--config", str(TINY), "--output", str(out), "--resume", "--network.embedding_size", "64"], face_cache
-    )
-    assert proc.returncode != 0  # accelerate launch turns the script's exit code 2 into 1
-    assert "network.embedding_size=32" in proc.stderr and "network.embedding_size=64" in proc.stderr
-
-
 def test_unknown_key_is_one_line(tmp_path: Path, face_cache: Path) -> None:
     proc = launch(["--config", str(TINY), "--output", str(tmp_path), "--optim.learning_rate", "0.1"], face_cache)
     assert proc.returncode != 0
@@ -111,46 +101,6 @@ def _our_traceback(stderr: str) -> bool:
         if line.strip().startswith("File ")
         for d in ("trainer", "models", "heads", "data", "evaluation")
     )
-
-
-def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path: Path, face_cache: Path) -> None:
-    """SIGTERM mid-run: a checkpoint at the next step boundary, exit 0; resuming gives the uninterrupted result."""
-    import signal
-    import subprocess
-    import sys
-
-    from tests.launching import REPO, env_for
-
-    args = ["--config", str(TINY), "--schedule.max_steps", "16", "--train.save_every", "0", "--eval.every", "0"]
-    whole = tmp_path / "whole"
-    assert launch([*args, "--output", str(whole)], face_cache).returncode == 0
-
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "trainer" / "main.py"), *args, "--output", str(cut)],
-        cwd=REPO,
-        env=env_for(face_cache),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "step 2/16" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0, rest[-3000:]
-    assert "received SIGTERM" in rest and "interrupted: continue with --resume" in rest
-    saved = sorted(p.name for p in (cut / "checkpoints").iterdir())
-    assert len(saved) == 1 and saved[0] < "step-00000016", saved
-
-    resumed = launch([*args, "--output", str(cut), "--resume"], face_cache)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_history(_history(cut, 16), _history(whole, 16))
-    mine, theirs = load_file(str(cut / "model.safetensors")), load_file(str(whole / "model.safetensors"))
-    for key in theirs:
-        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_fine_tune_from_a_backbone_with_new_classes(full_run: Path, tmp_path: Path, face_cache: Path) -> None:

@@ -5,6 +5,7 @@ is in tests/e2e/test_bad_input_train.py."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,3 +118,16 @@ def test_resume_without_a_checkpoint(tmp_path: Path, train: Callable[..., tuple[
 def test_an_unknown_key(tmp_path: Path, train: Callable[..., tuple[int, str]]) -> None:
     code, err = train("--output", str(tmp_path), "--optim.learning_rate", "0.1")
     assert "unknown key 'optim.learning_rate'" in assert_one_line(code, err)
+
+
+def test_a_resume_with_another_network(tmp_path: Path, train: Callable[..., tuple[int, str]]) -> None:
+    """The committed checkpoint of the tiny recipe (tests/fixtures/checkpoint_v1), resumed with another embedding
+    size: refused naming both values, the checkpoint left as it was."""
+    checkpoint = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_v1" / "step-00000006"
+    out = tmp_path / "copy"
+    shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
+    before = sorted((p.name, p.read_bytes()) for p in (out / "checkpoints" / checkpoint.name).iterdir())
+    code, err = train("--output", str(out), "--resume", "--network.embedding_size", "64")
+    line = assert_one_line(code, err)
+    assert "network.embedding_size=32" in line and "network.embedding_size=64" in line
+    assert sorted((p.name, p.read_bytes()) for p in (out / "checkpoints" / checkpoint.name).iterdir()) == before
