@@ -17,7 +17,7 @@ from models.cli import atomic_output
 from tests.launching import TINY, free_port, launch
 from trainer.checkpoint import model_metadata, save_model
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.tier2]
 
 
 @pytest.fixture(scope="module")

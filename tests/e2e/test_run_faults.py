@@ -18,7 +18,7 @@ import torch
 
 from tests.launching import CONFIGS, MAIN, REPO, TINY, command, env_for, free_port, launch, train_directly
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.tier2]
 
 ARGS = ["--config", str(TINY), "--train.save_every", "0"]
 

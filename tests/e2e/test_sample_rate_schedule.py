@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.launching import TINY, launch
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.tier2]
 
 # Synthetic data (400 classes, 96 images): 6 steps of 16 per epoch, 3 epochs; the switch is at step 12.
 ARGS = [

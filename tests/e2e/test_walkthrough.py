@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from evaluation.card import read_card, read_model_metadata
 from tests.launching import REPO, TINY, env_for, train_directly
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.tier2]
 
 BEGIN, END = "<!-- walkthrough:begin -->", "<!-- walkthrough:end -->"
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.launching import MAIN, TINY, env_for
+from tests.in_process import assert_one_line, main_in_process
+from tests.launching import TINY
 from trainer.config import (
     DEFAULT_RECIPE,
     REPO_ROOT,
@@ -294,19 +293,15 @@ def test_errors_name_the_source_of_the_value(tmp_path: Path, text: str, override
 
 
 @pytest.mark.e2e
-def test_a_bad_override_is_blamed_on_the_command_line_by_the_cli(tmp_path: Path) -> None:
-    """The same through the real entry point: exit 2, one line naming `--schedule.power`, nothing written."""
+def test_a_bad_override_is_blamed_on_the_command_line_by_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same through the entry point (`trainer.main.main`, in-process): exit 2, one line naming
+    `--schedule.power`, nothing written."""
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, str(MAIN), "--config", str(TINY), "--schedule.power", "-1", "--output", str(out)],
-        cwd=REPO_ROOT,
-        env=env_for(tmp_path / "cache"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    code, err = main_in_process(
+        ["--schedule.power", "-1", "--output", str(out)], tmp_path / "cache", monkeypatch, capsys
     )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "config error:"))]
-    assert errors == ["config error: --schedule.power must be > 0, got -1.0"], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and str(TINY) not in proc.stderr
+    assert assert_one_line(code, err) == "config error: --schedule.power must be > 0, got -1.0"
+    assert str(TINY) not in err
     assert not out.exists() and not (tmp_path / "cache").exists()
