@@ -40,6 +40,9 @@ SMALL_VARIANTS: dict[type[nn.Module], dict[str, Any]] = {
     MobileFaceNet: {"scale": 1, "blocks": (1, 1, 1, 1)},  # blocks[0] = 1 keeps mbf's grouped-conv first stage
     VisionTransformer: {"embed_dim": 16, "num_heads": 2},
 }
+# Deeper than r50, an iresnet only repeats the same block: its depth is checked on the meta device (shapes, FLOPs,
+# manifests), its blocks at a depth that runs in a fraction of a second.
+DEEP_IRESNETS = {"r100", "r200", "r2060"}
 # On top of the family's small variant, what distinguishes a name: mbf_large's first stage is residual.
 SMALL_OVERRIDES: dict[str, dict[str, Any]] = {"mbf_large": {"blocks": (2, 1, 1, 1)}}
 
@@ -53,7 +56,7 @@ def load_manifest(name: str) -> list[list[object]]:
 
 def small_backbone(name: str, **kwargs: Any) -> nn.Module:
     """A small variant of ``name``: its family's tiny widths, the registered name's other settings."""
-    if name == "r2060":  # 1,030 blocks cost seconds even at tiny widths: the same class, shallower
+    if name in DEEP_IRESNETS:  # 50 to 1,030 blocks cost seconds even at tiny widths: the same class, shallower
         return IResNet(layers=(1, 2, 2, 1), **SMALL_VARIANTS[IResNet], **kwargs)
     # The family from the name (building the full model, even on the meta device, costs seconds for the deep ones);
     # the meta-device test below checks every name builds the class this assumes.
