@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import HeadConfig, build_head, list_heads
 from heads.base import Head
@@ -224,3 +225,44 @@ def test_head_section_from_a_recipe(tmp_path: Any) -> None:
         load_config(None, ["--head.num_subcenters", "0"])
     with pytest.raises(ConfigError, match=r"head\.margin_grad must be one of"):
         load_config(None, ["--head.margin_grad", "none"])
+
+
+class _BatchByClassTensors(TorchDispatchMode):
+    """Counts, per phase, the new float tensors of at least `size` elements that aten ops return (views aside)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.phase, self.made = size, "forward", {"forward": 0, "backward": 0}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func._schema.returns and all(r.alias_info is not None for r in func._schema.returns):
+            return out  # views, and in-place ops returning their input
+        for tensor in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel() >= self.size:
+                self.made[self.phase] += 1
+        return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_head_steps_at_a_plain_fcs_cost(name: str) -> None:
+    """At sample rate 1, with more classes than a chunk of centers: every head makes the N x C tensors ArcFace makes
+    and no more: in forward the cosines and the logits (the cross-entropy's softmax lives in the logits' buffer),
+    in backward none besides the table's gradient (the margin scales the cross-entropy's buffer in place; sub-center
+    ArcFace reduces its K sub-centers chunk by chunk). What the float64 tests above check is the same arithmetic."""
+    from heads.rows import CHUNK
+
+    cfg, _ = CASES[name]
+    classes, batch_size, embedding = CHUNK + 1000, 8, 4
+    head: Any = build_head(cfg, embedding_size=embedding, num_classes=classes, rank=0, world_size=1)
+    head.reset_parameters(seed=SEED)
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(batch_size, embedding, generator=generator) * 20).requires_grad_()
+    labels = torch.randint(0, classes, (batch_size,), generator=generator)
+    counter = _BatchByClassTensors(batch_size * classes)
+    with counter:
+        loss = head(x, labels)
+        counter.phase = "backward"
+        loss.backward()
+    table_gradient = 1 if head.weight.numel() >= batch_size * classes else 0  # sub-center's (C, K, E) table
+    assert counter.made == {"forward": 2, "backward": table_gradient}
