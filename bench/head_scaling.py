@@ -424,14 +424,14 @@ def run_paired(
 
 def run_paired_heads(base: dict[str, Any], names: Sequence[str], pairs: int) -> list[dict[str, Any]]:
     """Every head in `names` at sample rate 1 against a plain full FC with as many rows as its table (K x C for
-    sub-center ArcFace), side by side; sub-center also against `partial_fc` (ArcFace) with K x C classes, the head
-    of its table's size, for memory. Step peaks are measured in this process (`run_group`)."""
+    sub-center ArcFace) and, but for ArcFace itself, against `partial_fc` (ArcFace) with as many classes as the
+    table has rows, side by side (time and step peaks measured in this process: `run_group`)."""
     embeddings, labels = _batch(base)
     rows = []
     for name in names:
         head = {**base, "head": name, "sample_rate": 1.0, "update": "dense"}
         configs = [head, {**base, "head": "full_fc", "sample_rate": 1.0, "update": "dense", "rows": table_rows(head)}]
-        if table_rows(head) != base["num_classes"]:
+        if name != "partial_fc":
             configs.append(
                 {**base, "head": "partial_fc", "sample_rate": 1.0, "update": "dense", "num_classes": table_rows(head)}
             )
@@ -550,7 +550,7 @@ def run_group(
         if step_bytes:
             entry["step_bytes_median"] = int(statistics.median(step_bytes))
             entry["peak_bytes"] = config["held_bytes"] + entry["step_bytes_median"]
-        if config.get("profile"):
+        if config.get("profile") and (which == 0 or configs[0]["head"] == "partial_fc"):  # the others' are ArcFace's
             entry["profile"] = profile_step(config, head, optimizer, embeddings, labels)
         heads.append(entry)
     first = steppers[0]

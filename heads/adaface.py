@@ -48,7 +48,10 @@ class ClampCosine:
         torch.clamp(cos, self.low, self.high, out=out)
 
     def scale_grad_(self, grad: Tensor, cos: Tensor, rows: slice) -> None:
-        grad.masked_fill_((cos < self.low) | (cos > self.high), 0.0)
+        # 1 where the cosine was clamped (|cos| > 1 - eps), else 0, in float ops: about twice as fast on a CPU as
+        # comparisons and a boolean mask.
+        clamped = cos.abs().sub_(self.high).clamp_min_(0.0).sign_()
+        grad.addcmul_(grad, clamped, value=-1.0)
 
 
 @register_head("adaface", settings=AdaFaceSettings)
