@@ -140,6 +140,7 @@ def build_trainer(args: argparse.Namespace, network: str, precision: Precision, 
     if args.clip_grad_norm is not None:
         overrides["train.clip_grad_norm"] = args.clip_grad_norm
     cfg = load_config(None, [item for key, value in overrides.items() for item in (f"--{key}", str(value))])
+    output.mkdir(parents=True, exist_ok=True)  # trainer/main.py makes it (and locks it) before the Trainer writes
     # Accelerate keeps one global state per process: forget the previous configuration's precision.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -192,7 +193,8 @@ class InterleavedTimer:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
         entered = time.perf_counter()
-        lr = self.trainer.lr()  # what this trainer step will use
+        trainer = self.trainer
+        lr = trainer.schedule.lr(trainer.state.step) * trainer.guard.lr_scale  # what this trainer step will use
         bare_first = len(self.step_s) % 2 == 1
         if bare_first:
             self.bare_s.append(_timed(self.device, lambda: self.bare(images, labels, lr))[1])
