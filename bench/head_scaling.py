@@ -48,12 +48,13 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import psutil  # noqa: E402
@@ -487,12 +488,29 @@ def held_bytes(head: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+@dataclasses.dataclass
+class Stepper:
+    """One head of a side-by-side group: its step (wall seconds, CPU seconds, the step's peak above what was
+    resident, or None), what it needs between steps, and its measurements so far."""
+
+    step: Callable[[], tuple[float, float, int | None]]
+    optimizer: torch.optim.Optimizer
+    config: dict[str, Any]
+    head: nn.Module
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    step_bytes: list[int] = dataclasses.field(default_factory=list)
+
+
 def run_group(
     configs: list[dict[str, Any]], pairs: int, embeddings: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, Any]:
     """Step-time ratios of ``configs[0]`` to each other configuration, side by side: all heads in this process, their
     steps taken in turn, each round in another order (A B, B A, ... ; A B C, C B A, B C A, ...: drift on a shared
-    machine cancels), `pairs` rounds after one warm-up step each; median and quartiles of the per-round ratios.
+    machine cancels), `pairs` rounds after one warm-up step each; median and quartiles of the per-round ratios, of
+    wall-clock time and of the process's CPU time (`time.process_time`: with one torch thread, what the step
+    computes, without the time other processes held the cores: on a machine with more runnable processes than
+    cores, the steadier of the two).
     Lazy's full catch-up runs where it falls (every `lazy_sync_every` steps) and its share is added as in
     `run_one`. Memory, in this process: what each head holds between steps (`held_bytes`: centers, momentum,
     per-class buffers) plus the median over its steps of what a step needs above what is resident before it
@@ -506,11 +524,11 @@ def run_group(
 
         def step(
             head: nn.Module = head, optimizer: torch.optim.Optimizer = optimizer, config: dict[str, Any] = config
-        ) -> tuple[float, int | None]:
+        ) -> tuple[float, float, int | None]:
             measured = memory.start()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             # Every head of a group scores the same labels: a larger table (sub-center's plain FC) holds them too.
             head(embeddings, labels).backward()
             optimizer.step()
@@ -518,40 +536,45 @@ def run_group(
             embeddings.grad = None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-            return seconds, memory.stop() if measured else None
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+            return seconds, cpu_seconds, memory.stop() if measured else None
 
         step()  # warm-up: the momentum buffers exist from here on
         config = {**config, "held_bytes": held_bytes(head, optimizer)}
-        steppers.append((step, optimizer, config, [], [], head))
+        steppers.append(Stepper(step, optimizer, config, head))
     count = len(steppers)
     for i in range(pairs):
         order = list(range(count))
         order = order[i // 2 % count :] + order[: i // 2 % count]
         for which in order if i % 2 == 0 else reversed(order):
-            seconds, step_bytes = steppers[which][0]()
-            steppers[which][3].append(seconds)
+            stepper = steppers[which]
+            seconds, cpu_seconds, step_bytes = stepper.step()
+            stepper.wall.append(seconds)
+            stepper.cpu.append(cpu_seconds)
             if step_bytes is not None:
-                steppers[which][4].append(step_bytes)
-    amortized = [0.0] * count
-    for which, (_, optimizer, config, _, _, _) in enumerate(steppers):  # lazy: the full catch-up's share, as run_one
-        if has_lazy_sync(optimizer, config):
-            start = time.perf_counter()
-            optimizer.sync_rows()
-            config["sync_s"] = time.perf_counter() - start
-            amortized[which] = config["sync_s"] / config["lazy_sync_every"]
+                stepper.step_bytes.append(step_bytes)
+    amortized, amortized_cpu = [0.0] * count, [0.0] * count
+    for which, stepper in enumerate(steppers):  # lazy: the full catch-up's share, as run_one
+        if has_lazy_sync(stepper.optimizer, stepper.config):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            stepper.optimizer.sync_rows()  # type: ignore[attr-defined]
+            stepper.config["sync_s"] = time.perf_counter() - start
+            amortized[which] = stepper.config["sync_s"] / stepper.config["lazy_sync_every"]
+            amortized_cpu[which] = (time.process_time() - start_cpu) / stepper.config["lazy_sync_every"]
     heads = []
-    for which, (_, optimizer, config, times, step_bytes, head) in enumerate(steppers):
+    for which, stepper in enumerate(steppers):
+        config = stepper.config
         label = _label(config)
         if config["num_classes"] != configs[0]["num_classes"]:
             label += f" ({config['num_classes']:,} classes)"
         entry = {"label": label, "rows": table_rows(config), "held_bytes": config["held_bytes"]}
-        entry["step_s_median"] = statistics.median(times) + amortized[which]
-        if step_bytes:
-            entry["step_bytes_median"] = int(statistics.median(step_bytes))
+        entry["step_s_median"] = statistics.median(stepper.wall) + amortized[which]
+        entry["step_cpu_s_median"] = statistics.median(stepper.cpu) + amortized_cpu[which]
+        if stepper.step_bytes:
+            entry["step_bytes_median"] = int(statistics.median(stepper.step_bytes))
             entry["peak_bytes"] = config["held_bytes"] + entry["step_bytes_median"]
         if config.get("profile") and (which == 0 or configs[0]["head"] == "partial_fc"):  # the others' are ArcFace's
-            entry["profile"] = profile_step(config, head, optimizer, embeddings, labels)
+            entry["profile"] = profile_step(config, stepper.head, stepper.optimizer, embeddings, labels)
         heads.append(entry)
     first = steppers[0]
     row: dict[str, Any] = {
@@ -559,23 +582,32 @@ def run_group(
         "a": heads[0]["label"],
         "b": heads[1]["label"],
         "pairs": pairs,
-        "a_sync_s": first[2].get("sync_s", 0.0),
+        "a_sync_s": first.config.get("sync_s", 0.0),
         "lazy_sync_every": configs[0]["lazy_sync_every"],
         "heads": heads,
     }
     for which in range(1, count):
-        ratios = [
-            (a + amortized[0]) / (b + amortized[which]) for a, b in zip(first[3], steppers[which][3], strict=True)
-        ]
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         key = "ratio" if which == 1 else f"ratio_{which}"
-        row.update({f"{key}_median": statistics.median(ratios), f"{key}_q1": quartiles[0], f"{key}_q3": quartiles[2]})
+        for prefix, times, shares in (("", "wall", amortized), ("cpu_", "cpu", amortized_cpu)):
+            ratios = [
+                (a + shares[0]) / (b + shares[which])
+                for a, b in zip(getattr(first, times), getattr(steppers[which], times), strict=True)
+            ]
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            row.update(
+                {
+                    f"{prefix}{key}_median": statistics.median(ratios),
+                    f"{prefix}{key}_q1": quartiles[0],
+                    f"{prefix}{key}_q3": quartiles[2],
+                }
+            )
         if "peak_bytes" in heads[0] and "peak_bytes" in heads[which]:
             row[f"peak_{key}"] = heads[0]["peak_bytes"] / heads[which]["peak_bytes"]
         console.print(
             f"{heads[0]['label']} / {heads[which]['label']}, {row['num_classes']:,} classes: "
-            f"{row[f'{key}_median']:.3f} [{row[f'{key}_q1']:.3f}, {row[f'{key}_q3']:.3f}] over {pairs} rounds"
-            + (f"; peak {row[f'peak_{key}']:.3f}" if f"peak_{key}" in row else ""),
+            f"{row[f'{key}_median']:.3f} [{row[f'{key}_q1']:.3f}, {row[f'{key}_q3']:.3f}] wall, "
+            f"{row[f'cpu_{key}_median']:.3f} [{row[f'cpu_{key}_q1']:.3f}, {row[f'cpu_{key}_q3']:.3f}] CPU time "
+            f"over {pairs} rounds" + (f"; peak {row[f'peak_{key}']:.3f}" if f"peak_{key}" in row else ""),
             markup=False,
         )
     del steppers
