@@ -185,6 +185,7 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[s
         raise SystemExit(f"the baseline variant could not be built: {rows[0].get('status')}")
     sources = {index: batches(rows[index]["trainer"]) for index in active}
     seconds: dict[int, list[float]] = {index: [] for index in active}
+    cpu_seconds: dict[int, list[float]] = {index: [] for index in active}
     for step in range(args.warmup + args.steps):
         first = step % len(active)
         for index in active[first:] + active[:first]:
@@ -193,17 +194,24 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[s
             # This trainer's Accelerate state (its precision): the same for every variant unless --precision-pair.
             AcceleratorState._shared_state.clear()
             AcceleratorState._shared_state.update(rows[index]["accelerate_state"])
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             images, labels, _ = trainer.input.to_device(batch, trainer.stepper.input_dtype(), trainer.memory_format)
             trainer.train_step(images, labels)  # ends in loss.item(): the step is done when it returns
             seconds[index].append(time.perf_counter() - start)
+            cpu_seconds[index].append(time.process_time() - start_cpu)
     baseline = seconds[0][args.warmup :]
+    baseline_cpu = cpu_seconds[0][args.warmup :]
     for index in active:
         trainer = rows[index].pop("trainer")
         rows[index].pop("accelerate_state")
         times = seconds[index][args.warmup :]
         speedups = [base / own for base, own in zip(baseline, times, strict=True)]
         quartiles = statistics.quantiles(speedups, n=4) if len(speedups) > 1 else [speedups[0]] * 3
+        # The process's CPU time (one process: its torch threads and, with no loader workers, its input): without
+        # the time other processes held the cores, which wall-clock time counts on a busy machine.
+        cpu_times = cpu_seconds[index][args.warmup :]
+        cpu_speedups = [base / own for base, own in zip(baseline_cpu, cpu_times, strict=True)]
+        cpu_quartiles = statistics.quantiles(cpu_speedups, n=4) if len(cpu_speedups) > 1 else [cpu_speedups[0]] * 3
         rows[index].update(
             status="ok",
             processes=trainer.world_size,
@@ -213,6 +221,12 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[s
             step_s=times,
             warmup_s=sum(seconds[index][: args.warmup]),
             speedup={"median": statistics.median(speedups), "q1": quartiles[0], "q3": quartiles[2]},
+            step_cpu_s=cpu_times,
+            cpu_speedup={
+                "median": statistics.median(cpu_speedups),
+                "q1": cpu_quartiles[0],
+                "q3": cpu_quartiles[2],
+            },
         )
     return rows
 
@@ -275,16 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network", default="r_lite", choices=list_backbones(), help="backbone (default r_lite)")
     parser.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="Accelerate's mixed precision for both parts (default fp32)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="Accelerate's mixed precision for both parts (default fp32)",
+    )
     parser.add_argument("--identities", type=int, default=200, help="generated faces: identities (= classes)")
     parser.add_argument("--images-per-identity", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2, help="steps not counted (compilation included; default 2)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
-    parser.add_argument("--power-sgd-warmup", type=int, default=2,
-                        help="speed.ddp_power_sgd_warmup_steps (default 2: compressing from the third step on)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads per process (default 1: 2 DDP processes on 2 cores)")
+    parser.add_argument(
+        "--power-sgd-warmup",
+        type=int,
+        default=2,
+        help="speed.ddp_power_sgd_warmup_steps (default 2: compressing from the third step on)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per process (default 1: 2 DDP processes on 2 cores)",
+    )
     parser.add_argument(
         "--precision-pair",
         action="store_true",
@@ -293,8 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-single", action="store_true", help="skip the one-process variants")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP variants")
     parser.add_argument("--ddp-timeout", type=float, default=900, help="seconds for the DDP launch (default 900)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="seconds: r_lite 32-d, batch 16, 1+1 steps, fewer variants (what the tests run)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="seconds: r_lite 32-d, batch 16, 1+1 steps, fewer variants (what the tests run)",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # set by run_ddp: this process is one DDP rank
     return parser
@@ -342,19 +371,21 @@ def _print(results: dict[str, Any]) -> None:
         f"{precision}, median of {settings['steps']} steps after {settings['warmup']}"
     )
     table = Table(title=title)
-    for column in ("processes", "variant", "samples/s", "vs default [q1, q3]", "warm-up s", "status"):
+    columns = ("processes", "variant", "samples/s", "vs default [q1, q3]", "CPU time vs def.", "warm-up s", "status")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("processes", "variant", "status") else "right")
     for part, label in (("single", "1"), ("ddp", "2, DDP gloo"), ("precision", "1")):
         for row in results.get(part, []):
             if row["status"] != "ok":
-                table.add_row(label, row["variant"], "", "", "", row["status"])
+                table.add_row(label, row["variant"], "", "", "", "", row["status"])
                 continue
-            speedup = row["speedup"]
+            speedup, cpu = row["speedup"], row["cpu_speedup"]
             table.add_row(
                 label,
                 row["variant"],
                 f"{row['samples_per_s']:.1f}",
                 f"{speedup['median']:.3f} [{speedup['q1']:.3f}, {speedup['q3']:.3f}]",
+                f"{cpu['median']:.3f} [{cpu['q1']:.3f}, {cpu['q3']:.3f}]",
                 f"{row['warmup_s']:.1f}",
                 "ok",
             )
