@@ -199,6 +199,7 @@ def _build_row_kernels() -> Any | None:
         if (folder / f"{name}.so").is_file() and not (folder / "lock").exists():
             torch.ops.load_library(str(folder / f"{name}.so"))
         else:
+            logger.info("building the row kernels (%s, once per machine: about a minute)", folder)
             load_inline(name, [KERNEL_SOURCE], extra_cflags=["-O3"], is_python_module=False, no_implicit_headers=True)
         return torch.ops.arcface_rows
     except Exception as error:  # no compiler, no ninja, a read-only cache: the tensor-op path does the same math
