@@ -2,6 +2,8 @@
 
     python bench/head_scaling.py --out head-scaling.json                      # 1e4, 1e5, 1e6 classes
     python bench/head_scaling.py --classes 10000 100000 2000000 --threads 1
+    python bench/head_scaling.py --classes 300000 --heads all --paired-heads 8 --paired-only --profile \
+        --grad-to-none --fused --threads 1                                    # every head against a plain FC
     python bench/head_scaling.py --tiny                                       # seconds: what the test suite runs
 
 The head alone: random embeddings (a leaf with gradient, as the backbone's output would be) and random labels go
@@ -16,6 +18,15 @@ through forward + backward + SGD step (momentum 0.9, weight decay 5e-4, as the r
   step time);
 * ``full_fc``: ``nn.Linear(embedding_size, num_classes, bias=False)`` over L2-normalized embeddings +
   ``F.cross_entropy``: the plain softmax classifier.
+
+``--heads`` runs other registered heads the same way (their settings' defaults; ``all``: every one).
+
+Side by side, in this process (`run_group`: the heads' steps taken in turn, the order changing every round, median
+and quartiles of the per-round ratios of wall-clock and of CPU time): ``--paired N`` gives Partial FC 1 / full FC
+and lazy / dense, sparse / dense at each ``--paired-rates`` rate; ``--paired-heads N`` every ``--heads`` head at
+sample rate 1 against a full FC of its table's rows (K x C for sub-center ArcFace) and against ArcFace of that many
+classes, with each head's peak (what it holds between steps plus what a step needs above that, `StepMemory`) and,
+with ``--profile``, where one step's time and bytes go (torch.profiler, `ByteCounter`).
 
 Each configuration runs in its own process (``--in-process`` to share one), so its memory is measured from a clean
 start. Peak memory is what the head adds to the process:
