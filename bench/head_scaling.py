@@ -412,23 +412,28 @@ def count_bytes(
 
 
 def paired_configurations(
-    rates: Sequence[float], full_fc: bool = True
+    rates: Sequence[float], full_fc: bool = True, updates: Sequence[str] = ("lazy", "sparse")
 ) -> list[tuple[tuple[str, float, str], tuple[str, float, str]]]:
-    """(head, rate, update) against (head, rate, update): Partial FC 1 / full FC (unless not `full_fc`), then lazy /
-    dense and sparse / dense at each sample rate in `rates`."""
+    """(head, rate, update) against (head, rate, update): Partial FC 1 / full FC (unless not `full_fc`), then each of
+    `updates` (lazy, sparse) against dense at each sample rate in `rates`."""
     pairs = [(("partial_fc", 1.0, "dense"), ("full_fc", 1.0, "dense"))] if full_fc else []
     for rate in rates:
-        pairs += [((("partial_fc", rate, update)), ("partial_fc", rate, "dense")) for update in ("lazy", "sparse")]
+        for update in (u for u in updates if u != "dense"):
+            pairs.append((("partial_fc", rate, update), ("partial_fc", rate, "dense")))
     return pairs
 
 
 def run_paired(
-    base: dict[str, Any], pairs: int, rates: Sequence[float] = (0.1,), full_fc: bool = True
+    base: dict[str, Any],
+    pairs: int,
+    rates: Sequence[float] = (0.1,),
+    full_fc: bool = True,
+    updates: Sequence[str] = ("lazy", "sparse"),
 ) -> list[dict[str, Any]]:
-    """Step-time ratios measured side by side for `paired_configurations(rates, full_fc)`."""
+    """Step-time ratios measured side by side for `paired_configurations(rates, full_fc, updates)`."""
     embeddings, labels = _batch(base)
     rows = []
-    for first, second in paired_configurations(rates, full_fc):
+    for first, second in paired_configurations(rates, full_fc, updates):
         configs = [{**base, "head": h, "sample_rate": r, "update": u} for h, r, u in (first, second)]
         rows.append(run_group(configs, pairs, embeddings, labels))
     return rows
@@ -726,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["dense", "lazy", "sparse"],
         choices=["dense", "lazy", "sparse"],
-        help="head.update modes at sample rates below 1 (default: all three)",
+        help="head.update modes at sample rates below 1 (default: all three; --paired: those against dense)",
     )
     parser.add_argument(
         "--lazy-sync-every",
@@ -853,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["paired"] = []
         for classes in args.classes:
             results["paired"] += run_paired(
-                {**base, "num_classes": classes}, args.paired, args.paired_rates, not args.no_full_fc
+                {**base, "num_classes": classes}, args.paired, args.paired_rates, not args.no_full_fc, args.updates
             )
     if args.paired_heads:
         base = configurations(args, device)[0]
