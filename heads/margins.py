@@ -163,11 +163,13 @@ class NonTargetLogits(Protocol):
     """An elementwise map f of the non-target cosines (before the scale s), where a head has one (AdaFace's clamp,
     CurricularFace's hard negatives): applied by `margin_logits` to blocks of whole rows of the (N, C) cosines."""
 
-    def apply_(self, out: Tensor, cos: Tensor, rows: slice) -> None:
-        """``out = f(cos)`` for the rows ``rows`` of the batch (``out`` and ``cos``: those rows, (r, C))."""
+    def apply_(self, out: Tensor, cos: Tensor, rows: slice, scratch: Tensor) -> None:
+        """``out = f(cos)`` for the rows ``rows`` of the batch (``out`` and ``cos``: those rows, (r, C));
+        ``scratch``: two tensors shaped like ``cos`` (2, r, C) to work in (a fresh tensor per block would cost its
+        allocation each time)."""
 
-    def scale_grad_(self, grad: Tensor, cos: Tensor, rows: slice) -> None:
-        """``grad *= f'(cos)`` in place, the same rows."""
+    def scale_grad_(self, grad: Tensor, cos: Tensor, rows: slice, scratch: Tensor) -> None:
+        """``grad *= f'(cos)`` in place, the same rows and scratch."""
 
 
 # Elements per block of rows for a non-target map: its temporaries stay in cache between its passes.
@@ -178,6 +180,12 @@ def _row_blocks(num_rows: int, num_columns: int) -> Iterator[slice]:
     step = max(1, BLOCK_ELEMENTS // max(1, num_columns))
     for lo in range(0, num_rows, step):
         yield slice(lo, min(num_rows, lo + step))
+
+
+def _scratch(like: Tensor) -> Tensor:
+    """Two buffers of a block of rows of ``like`` (N, C), for `NonTargetLogits`."""
+    step = max(1, BLOCK_ELEMENTS // max(1, like.shape[1]))
+    return like.new_empty(2, min(step, like.shape[0]), like.shape[1])
 
 
 class _MarginLogits(torch.autograd.Function):
@@ -214,9 +222,9 @@ class _MarginLogits(torch.autograd.Function):
         if others is None:
             logits = cos * s  # kept apart: the cosines are saved for their own backward (heads.rows)
         else:
-            logits = torch.empty_like(cos)
+            logits, scratch = torch.empty_like(cos), _scratch(cos)
             for rows in _row_blocks(*cos.shape):
-                others.apply_(logits[rows], cos[rows], rows)
+                others.apply_(logits[rows], cos[rows], rows, scratch[:, : rows.stop - rows.start])
                 logits[rows].mul_(s)
         value = new_target.detach() * s
         if has_target is not None:  # a row without a target here keeps its own (non-target) value
@@ -243,8 +251,9 @@ class _MarginLogits(torch.autograd.Function):
         # contiguous: an expanded gradient (stride 0) cannot be scaled in place
         scaled = grad.mul_(ctx.s) if ctx.reuse_grad and grad.is_contiguous() else grad * ctx.s
         if ctx.others is not None:
+            scratch = _scratch(scaled)
             for rows in _row_blocks(*scaled.shape):
-                ctx.others.scale_grad_(scaled[rows], cos[rows], rows)
+                ctx.others.scale_grad_(scaled[rows], cos[rows], rows, scratch[:, : rows.stop - rows.start])
         if has_target is not None:
             grad_cos_target = torch.where(has_target, grad_cos_target, scaled.gather(1, column))
         extra = tuple(next(grad_extra) if leaf.requires_grad else None for leaf in leaves)

@@ -266,3 +266,29 @@ def test_every_head_steps_at_a_plain_fcs_cost(name: str) -> None:
         loss.backward()
     table_gradient = 1 if head.weight.numel() >= batch_size * classes else 0  # sub-center's (C, K, E) table
     assert counter.made == {"forward": 2, "backward": table_gradient}
+
+
+def test_adaface_clamps_non_target_cosines_as_its_formula() -> None:
+    """Embeddings at a cosine of +-0.9995 with another class's center (past AdaFace's clamp at +-(1 - 1e-3), where
+    the clamped logit's gradient is zero, and a cosine of +-1 would have none anyway): value and gradients as the
+    reference's clamp, through the block-wise non-target map (`heads.adaface.ClampCosine`)."""
+    head = build("adaface")
+    table = centers(head)
+    with torch.no_grad():
+        head.weight.copy_(table)
+    x, labels = batch(0)
+    labels[0], labels[1] = 0, 1
+    for row, (center, cos) in enumerate(((5, 0.9995), (7, -0.9995))):
+        unit = torch.nn.functional.normalize(table[center], dim=0)
+        other = torch.randn(EMBEDDING, dtype=DTYPE, generator=torch.Generator().manual_seed(row))
+        other = torch.nn.functional.normalize(other - (other @ unit) * unit, dim=0)
+        x[row] = (cos * unit + math.sqrt(1 - cos * cos) * other) * 30.0
+    x = x.requires_grad_()
+    head.weight.grad = None
+    loss = head(x, labels)
+    loss.backward()
+    ref_loss, ref_x_grad, ref_w_grad = reference_step("adaface", x, table, labels, CASES["adaface"][1], {})
+    assert_tight(loss.detach(), ref_loss)
+    assert x.grad is not None and head.weight.grad is not None
+    assert_tight(x.grad, ref_x_grad)
+    assert_tight(head.weight.grad, ref_w_grad)

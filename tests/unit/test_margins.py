@@ -233,11 +233,13 @@ class _Squash:
     """A non-target map with a row dependence, for the test below: f(c) = c * (1 + r c) on row r's block (a stand-in
     for CurricularFace's hard negatives), its gradient 1 + 2 r c."""
 
-    def apply_(self, out: torch.Tensor, cos: torch.Tensor, rows: slice) -> None:
+    def apply_(self, out: torch.Tensor, cos: torch.Tensor, rows: slice, scratch: torch.Tensor) -> None:
+        assert scratch.shape == (2, *cos.shape)
         r = torch.arange(rows.start, rows.stop, dtype=cos.dtype).unsqueeze(1) / 10
         torch.mul(cos, 1 + r * cos, out=out)
 
-    def scale_grad_(self, grad: torch.Tensor, cos: torch.Tensor, rows: slice) -> None:
+    def scale_grad_(self, grad: torch.Tensor, cos: torch.Tensor, rows: slice, scratch: torch.Tensor) -> None:
+        assert scratch.shape == (2, *cos.shape)
         r = torch.arange(rows.start, rows.stop, dtype=cos.dtype).unsqueeze(1) / 10
         grad.mul_(1 + 2 * r * cos)
 
