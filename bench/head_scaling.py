@@ -2,6 +2,8 @@
 
     python bench/head_scaling.py --out head-scaling.json                      # 1e4, 1e5, 1e6 classes
     python bench/head_scaling.py --classes 10000 100000 2000000 --threads 1
+    python bench/head_scaling.py --classes 300000 --heads all --paired-heads 8 --paired-only --profile \
+        --grad-to-none --fused --threads 1                                    # every head against a plain FC
     python bench/head_scaling.py --tiny                                       # seconds: what the test suite runs
 
 The head alone: random embeddings (a leaf with gradient, as the backbone's output would be) and random labels go
@@ -16,6 +18,15 @@ through forward + backward + SGD step (momentum 0.9, weight decay 5e-4, as the r
   step time);
 * ``full_fc``: ``nn.Linear(embedding_size, num_classes, bias=False)`` over L2-normalized embeddings +
   ``F.cross_entropy``: the plain softmax classifier.
+
+``--heads`` runs other registered heads the same way (their settings' defaults; ``all``: every one).
+
+Side by side, in this process (`run_group`: the heads' steps taken in turn, the order changing every round, median
+and quartiles of the per-round ratios of wall-clock and of CPU time): ``--paired N`` gives Partial FC 1 / full FC
+and lazy / dense, sparse / dense at each ``--paired-rates`` rate; ``--paired-heads N`` every ``--heads`` head at
+sample rate 1 against a full FC of its table's rows (K x C for sub-center ArcFace) and against ArcFace of that many
+classes, with each head's peak (what it holds between steps plus what a step needs above that, `StepMemory`) and,
+with ``--profile``, where one step's time and bytes go (torch.profiler, `ByteCounter`).
 
 Each configuration runs in its own process (``--in-process`` to share one), so its memory is measured from a clean
 start. Peak memory is what the head adds to the process:
@@ -48,12 +59,13 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import psutil  # noqa: E402
@@ -64,7 +76,8 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from heads import PartialFC, PartialFCOptions  # noqa: E402
+from heads import HeadConfig, list_heads  # noqa: E402
+from heads import build_head as build_registered_head  # noqa: E402
 from models import build_backbone  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.optim import build_optimizer as trainer_optimizer  # noqa: E402
@@ -101,9 +114,19 @@ def estimated_bytes(config: dict[str, Any]) -> int:
     a temporary (3 x S x E, S the classes scored per step); ~12 (B x S) logit-sized temporaries."""
     classes, embedding = config["num_classes"], config["embedding_size"]
     sampled = max(1, int(classes * config["sample_rate"]))
-    rows_only = config["head"] == "partial_fc" and config["sample_rate"] < 1 and config.get("update") != "dense"
+    rows_only = config["head"] != "full_fc" and config["sample_rate"] < 1 and config.get("update") != "dense"
     copies = 2 + (0 if rows_only else 1) + (0 if config["grad_to_none"] else 1) + (0 if config["fused"] else 1)
-    return (copies * classes * embedding + 3 * sampled * embedding + 12 * config["batch_size"] * sampled) * BYTES_FP32
+    per_class = table_rows(config) // classes  # sub-centers: K rows per class
+    table = copies * classes * per_class * embedding + 3 * sampled * per_class * embedding
+    return (table + 12 * config["batch_size"] * sampled * per_class) * BYTES_FP32
+
+
+def table_rows(config: dict[str, Any]) -> int:
+    """Rows of the configuration's center table: classes, x K sub-centers for sub-center ArcFace, or the plain FC's
+    ``rows`` (a plain FC as large as a sub-center table)."""
+    if config["head"] == "full_fc":
+        return int(config.get("rows") or config["num_classes"])
+    return config["num_classes"] * int(config.get("num_subcenters", 3) if config["head"] == "subcenter_arcface" else 1)
 
 
 def _proc_status_bytes(field: str) -> int | None:
@@ -166,15 +189,20 @@ def build_head(config: dict[str, Any], device: torch.device) -> nn.Module:
     # Built on the device: 10M centers initialized on a CPU would take minutes, then a copy.
     with device:
         if config["head"] == "full_fc":
-            return FullFC(config["embedding_size"], config["num_classes"])
-        options = PartialFCOptions(
-            config["embedding_size"],
-            config["num_classes"],
+            return FullFC(config["embedding_size"], table_rows(config))
+        # A registered head with its own settings' defaults (ArcFace, s = 64 for partial_fc), built as the trainer
+        # builds it.
+        section = HeadConfig.resolve_section()(
+            name=config["head"],
             sample_rate=config["sample_rate"],
             update=config.get("update", "dense"),
             lazy_sync_every=config["lazy_sync_every"],
         )
-        return PartialFC(options)
+        head = build_registered_head(
+            section, embedding_size=config["embedding_size"], num_classes=config["num_classes"], rank=0, world_size=1
+        )
+        assert isinstance(head, nn.Module)
+        return head
 
 
 def build_optimizer(config: dict[str, Any], head: nn.Module) -> torch.optim.Optimizer:
@@ -183,29 +211,64 @@ def build_optimizer(config: dict[str, Any], head: nn.Module) -> torch.optim.Opti
     if config["head"] == "full_fc":
         return torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
     cfg = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return trainer_optimizer(cfg, (head, 1.0), fused=bool(fused))  # the head carries lazy_sync_every
+    optimizer = trainer_optimizer(cfg, (head, 1.0), fused=bool(fused))  # the head carries lazy_sync_every
+    if isinstance(optimizer, RowSGD):
+        optimizer.use_row_kernels = config.get("row_kernels", True)
+    return optimizer
 
 
 class ByteCounter(TorchDispatchMode):
     """Bytes read and written by every aten op run inside it, added up under `phase` (see the module doc)."""
 
-    SKIP = ("empty", "lift_fresh", "_record_function", "detach", "alias", "_local_scalar_dense")
+    SKIP = ("empty", "lift_fresh", "_record_function", "detach", "alias", "_local_scalar_dense", "is_coalesced", "_nnz")
 
-    def __init__(self) -> None:
+    def __init__(self, large: int = 0) -> None:
         super().__init__()
         self.phase = "other"
         self.bytes: dict[str, int] = {}
+        # With `large` > 0: per phase, how many new tensors of at least `large` elements ops return (N x C-sized).
+        self.large = large
+        self.large_outputs: dict[str, int] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
         name = func.__name__ if hasattr(func, "__name__") else str(func)
+        if func.namespace == "arcface_rows":  # trainer.row_sgd's row kernels: the rows they touch, counted before
+            moved = self._row_kernel_bytes(name, args)
+            self.bytes[self.phase] = self.bytes.get(self.phase, 0) + moved
+            return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
         schema = func._schema
         returns_alias = [r.alias_info is not None and not r.alias_info.is_write for r in schema.returns]
-        if any(skip in name for skip in self.SKIP) or (returns_alias and all(returns_alias)):
+        views = bool(returns_alias) and all(returns_alias)
+        if (
+            self.large
+            and not views
+            and not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        ):
+            outputs = out if isinstance(out, (list, tuple)) else [out]
+            fresh = sum(1 for o in outputs if isinstance(o, torch.Tensor) and o.numel() >= self.large)
+            self.large_outputs[self.phase] = self.large_outputs.get(self.phase, 0) + fresh
+        if any(skip in name for skip in self.SKIP) or views:
             return out  # allocations and views: no data moved
         moved = self._moved(name, schema, args, kwargs or {}, out)
         self.bytes[self.phase] = self.bytes.get(self.phase, 0) + moved
         return out
+
+    @staticmethod
+    def _row_kernel_bytes(name: str, args: Any) -> int:
+        """A row kernel reads and writes each row it touches once (trainer.row_sgd): the step reads weight, momentum
+        and gradient rows and writes weight and momentum; the catch-up reads and writes weight and momentum of the
+        rows not yet current (it skips the others after reading their step), and writes their step."""
+        param = args[0]
+        row_bytes = param[0].numel() * param.element_size() if param.shape[0] else 0
+        if name.startswith("sgd_rows_"):
+            index = args[2]
+            return 5 * index.numel() * row_bytes + index.numel() * index.element_size()
+        row_step, index, now = args[2], args[3], args[5]
+        steps = row_step if index is None else row_step[index]
+        stale = int((steps != now).sum())
+        looked_up = (0 if index is None else index.numel()) + steps.numel()  # the index, the rows' steps
+        return 4 * stale * row_bytes + looked_up * 8 + stale * 8
 
     @staticmethod
     def _size(value: Any) -> int:
@@ -307,7 +370,13 @@ def run_one(config: dict[str, Any]) -> dict[str, Any]:
 def count_bytes(
     config: dict[str, Any], head: nn.Module, optimizer: torch.optim.Optimizer, embeddings: Any, labels: Any
 ) -> dict[str, float]:
-    """One more step under `ByteCounter`: the head optimizer's bytes per step and the whole step's (module doc)."""
+    """One more step under `ByteCounter`: the head optimizer's bytes per step and the whole step's (module doc). The
+    counted step follows an uncounted one, so that lazy has rows to catch up in forward, as at any step but the
+    first after a full sync."""
+    head(embeddings, labels).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=config["grad_to_none"])
+    embeddings.grad = None
     counter = ByteCounter()
     sync = getattr(head, "_row_sync", None)
     if sync is not None:  # lazy's catch-up, called from forward: the optimizer's work
@@ -342,82 +411,255 @@ def count_bytes(
     }
 
 
-PAIRS = (
-    # (head, rate, update) against (head, rate, update): the issue's ratios
-    (("partial_fc", 1.0, "dense"), ("full_fc", 1.0, "dense")),
-    (("partial_fc", 0.1, "lazy"), ("partial_fc", 0.1, "dense")),
-    (("partial_fc", 0.1, "sparse"), ("partial_fc", 0.1, "dense")),
-)
+def paired_configurations(
+    rates: Sequence[float], full_fc: bool = True, updates: Sequence[str] = ("lazy", "sparse")
+) -> list[tuple[tuple[str, float, str], tuple[str, float, str]]]:
+    """(head, rate, update) against (head, rate, update): Partial FC 1 / full FC (unless not `full_fc`), then each of
+    `updates` (lazy, sparse) against dense at each sample rate in `rates`."""
+    pairs = [(("partial_fc", 1.0, "dense"), ("full_fc", 1.0, "dense"))] if full_fc else []
+    for rate in rates:
+        for update in (u for u in updates if u != "dense"):
+            pairs.append((("partial_fc", rate, update), ("partial_fc", rate, "dense")))
+    return pairs
 
 
-def run_paired(base: dict[str, Any], pairs: int) -> list[dict[str, Any]]:
-    """Step-time ratios measured side by side: both heads in this process, their steps alternated (A B B A ...,
-    so that drift on a shared machine cancels), `pairs` pairs after one warm-up step each; median and quartiles
-    of the per-pair ratios. Lazy's full catch-up runs where it falls (every `lazy_sync_every` steps) and its share
-    is added as in `run_one`."""
+def run_paired(
+    base: dict[str, Any],
+    pairs: int,
+    rates: Sequence[float] = (0.1,),
+    full_fc: bool = True,
+    updates: Sequence[str] = ("lazy", "sparse"),
+) -> list[dict[str, Any]]:
+    """Step-time ratios measured side by side for `paired_configurations(rates, full_fc, updates)`."""
+    embeddings, labels = _batch(base)
+    rows = []
+    for first, second in paired_configurations(rates, full_fc, updates):
+        configs = [{**base, "head": h, "sample_rate": r, "update": u} for h, r, u in (first, second)]
+        rows.append(run_group(configs, pairs, embeddings, labels))
+    return rows
+
+
+def run_paired_heads(base: dict[str, Any], names: Sequence[str], pairs: int) -> list[dict[str, Any]]:
+    """Every head in `names` at sample rate 1 against a plain full FC with as many rows as its table (K x C for
+    sub-center ArcFace) and, but for ArcFace itself, against `partial_fc` (ArcFace) with as many classes as the
+    table has rows, side by side (time and step peaks measured in this process: `run_group`)."""
+    embeddings, labels = _batch(base)
+    rows = []
+    for name in names:
+        head = {**base, "head": name, "sample_rate": 1.0, "update": "dense"}
+        configs = [head, {**base, "head": "full_fc", "sample_rate": 1.0, "update": "dense", "rows": table_rows(head)}]
+        if name != "partial_fc":
+            configs.append(
+                {**base, "head": "partial_fc", "sample_rate": 1.0, "update": "dense", "num_classes": table_rows(head)}
+            )
+        rows.append(run_group(configs, pairs, embeddings, labels))
+    return rows
+
+
+def _batch(base: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     device = torch.device(base["device"])
     generator = torch.Generator(device=device).manual_seed(0)
     batch, embedding, classes = base["batch_size"], base["embedding_size"], base["num_classes"]
     embeddings = torch.randn(batch, embedding, device=device, generator=generator).requires_grad_()
     labels = torch.randint(0, classes, (batch,), device=device, generator=generator)
-    rows = []
-    for first, second in PAIRS:
-        configs = [{**base, "head": h, "sample_rate": r, "update": u} for h, r, u in (first, second)]
-        built = [(build_head(c, device), c) for c in configs]
-        steppers = []
-        for head, config in built:
-            optimizer = build_optimizer(config, head)
+    return embeddings, labels
 
-            def step(head: nn.Module = head, optimizer: torch.optim.Optimizer = optimizer) -> float:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                head(embeddings, labels).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=base["grad_to_none"])
-                embeddings.grad = None
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                return time.perf_counter() - start
 
-            step()  # warm-up
-            steppers.append((step, optimizer, config))
-        measured = []
-        for i in range(pairs):
-            order = (0, 1) if i % 2 == 0 else (1, 0)
-            times = [0.0, 0.0]
-            for which in order:
-                times[which] = steppers[which][0]()
-            measured.append(times)
-        amortized = [0.0, 0.0]
-        for which, (_, optimizer, config) in enumerate(steppers):  # lazy: the full catch-up's share, as run_one
-            if has_lazy_sync(optimizer, config):
-                start = time.perf_counter()
-                optimizer.sync_rows()
-                config["sync_s"] = time.perf_counter() - start
-                amortized[which] = config["sync_s"] / config["lazy_sync_every"]
-        ratios = [(a + amortized[0]) / (b + amortized[1]) for a, b in measured]
-        del built, steppers
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        rows.append(
-            {
-                "num_classes": classes,
-                "a": _label(configs[0]),
-                "b": _label(configs[1]),
-                "pairs": pairs,
-                "ratio_median": statistics.median(ratios),
-                "ratio_q1": quartiles[0],
-                "ratio_q3": quartiles[2],
-                "a_sync_s": configs[0].get("sync_s", 0.0),
-                "lazy_sync_every": base["lazy_sync_every"],
-            }
-        )
+class StepMemory:
+    """What one step needs above what is resident before it (CPU: ``VmHWM`` reset through /proc/self/clear_refs, minus
+    ``VmRSS`` before the step; CUDA: the allocator's peak above what is allocated): the step's temporaries,
+    measured in a process that holds other heads too. None where the high-water mark cannot be reset."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def resident(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return psutil.Process().memory_info().rss
+
+    def start(self) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif not _reset_peak_rss():
+            return False
+        self.base = self.resident()
+        return True
+
+    def stop(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return (_proc_status_bytes("VmHWM") or 0) - self.base
+
+
+def held_bytes(head: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """What a head holds between steps, counted from its tensors: parameters, buffers, gradients that zero_grad
+    keeps and the optimizer's state (SGD's momentum)."""
+    tensors = {id(t): t for t in [*head.parameters(), *head.buffers()]}
+    tensors.update({id(p.grad): p.grad for p in head.parameters() if p.grad is not None})
+    for state in optimizer.state.values():
+        tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclasses.dataclass
+class Stepper:
+    """One head of a side-by-side group: its step (wall seconds, CPU seconds, the step's peak above what was
+    resident, or None), what it needs between steps, and its measurements so far."""
+
+    step: Callable[[], tuple[float, float, int | None]]
+    optimizer: torch.optim.Optimizer
+    config: dict[str, Any]
+    head: nn.Module
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    step_bytes: list[int] = dataclasses.field(default_factory=list)
+
+
+def run_group(
+    configs: list[dict[str, Any]], pairs: int, embeddings: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any]:
+    """Step-time ratios of ``configs[0]`` to each other configuration, side by side: all heads in this process, their
+    steps taken in turn, each round in another order (A B, B A, ... ; A B C, C B A, B C A, ...: drift on a shared
+    machine cancels), `pairs` rounds after one warm-up step each; median and quartiles of the per-round ratios, of
+    wall-clock time and of the process's CPU time (`time.process_time`: with one torch thread, what the step
+    computes, without the time other processes held the cores: on a machine with more runnable processes than
+    cores, the steadier of the two).
+    Lazy's full catch-up runs where it falls (every `lazy_sync_every` steps) and its share is added as in
+    `run_one`. Memory, in this process: what each head holds between steps (`held_bytes`: centers, momentum,
+    per-class buffers) plus the median over its steps of what a step needs above what is resident before it
+    (`StepMemory`); its peak is the sum."""
+    device = torch.device(configs[0]["device"])
+    memory = StepMemory(device)
+    steppers = []
+    for config in configs:
+        head = build_head(config, device)
+        optimizer = build_optimizer(config, head)
+
+        def step(
+            head: nn.Module = head, optimizer: torch.optim.Optimizer = optimizer, config: dict[str, Any] = config
+        ) -> tuple[float, float, int | None]:
+            measured = memory.start()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            # Every head of a group scores the same labels: a larger table (sub-center's plain FC) holds them too.
+            head(embeddings, labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=config["grad_to_none"])
+            embeddings.grad = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+            return seconds, cpu_seconds, memory.stop() if measured else None
+
+        step()  # warm-up: the momentum buffers exist from here on
+        config = {**config, "held_bytes": held_bytes(head, optimizer)}
+        steppers.append(Stepper(step, optimizer, config, head))
+    count = len(steppers)
+    for i in range(pairs):
+        order = list(range(count))
+        order = order[i // 2 % count :] + order[: i // 2 % count]
+        for which in order if i % 2 == 0 else reversed(order):
+            stepper = steppers[which]
+            seconds, cpu_seconds, step_bytes = stepper.step()
+            stepper.wall.append(seconds)
+            stepper.cpu.append(cpu_seconds)
+            if step_bytes is not None:
+                stepper.step_bytes.append(step_bytes)
+    amortized, amortized_cpu = [0.0] * count, [0.0] * count
+    for which, stepper in enumerate(steppers):  # lazy: the full catch-up's share, as run_one
+        if has_lazy_sync(stepper.optimizer, stepper.config):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            stepper.optimizer.sync_rows()  # type: ignore[attr-defined]
+            stepper.config["sync_s"] = time.perf_counter() - start
+            amortized[which] = stepper.config["sync_s"] / stepper.config["lazy_sync_every"]
+            amortized_cpu[which] = (time.process_time() - start_cpu) / stepper.config["lazy_sync_every"]
+    heads = []
+    for which, stepper in enumerate(steppers):
+        config = stepper.config
+        label = _label(config)
+        if config["num_classes"] != configs[0]["num_classes"]:
+            label += f" ({config['num_classes']:,} classes)"
+        entry = {"label": label, "rows": table_rows(config), "held_bytes": config["held_bytes"]}
+        entry["step_s_median"] = statistics.median(stepper.wall) + amortized[which]
+        entry["step_cpu_s_median"] = statistics.median(stepper.cpu) + amortized_cpu[which]
+        if stepper.step_bytes:
+            entry["step_bytes_median"] = int(statistics.median(stepper.step_bytes))
+            entry["peak_bytes"] = config["held_bytes"] + entry["step_bytes_median"]
+        if config.get("profile") and (which == 0 or configs[0]["head"] == "partial_fc"):  # the others' are ArcFace's
+            entry["profile"] = profile_step(config, stepper.head, stepper.optimizer, embeddings, labels)
+        heads.append(entry)
+    first = steppers[0]
+    row: dict[str, Any] = {
+        "num_classes": configs[0]["num_classes"],
+        "a": heads[0]["label"],
+        "b": heads[1]["label"],
+        "pairs": pairs,
+        "a_sync_s": first.config.get("sync_s", 0.0),
+        "lazy_sync_every": configs[0]["lazy_sync_every"],
+        "heads": heads,
+    }
+    for which in range(1, count):
+        key = "ratio" if which == 1 else f"ratio_{which}"
+        for prefix, times, shares in (("", "wall", amortized), ("cpu_", "cpu", amortized_cpu)):
+            ratios = [
+                (a + shares[0]) / (b + shares[which])
+                for a, b in zip(getattr(first, times), getattr(steppers[which], times), strict=True)
+            ]
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            row.update(
+                {
+                    f"{prefix}{key}_median": statistics.median(ratios),
+                    f"{prefix}{key}_q1": quartiles[0],
+                    f"{prefix}{key}_q3": quartiles[2],
+                }
+            )
+        if "peak_bytes" in heads[0] and "peak_bytes" in heads[which]:
+            row[f"peak_{key}"] = heads[0]["peak_bytes"] / heads[which]["peak_bytes"]
         console.print(
-            f"{rows[-1]['a']} / {rows[-1]['b']}, {classes:,} classes: {rows[-1]['ratio_median']:.3f} "
-            f"[{rows[-1]['ratio_q1']:.3f}, {rows[-1]['ratio_q3']:.3f}] over {pairs} pairs",
+            f"{heads[0]['label']} / {heads[which]['label']}, {row['num_classes']:,} classes: "
+            f"{row[f'{key}_median']:.3f} [{row[f'{key}_q1']:.3f}, {row[f'{key}_q3']:.3f}] wall, "
+            f"{row[f'cpu_{key}_median']:.3f} [{row[f'cpu_{key}_q1']:.3f}, {row[f'cpu_{key}_q3']:.3f}] CPU time "
+            f"over {pairs} rounds" + (f"; peak {row[f'peak_{key}']:.3f}" if f"peak_{key}" in row else ""),
             markup=False,
         )
-    return rows
+    del steppers
+    return row
+
+
+def profile_step(
+    config: dict[str, Any], head: nn.Module, optimizer: torch.optim.Optimizer, embeddings: Any, labels: Any
+) -> dict[str, Any]:
+    """Where one step's time and bytes go: the operators with the most self CPU time in one step under
+    torch.profiler (ms, calls), and the bytes of one more step under `ByteCounter` by phase (forward, backward,
+    optimizer), with the N x C-sized tensors each phase creates (outputs of batch x table-rows elements or more)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        head(embeddings, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=config["grad_to_none"])
+        embeddings.grad = None
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [
+        {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count, "share": e.self_cpu_time_total / total}
+        for e in events[:10]
+    ]
+    counter = ByteCounter(large=config["batch_size"] * table_rows(config))
+    with counter:
+        counter.phase = "forward"
+        loss = head(embeddings, labels)
+        counter.phase = "backward"
+        loss.backward()
+        counter.phase = "optimizer"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=config["grad_to_none"])
+    embeddings.grad = None
+    return {"top_ops": top, "total_ms": total / 1e3, "bytes": counter.bytes, "large_tensors": counter.large_outputs}
 
 
 def run_isolated(config: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -436,7 +678,8 @@ def run_isolated(config: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def configurations(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     heads = [
-        ("partial_fc", rate, update)
+        (name, rate, update)
+        for name in args.heads
         for rate in args.sample_rates
         for update in (args.updates if rate < 1 else ["dense"])  # at rate 1 the modes are the same step
     ] + ([] if args.no_full_fc else [("full_fc", 1.0, "dense")])
@@ -456,6 +699,8 @@ def configurations(args: argparse.Namespace, device: torch.device) -> list[dict[
             "fused": args.fused,
             "device": str(device),
             "threads": args.threads,
+            "profile": args.profile,
+            "row_kernels": not args.no_row_kernels,
         }
         for classes in args.classes
         for head, rate, update in heads
@@ -473,36 +718,99 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--classes", type=int, nargs="+", default=DEFAULT_CLASSES,
-                        help="numbers of classes (default: 1e4 1e5 1e6, what a 2-core, 24 GB CPU machine runs)")
+    parser.add_argument(
+        "--classes",
+        type=int,
+        nargs="+",
+        default=DEFAULT_CLASSES,
+        help="numbers of classes (default: 1e4 1e5 1e6, what a 2-core, 24 GB CPU machine runs)",
+    )
     parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1], help="Partial FC sample rates")
-    parser.add_argument("--updates", nargs="+", default=["dense", "lazy", "sparse"],
-                        choices=["dense", "lazy", "sparse"],
-                        help="head.update modes at sample rates below 1 (default: all three)")
-    parser.add_argument("--lazy-sync-every", type=int, default=100,
-                        help="lazy: steps between full catch-ups (head.lazy_sync_every, default 100)")
-    parser.add_argument("--count-bytes", action="store_true",
-                        help="count the bytes the head optimizer and the whole step read and write (one more step)")
-    parser.add_argument("--fit-network", help="also say how many classes fit on 80 and 141 GB GPUs beside this "
-                        "backbone (e.g. r50), from the measured bytes per class")
-    parser.add_argument("--paired", type=int, default=0,
-                        help="also measure step-time ratios side by side in this process, this many alternated "
-                             "pairs: Partial FC 1 / full FC, lazy / dense and sparse / dense at 0.1 (default: off)")
-    parser.add_argument("--paired-only", action="store_true", help="only the --paired measurement")
+    parser.add_argument(
+        "--updates",
+        nargs="+",
+        default=["dense", "lazy", "sparse"],
+        choices=["dense", "lazy", "sparse"],
+        help="head.update modes at sample rates below 1 (default: all three; --paired: those against dense)",
+    )
+    parser.add_argument(
+        "--lazy-sync-every",
+        type=int,
+        default=100,
+        help="lazy: steps between full catch-ups (head.lazy_sync_every, default 100)",
+    )
+    parser.add_argument(
+        "--count-bytes",
+        action="store_true",
+        help="count the bytes the head optimizer and the whole step read and write (one more step)",
+    )
+    parser.add_argument(
+        "--fit-network",
+        help="also say how many classes fit on 80 and 141 GB GPUs beside this "
+        "backbone (e.g. r50), from the measured bytes per class",
+    )
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="also measure step-time ratios side by side in this process, this many alternated "
+        "pairs: Partial FC 1 / full FC, lazy / dense and sparse / dense at 0.1 (default: off)",
+    )
+    parser.add_argument(
+        "--heads",
+        nargs="+",
+        default=["partial_fc"],
+        metavar="NAME",
+        help="registered heads to run (heads.list_heads(), or 'all'; default: partial_fc, ArcFace)",
+    )
+    parser.add_argument(
+        "--paired-heads",
+        type=int,
+        default=0,
+        help="also measure every --heads head at sample rate 1 against a plain FC of its table's rows "
+        "side by side in this process, this many rounds, with each step's peak (default: off)",
+    )
+    parser.add_argument(
+        "--paired-rates",
+        type=float,
+        nargs="+",
+        default=[0.1],
+        help="--paired: the sample rates of the lazy / dense and sparse / dense pairs (default 0.1)",
+    )
+    parser.add_argument(
+        "--no-row-kernels",
+        action="store_true",
+        help="lazy and sparse: the tensor-op row updates instead of trainer.row_sgd's row kernels",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="--paired-heads: also one step of each head under torch.profiler and the byte counter",
+    )
+    parser.add_argument("--paired-only", action="store_true", help="only the --paired / --paired-heads measurements")
     parser.add_argument("--fit-batch", type=int, default=128, help="the backbone's batch for --fit-network")
     parser.add_argument("--no-full-fc", action="store_true", help="leave out the plain Linear + cross-entropy head")
     parser.add_argument("--batch-size", type=int, default=128, help="embeddings per step (default 128)")
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1, help="steps not counted (default 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
-    parser.add_argument("--grad-to-none", action="store_true",
-                        help="zero_grad(set_to_none=True) instead of the trainer's set_to_none=False")
-    parser.add_argument("--fused", action="store_true",
-                        help="SGD(fused=True): no weight-decay temporary as large as the centers (default: torch's)")
+    parser.add_argument(
+        "--grad-to-none",
+        action="store_true",
+        help="zero_grad(set_to_none=True) instead of the trainer's set_to_none=False",
+    )
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="SGD(fused=True): no weight-decay temporary as large as the centers (default: torch's)",
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every configuration in this process (faster; memory figures then less exact)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every configuration in this process (faster; memory figures then less exact)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration (default 600)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds, for the test suite")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -515,6 +823,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return 0
+    if args.heads == ["all"]:
+        args.heads = list_heads()
+    unknown = sorted(set(args.heads) - set(list_heads()))
+    if unknown:
+        raise SystemExit(f"unknown head(s) {', '.join(unknown)}: choose among {', '.join(list_heads())}")
     if args.tiny:
         args.classes, args.batch_size, args.embedding_size = [1000, 4000], 16, 32
         args.warmup, args.steps, args.in_process = 1, 1, True
@@ -544,7 +857,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = {**configurations(args, device)[0], "head": "partial_fc"}
         results["paired"] = []
         for classes in args.classes:
-            results["paired"] += run_paired({**base, "num_classes": classes}, args.paired)
+            results["paired"] += run_paired(
+                {**base, "num_classes": classes}, args.paired, args.paired_rates, not args.no_full_fc, args.updates
+            )
+    if args.paired_heads:
+        base = configurations(args, device)[0]
+        results["paired_heads"] = []
+        for classes in args.classes:
+            results["paired_heads"] += run_paired_heads({**base, "num_classes": classes}, args.heads, args.paired_heads)
     if args.fit_network and any("peak_bytes_per_class" in row for row in rows):
         results["fit"] = classes_that_fit(results, args.fit_network, args.fit_batch)
     _print(results)
@@ -599,9 +919,11 @@ def classes_that_fit(results: dict[str, Any], network: str, batch: int) -> dict[
 
 def _label(row: dict[str, Any]) -> str:
     if row["head"] == "full_fc":
-        return "full FC"
+        rows = table_rows(row)
+        return "full FC" if rows == row["num_classes"] else f"full FC ({rows:,} rows)"
     update = f" {row.get('update', 'dense')}" if row["sample_rate"] < 1 else ""
-    return f"Partial FC {row['sample_rate']:g}{update}"
+    name = "Partial FC" if row["head"] == "partial_fc" else row["head"]
+    return f"{name} {row['sample_rate']:g}{update}"
 
 
 def _progress(row: dict[str, Any]) -> None:

@@ -156,6 +156,22 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# docs/heads.md's hand-written sections (the per-head step cost measured by bench/head_scaling.py) start at this
+# line: --doc rewrites the part above it and keeps them.
+KEEP_FROM = "<!-- bench/heads.py --doc rewrites the part above this line and keeps the rest -->"
+
+
+def write_doc(path: Path, report: dict[str, Any]) -> None:
+    """Write `markdown(report)` to `path`, keeping the part of the existing file from `KEEP_FROM` on."""
+    kept = ""
+    if path.exists():
+        text = path.read_text()
+        at = text.find(KEEP_FROM)
+        if at >= 0:
+            kept = "\n" + text[at:]
+    path.write_text(markdown(report) + kept)
+
+
 def overrides_template(settings: dict[str, Any]) -> list[str]:
     namespace = argparse.Namespace(**settings)
     return overrides(namespace, "<head>", Path("<output>"))[4:]  # without --output and --head.name
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     if args.doc:
-        args.doc.write_text(markdown(report))
+        write_doc(args.doc, report)
     return 1 if any(row["returncode"] for row in rows) else 0
 
 

@@ -46,6 +46,7 @@ from collections.abc import Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -60,6 +61,14 @@ REPO = _HERE.parent
 DDP_CONFIG = REPO / "accelerate_configs" / "cpu_ddp_2proc.yaml"
 
 # (name, recipe overrides), the first of each list being the baseline the others are compared with.
+# --precision-pair: the one-process part compares Accelerate's mixed precision instead (the variant's precision by
+# name; a recipe does not choose it), fp32 first.
+PRECISION_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("fp32", {}),
+    ("bf16 (autocast)", {}),
+    ("fp32 again (noise check)", {}),
+]
+VARIANT_PRECISION = {"bf16 (autocast)": "bf16"}
 SINGLE_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
     ("channels_last", {"speed.channels_last": True}),
@@ -138,19 +147,33 @@ def batches(trainer: Trainer) -> Iterator[Any]:
         epoch += 1
 
 
-def build(args: argparse.Namespace, variants: list[tuple[str, dict[str, Any]]], scratch: Path) -> list[dict[str, Any]]:
+def build(
+    args: argparse.Namespace,
+    variants: list[tuple[str, dict[str, Any]]],
+    scratch: Path,
+    precisions: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """One Trainer per variant (its own Accelerator, built from the recipe as trainer/main.py does); a variant that
-    the launch refuses is kept as a row with the refusal."""
+    the launch refuses is kept as a row with the refusal. `precisions`: a variant's own mixed precision by name
+    (one process only), as `accelerate launch --mixed_precision` would give it; the others get the launch's."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     built = []
     for name, extra in variants:
         row: dict[str, Any] = {"variant": name, "overrides": extra}
         cfg = load_config(None, overrides_for(args, extra, scratch / f"run{len(built)}"))
+        if precisions is not None:
+            # Accelerate keeps one process-wide state, which a second precision would be refused by: each trainer
+            # gets a fresh one, kept with it and put back before each of its steps (`measure`).
+            os.environ["ACCELERATE_MIXED_PRECISION"] = precisions.get(name, launched)
+            AcceleratorState._reset_state()
         accelerator = build_accelerator(cfg.output, speed=cfg.speed)
         try:
             row["trainer"] = Trainer(cfg, accelerator)
+            row["accelerate_state"] = dict(AcceleratorState._shared_state)
         except ConfigError as exc:
             row["status"] = f"refused: {exc}"
         built.append(row)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = launched
     return built
 
 
@@ -162,21 +185,33 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[s
         raise SystemExit(f"the baseline variant could not be built: {rows[0].get('status')}")
     sources = {index: batches(rows[index]["trainer"]) for index in active}
     seconds: dict[int, list[float]] = {index: [] for index in active}
+    cpu_seconds: dict[int, list[float]] = {index: [] for index in active}
     for step in range(args.warmup + args.steps):
         first = step % len(active)
         for index in active[first:] + active[:first]:
             trainer = rows[index]["trainer"]
             batch = next(sources[index])
-            start = time.perf_counter()
+            # This trainer's Accelerate state (its precision): the same for every variant unless --precision-pair.
+            AcceleratorState._shared_state.clear()
+            AcceleratorState._shared_state.update(rows[index]["accelerate_state"])
+            start, start_cpu = time.perf_counter(), time.process_time()
             images, labels, _ = trainer.input.to_device(batch, trainer.stepper.input_dtype(), trainer.memory_format)
             trainer.train_step(images, labels)  # ends in loss.item(): the step is done when it returns
             seconds[index].append(time.perf_counter() - start)
+            cpu_seconds[index].append(time.process_time() - start_cpu)
     baseline = seconds[0][args.warmup :]
+    baseline_cpu = cpu_seconds[0][args.warmup :]
     for index in active:
         trainer = rows[index].pop("trainer")
+        rows[index].pop("accelerate_state")
         times = seconds[index][args.warmup :]
         speedups = [base / own for base, own in zip(baseline, times, strict=True)]
         quartiles = statistics.quantiles(speedups, n=4) if len(speedups) > 1 else [speedups[0]] * 3
+        # The process's CPU time (one process: its torch threads and, with no loader workers, its input): without
+        # the time other processes held the cores, which wall-clock time counts on a busy machine.
+        cpu_times = cpu_seconds[index][args.warmup :]
+        cpu_speedups = [base / own for base, own in zip(baseline_cpu, cpu_times, strict=True)]
+        cpu_quartiles = statistics.quantiles(cpu_speedups, n=4) if len(cpu_speedups) > 1 else [cpu_speedups[0]] * 3
         rows[index].update(
             status="ok",
             processes=trainer.world_size,
@@ -186,6 +221,12 @@ def measure(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[s
             step_s=times,
             warmup_s=sum(seconds[index][: args.warmup]),
             speedup={"median": statistics.median(speedups), "q1": quartiles[0], "q3": quartiles[2]},
+            step_cpu_s=cpu_times,
+            cpu_speedup={
+                "median": statistics.median(cpu_speedups),
+                "q1": cpu_quartiles[0],
+                "q3": cpu_quartiles[2],
+            },
         )
     return rows
 
@@ -194,6 +235,13 @@ def run_single(args: argparse.Namespace) -> list[dict[str, Any]]:
     os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if args.precision == "bf16" else "no"
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as scratch:
         return measure(args, build(args, select(SINGLE_VARIANTS, args.single), Path(scratch)))
+
+
+def run_precision_pair(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One process: the default recipe in fp32 and in bf16 (Accelerate's autocast), and fp32 again, side by side."""
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as scratch:
+        return measure(args, build(args, PRECISION_VARIANTS, Path(scratch), VARIANT_PRECISION))
 
 
 def run_ddp_worker(args: argparse.Namespace) -> int:
@@ -241,21 +289,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network", default="r_lite", choices=list_backbones(), help="backbone (default r_lite)")
     parser.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="Accelerate's mixed precision for both parts (default fp32)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="Accelerate's mixed precision for both parts (default fp32)",
+    )
     parser.add_argument("--identities", type=int, default=200, help="generated faces: identities (= classes)")
     parser.add_argument("--images-per-identity", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2, help="steps not counted (compilation included; default 2)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
-    parser.add_argument("--power-sgd-warmup", type=int, default=2,
-                        help="speed.ddp_power_sgd_warmup_steps (default 2: compressing from the third step on)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads per process (default 1: 2 DDP processes on 2 cores)")
+    parser.add_argument(
+        "--power-sgd-warmup",
+        type=int,
+        default=2,
+        help="speed.ddp_power_sgd_warmup_steps (default 2: compressing from the third step on)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per process (default 1: 2 DDP processes on 2 cores)",
+    )
+    parser.add_argument(
+        "--precision-pair",
+        action="store_true",
+        help="one process: fp32 against bf16 autocast side by side (instead of the speed switches; no DDP part)",
+    )
     parser.add_argument("--no-single", action="store_true", help="skip the one-process variants")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP variants")
     parser.add_argument("--ddp-timeout", type=float, default=900, help="seconds for the DDP launch (default 900)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="seconds: r_lite 32-d, batch 16, 1+1 steps, fewer variants (what the tests run)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="seconds: r_lite 32-d, batch 16, 1+1 steps, fewer variants (what the tests run)",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # set by run_ddp: this process is one DDP rank
     return parser
@@ -283,8 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             key: value for key, value in vars(args).items() if key not in ("out", "ddp_worker", "single", "ddp")
         },
         "load_average_before": os.getloadavg(),
-        "single": [] if args.no_single else run_single(args),
-        "ddp": [] if args.no_ddp else run_ddp(args, argv),
+        "single": [] if args.no_single or args.precision_pair else run_single(args),
+        "ddp": [] if args.no_ddp or args.precision_pair else run_ddp(args, argv),
+        **({"precision": run_precision_pair(args)} if args.precision_pair else {}),
         "load_average_after": os.getloadavg(),
     }
     _print(results)
@@ -296,24 +365,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print(results: dict[str, Any]) -> None:
     settings = results["settings"]
+    precision = "fp32 vs bf16" if settings["precision_pair"] else settings["precision"]
     title = (
         f"trainer samples/s: {settings['network']}, batch {settings['batch_size']} per process, "
-        f"{settings['precision']}, median of {settings['steps']} steps after {settings['warmup']}"
+        f"{precision}, median of {settings['steps']} steps after {settings['warmup']}"
     )
     table = Table(title=title)
-    for column in ("processes", "variant", "samples/s", "vs default [q1, q3]", "warm-up s", "status"):
+    columns = ("processes", "variant", "samples/s", "vs default [q1, q3]", "CPU time vs def.", "warm-up s", "status")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("processes", "variant", "status") else "right")
-    for part, label in (("single", "1"), ("ddp", "2, DDP gloo")):
-        for row in results[part]:
+    for part, label in (("single", "1"), ("ddp", "2, DDP gloo"), ("precision", "1")):
+        for row in results.get(part, []):
             if row["status"] != "ok":
-                table.add_row(label, row["variant"], "", "", "", row["status"])
+                table.add_row(label, row["variant"], "", "", "", "", row["status"])
                 continue
-            speedup = row["speedup"]
+            speedup, cpu = row["speedup"], row["cpu_speedup"]
             table.add_row(
                 label,
                 row["variant"],
                 f"{row['samples_per_s']:.1f}",
                 f"{speedup['median']:.3f} [{speedup['q1']:.3f}, {speedup['q3']:.3f}]",
+                f"{cpu['median']:.3f} [{cpu['q1']:.3f}, {cpu['q3']:.3f}]",
                 f"{row['warmup_s']:.1f}",
                 "ok",
             )

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from heads.base import PartialFCOptions
+from heads.margins import margin_logits
 from heads.partial_fc import PartialFC, ScaleSettings, require_finite
 from heads.registry import register_head
 from models.recipe import key
@@ -28,6 +29,30 @@ class CurricularFaceSettings(ScaleSettings):
             raise ValueError(f"curricular_m must be in [0, pi/2), got {self.curricular_m}")
         if not 0.0 < self.curricular_t_alpha <= 1.0:
             raise ValueError(f"curricular_t_alpha must be in (0, 1], got {self.curricular_t_alpha}")
+
+
+class HardNegatives:
+    """CurricularFace's non-target logits: a cosine above its row's threshold (a hard negative) becomes
+    cos * (t + cos), with gradient t + 2 cos; the others stay cos. A `heads.margins.NonTargetLogits`."""
+
+    def __init__(self, threshold: Tensor, t: Tensor) -> None:
+        self.threshold, self.t = threshold.unsqueeze(1), t  # (N, 1) per row; t a 0-d tensor (no host sync)
+
+    # In float ops, h = 1 on a hard negative and 0 elsewhere (c - threshold > 0 exactly where c > threshold):
+    # f = c + h c (t + c - 1), grad f' = grad + grad h (2c + t - 1); two to three times as fast on a CPU as
+    # comparisons and torch.where.
+
+    def hard(self, cos: Tensor, rows: slice, out: Tensor) -> Tensor:
+        return torch.sub(cos, self.threshold[rows], out=out).clamp_min_(0.0).sign_()
+
+    def apply_(self, out: Tensor, cos: Tensor, rows: slice, scratch: Tensor) -> None:
+        hard = self.hard(cos, rows, scratch[0])
+        torch.add(cos, self.t - 1.0, out=out).mul_(cos).mul_(hard).add_(cos)
+
+    def scale_grad_(self, grad: Tensor, cos: Tensor, rows: slice, scratch: Tensor) -> None:
+        hard = self.hard(cos, rows, scratch[0])
+        slope = torch.add(self.t - 1.0, cos, alpha=2.0, out=scratch[1]).mul_(hard)  # f' - 1
+        grad.addcmul_(grad, slope)
 
 
 @register_head("curricularface", settings=CurricularFaceSettings)
@@ -67,19 +92,18 @@ class CurricularFacePartialFC(PartialFC):
             hard_threshold = cos_y * math.cos(self.m) - sin_y * math.sin(self.m)
         if cos_theta.shape[1] == 0:
             return cos_theta * self.s
-        t = self.t.to(cos_theta.dtype)
-        hard = cos_theta.detach() > hard_threshold.unsqueeze(1)
-        out = torch.where(hard, cos_theta * (t + cos_theta), cos_theta)
+        m = self.m
 
+        def targets(cos_target: Tensor) -> Tensor:
+            eps = torch.finfo(cos_target.dtype).eps
+            margined = torch.cos(torch.arccos(cos_target.clamp(-1.0 + eps, 1.0 - eps)) + m)
+            fallback = cos_target - m * math.sin(math.pi - m)
+            return torch.where(cos_target > math.cos(math.pi - m), margined, fallback)
+
+        # Rows without a target here keep their (possibly hard-negative) value in the placeholder column.
+        hard = HardNegatives(hard_threshold.to(cos_theta.dtype), self.t.detach().clone().to(cos_theta.dtype))
         column = labels.clamp_min(0).unsqueeze(1)
-        cos_target = cos_theta.gather(1, column).squeeze(1)
-        eps = torch.finfo(cos_theta.dtype).eps
-        margined = torch.cos(torch.arccos(cos_target.clamp(-1.0 + eps, 1.0 - eps)) + self.m)
-        fallback = cos_target - self.m * math.sin(math.pi - self.m)
-        target = torch.where(cos_target > math.cos(math.pi - self.m), margined, fallback)
-        # Rows without a target here write back their (possibly hard-negative) value unchanged.
-        target = torch.where(labels >= 0, target, out.gather(1, column).squeeze(1))
-        return out.scatter(1, column, target.unsqueeze(1)) * self.s
+        return margin_logits(cos_theta, column, self.s, targets, labels >= 0, hard, reuse_grad=True)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, s={self.s}, m={self.m}, t_alpha={self.t_alpha}"

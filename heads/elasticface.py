@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from heads.base import PartialFCOptions
+from heads.margins import margin_logits
 from heads.partial_fc import PartialFC, ScaleSettings, require_finite
 from heads.registry import register_head
 from models.recipe import key
@@ -110,15 +111,17 @@ class ElasticFacePartialFC(PartialFC):
                 margins = ascending[order]
         if cos_theta.shape[1] == 0:
             return cos_theta * self.s
+        margins = margins.unsqueeze(1)
+        kind = self.kind
+
+        def targets(cos_target: Tensor) -> Tensor:
+            if kind == "cos":
+                return cos_target - margins
+            eps = torch.finfo(cos_target.dtype).eps
+            return torch.cos(torch.arccos(cos_target.clamp(-1.0 + eps, 1.0 - eps)) + margins)
+
         column = labels.clamp_min(0).unsqueeze(1)
-        cos_target = cos_theta.gather(1, column).squeeze(1)
-        if self.kind == "arc":
-            eps = torch.finfo(cos_theta.dtype).eps
-            target = torch.cos(torch.arccos(cos_target.clamp(-1.0 + eps, 1.0 - eps)) + margins)
-        else:
-            target = cos_target - margins
-        target = torch.where(labels >= 0, target, cos_target)
-        return cos_theta.scatter(1, column, target.unsqueeze(1)) * self.s
+        return margin_logits(cos_theta, column, self.s, targets, labels >= 0, reuse_grad=True)
 
     def extra_repr(self) -> str:
         plus = f", plus ({self.plus_pairing})" if self.plus else ""

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from heads.base import PartialFCOptions
 from heads.distributed import all_reduce_sum_no_grad
+from heads.margins import margin_logits
 from heads.partial_fc import PartialFC, ScaleSettings, require_finite
 from heads.registry import register_head
 from models.recipe import key
@@ -70,18 +71,21 @@ class MagFacePartialFC(PartialFC):
         if cos_theta.shape[1] == 0:
             return cos_theta * self.s
         a = self.magnitude(embeddings)
-        m = self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
+        # The margin of each row, with gradient: `margin_logits` differentiates the targets through it.
+        margin = (self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)).unsqueeze(1)
+        easy_margin = self.easy_margin
+
+        def targets(cos_target: Tensor, m: Tensor) -> Tensor:
+            eps = torch.finfo(cos_target.dtype).eps
+            # arccos is clamped off +-1, where its derivative is infinite (zero gradient from the margin there).
+            margined = torch.cos(torch.arccos(cos_target.clamp(-1.0 + eps, 1.0 - eps)) + m)
+            if easy_margin:
+                return torch.where(cos_target > 0, margined, cos_target)
+            fallback = cos_target - m * torch.sin(math.pi - m)
+            return torch.where(cos_target > torch.cos(math.pi - m), margined, fallback)
+
         column = labels.clamp_min(0).unsqueeze(1)
-        cos_target = cos_theta.gather(1, column).squeeze(1)
-        eps = torch.finfo(cos_theta.dtype).eps
-        # arccos is clamped off +-1, where its derivative is infinite (zero gradient from the margin there).
-        margined = torch.cos(torch.arccos(cos_target.clamp(-1.0 + eps, 1.0 - eps)) + m)
-        if self.easy_margin:
-            target = torch.where(cos_target > 0, margined, cos_target)
-        else:
-            target = torch.where(cos_target > torch.cos(math.pi - m), margined, cos_target - m * torch.sin(math.pi - m))
-        target = torch.where(labels >= 0, target, cos_target)
-        return cos_theta.scatter(1, column, target.unsqueeze(1)) * self.s
+        return margin_logits(cos_theta, column, self.s, targets, labels >= 0, extra=(margin,), reuse_grad=True)
 
     def extra_loss(self, embeddings: Tensor) -> Tensor:
         a = self.own_rows(self.magnitude(embeddings))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -136,17 +136,12 @@ class MarginSoftmax(nn.Module):
         if cos_theta.shape[1] == 0:
             # An empty shard (e.g. a rank that sampled no centers) has no target to move.
             return cos_theta * self.s
-        has_target = (labels >= 0).unsqueeze(1)
         if self.interclass_filtering_threshold > 0:
             cos_theta = filter_interclass(cos_theta, labels, self.interclass_filtering_threshold)
         # Gather/scatter with a placeholder column for label -1 instead of boolean indexing: no data-dependent
-        # shapes, hence no host sync on CUDA. Rows without a target write their own value back unchanged.
+        # shapes, hence no host sync on CUDA. Rows without a target keep their own value there.
         column = labels.clamp_min(0).unsqueeze(1).long()
-
-        def targets(cos_target: Tensor) -> Tensor:
-            return torch.where(has_target, self.target_logit(cos_target), cos_target)
-
-        return margin_logits(cos_theta, column, self.s, targets, reuse_grad)
+        return margin_logits(cos_theta, column, self.s, self.target_logit, labels >= 0, reuse_grad=reuse_grad)
 
     def extra_repr(self) -> str:
         return (
@@ -164,52 +159,121 @@ def filter_interclass(cos_theta: Tensor, labels: Tensor, threshold: float) -> Te
     return torch.where(dirty, torch.zeros_like(cos_theta), cos_theta)
 
 
-class _MarginLogits(torch.autograd.Function):
-    """``s * cos`` with column ``column`` of each row replaced by ``s * targets(cos[row, column])``.
+class NonTargetLogits(Protocol):
+    """An elementwise map f of the non-target cosines (before the scale s), where a head has one (AdaFace's clamp,
+    CurricularFace's hard negatives): applied by `margin_logits` to blocks of whole rows of the (N, C) cosines."""
 
-    The same values and gradients as ``(cos * s).scatter(1, column, targets(cos.gather(1, column)) * s)``, but
-    backward makes one N x C tensor (``grad * s``, the targets' gradients written into it) where autograd's graph
-    of gather and scatter makes four (the scatter's and the gather's dense gradients, their sum, the scaling):
-    at millions of classes the head's time goes to such N x C passes. `targets` is differentiated on the (N, 1)
-    target cosines alone, in backward.
+    def apply_(self, out: Tensor, cos: Tensor, rows: slice, scratch: Tensor) -> None:
+        """``out = f(cos)`` for the rows ``rows`` of the batch (``out`` and ``cos``: those rows, (r, C));
+        ``scratch``: two tensors shaped like ``cos`` (2, r, C) to work in (a fresh tensor per block would cost its
+        allocation each time)."""
+
+    def scale_grad_(self, grad: Tensor, cos: Tensor, rows: slice, scratch: Tensor) -> None:
+        """``grad *= f'(cos)`` in place, the same rows and scratch."""
+
+
+# Elements per block of rows for a non-target map: its temporaries stay in cache between its passes.
+BLOCK_ELEMENTS = 1 << 16
+
+
+def _row_blocks(num_rows: int, num_columns: int) -> Iterator[slice]:
+    step = max(1, BLOCK_ELEMENTS // max(1, num_columns))
+    for lo in range(0, num_rows, step):
+        yield slice(lo, min(num_rows, lo + step))
+
+
+def _scratch(like: Tensor) -> Tensor:
+    """Two buffers of a block of rows of ``like`` (N, C), for `NonTargetLogits`."""
+    step = max(1, BLOCK_ELEMENTS // max(1, like.shape[1]))
+    return like.new_empty(2, min(step, like.shape[0]), like.shape[1])
+
+
+class _MarginLogits(torch.autograd.Function):
+    """``s * f(cos)`` with column ``column`` of each row that has a target replaced by ``s * targets(cos[row, column],
+    *extra)``; f is the identity or `others` (`NonTargetLogits`).
+
+    The same values and gradients as autograd's ``(f(cos) * s).scatter(1, column, targets(cos.gather(1, column)) *
+    s)``, but backward makes one N x C tensor (``grad * s * f'(cos)``, the targets' gradients written into it) or
+    none (``reuse_grad``: the incoming buffer is scaled in place), where autograd's graph of gather, scatter and f
+    makes up to four (the scatter's and the gather's dense gradients, their sum, the scaling, f's own): at millions
+    of classes the head's time goes to such N x C passes. `targets` is differentiated on the (N, 1) target cosines
+    and the ``extra`` tensors (e.g. MagFace's margins, which depend on the embeddings) alone, in backward. f is
+    applied in blocks of rows (its temporaries block-sized) and reads the cosines, which the cosine's own backward
+    keeps anyway.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor], reuse_grad: bool
+        ctx: Any,
+        cos: Tensor,
+        column: Tensor,
+        has_target: Tensor | None,
+        s: float,
+        targets: Callable[..., Tensor],
+        others: NonTargetLogits | None,
+        reuse_grad: bool,
+        *extra: Tensor,
     ) -> Tensor:
         ctx.reuse_grad = reuse_grad
         with torch.enable_grad():
             cos_target = cos.detach().gather(1, column).requires_grad_()
-            new_target = targets(cos_target)
-        ctx.save_for_backward(column)
-        ctx.graph, ctx.s = (cos_target, new_target), s
-        logits = cos * s  # kept apart: the cosines are saved for their own backward (heads.rows)
-        return logits.scatter_(1, column, new_target.detach() * s)
+            leaves = tuple(e.detach().requires_grad_(e.requires_grad) for e in extra)
+            new_target = targets(cos_target, *leaves)
+        if others is None:
+            logits = cos * s  # kept apart: the cosines are saved for their own backward (heads.rows)
+        else:
+            logits, scratch = torch.empty_like(cos), _scratch(cos)
+            for rows in _row_blocks(*cos.shape):
+                others.apply_(logits[rows], cos[rows], rows, scratch[:, : rows.stop - rows.start])
+                logits[rows].mul_(s)
+        value = new_target.detach() * s
+        if has_target is not None:  # a row without a target here keeps its own (non-target) value
+            value = torch.where(has_target, value, logits.gather(1, column))
+        ctx.save_for_backward(column, has_target, cos if others is not None else None)
+        ctx.graph, ctx.s, ctx.others = (cos_target, leaves, new_target), s, others
+        return logits.scatter_(1, column, value)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        (column,) = ctx.saved_tensors
-        cos_target, new_target = ctx.graph
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        column, has_target, cos = ctx.saved_tensors
+        cos_target, leaves, new_target = ctx.graph
         grad_target = grad.gather(1, column) * ctx.s
+        if has_target is not None:  # a row without a target here: its targets() value was not used
+            grad_target = torch.where(has_target, grad_target, 0.0)
+        wanted = [cos_target, *(leaf for leaf in leaves if leaf.requires_grad)]
         with torch.enable_grad():
             # retain_graph: the (N, 1) graph is tiny, and a second backward (gradcheck) must find it again.
-            (grad_cos_target,) = torch.autograd.grad(
-                new_target, cos_target, grad_target, retain_graph=True, allow_unused=True
-            )
-        if grad_cos_target is None:  # a target that does not depend on the cosine (constant)
-            grad_cos_target = torch.zeros_like(grad_target)
+            found = torch.autograd.grad(new_target, wanted, grad_target, retain_graph=True, allow_unused=True)
+        # A target that does not depend on the cosine (constant) or on an extra input: zero gradient.
+        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, found, strict=True)]
+        grad_cos_target, grad_extra = grads[0], iter(grads[1:])
         # contiguous: an expanded gradient (stride 0) cannot be scaled in place
         scaled = grad.mul_(ctx.s) if ctx.reuse_grad and grad.is_contiguous() else grad * ctx.s
-        return scaled.scatter_(1, column, grad_cos_target), None, None, None, None
+        if ctx.others is not None:
+            scratch = _scratch(scaled)
+            for rows in _row_blocks(*scaled.shape):
+                ctx.others.scale_grad_(scaled[rows], cos[rows], rows, scratch[:, : rows.stop - rows.start])
+        if has_target is not None:
+            grad_cos_target = torch.where(has_target, grad_cos_target, scaled.gather(1, column))
+        extra = tuple(next(grad_extra) if leaf.requires_grad else None for leaf in leaves)
+        return scaled.scatter_(1, column, grad_cos_target), None, None, None, None, None, None, *extra
 
 
 def margin_logits(
-    cos: Tensor, column: Tensor, s: float, targets: Callable[[Tensor], Tensor], reuse_grad: bool = False
+    cos: Tensor,
+    column: Tensor,
+    s: float,
+    targets: Callable[..., Tensor],
+    has_target: Tensor | None = None,
+    others: NonTargetLogits | None = None,
+    extra: tuple[Tensor, ...] = (),
+    reuse_grad: bool = False,
 ) -> Tensor:
-    """``s * cos`` (N, C) with each row's ``column`` (N, 1) replaced by ``s * targets(cos[row, column])``: the
-    combined margin's step (partial_fc, subcenter_arcface), with one N x C tensor made in forward and one in
-    backward (none with ``reuse_grad``: see `MarginSoftmax.forward`). The other heads still build their logits
-    with autograd's gather and scatter."""
-    return _MarginLogits.apply(cos, column, s, targets, reuse_grad)
+    """Every head's margin step: ``s * f(cos)`` (N, C), f the identity or ``others``, with each row's ``column``
+    (N, 1) replaced by ``s * targets(cos[row, column], *extra)`` where ``has_target`` (N,) (None: every row) is
+    true; ``targets`` maps (N, 1) target cosines (and the ``extra`` tensors, differentiably) to the margined
+    target cosines. One N x C tensor made in forward and one in backward, none there with ``reuse_grad`` (see
+    `MarginSoftmax.forward`)."""
+    mask = None if has_target is None else has_target.reshape(-1, 1)
+    return _MarginLogits.apply(cos, column, mask, s, targets, others, reuse_grad, *extra)

@@ -48,7 +48,9 @@ NORM_EPS = 1e-12  # as F.normalize
 
 class _CenterCosine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, unit: Tensor, weight: Tensor, index: Tensor | None, gradient: Gradient) -> Tensor:
+    def forward(
+        ctx: Any, unit: Tensor, weight: Tensor, index: Tensor | None, gradient: Gradient, best_of: Tensor | None
+    ) -> Any:
         row_shape = weight.shape if index is None else (index.numel(), *weight.shape[1:])
         embedding = unit.shape[1]
         num_rows = math.prod(row_shape[:-1])  # centers (x K sub-centers)
@@ -56,24 +58,43 @@ class _CenterCosine(torch.autograd.Function):
         flat_weight = weight.reshape(-1, embedding) if index is None else None
         # In chunks of centers: each chunk's rows are read once, from memory, for their norms and their dot
         # products, and scaled and clamped while in cache; no gathered copy of the sampled rows as a whole.
-        cos = unit.new_empty(unit.shape[0], num_rows)
         inv_norm = unit.new_empty(num_rows)
+        if best_of is None:
+            cos = unit.new_empty(unit.shape[0], num_rows)
+        else:  # the best of each class's K sub-centers: (N, C) cosines and winners, never (N, C, K) as a whole
+            cos = unit.new_empty(unit.shape[0], row_shape[0])
+            winner = torch.empty(cos.shape, dtype=_winner_dtype(per_class), device=unit.device)
         for lo, hi, chunk in _chunks(weight, flat_weight, index, num_rows, per_class, embedding, unit.dtype):
             torch.linalg.vector_norm(chunk, dim=1, out=inv_norm[lo:hi])
             inv_norm[lo:hi].clamp_min_(NORM_EPS).reciprocal_()
-            block = cos[:, lo:hi]
-            torch.mm(unit, chunk.t(), out=block)
-            block.mul_(inv_norm[lo:hi]).clamp_(-1.0, 1.0)
-        ctx.save_for_backward(unit, weight, index, cos, inv_norm)
-        ctx.gradient, ctx.row_shape = gradient, torch.Size(row_shape)
+            if best_of is None:
+                block = cos[:, lo:hi]
+                torch.mm(unit, chunk.t(), out=block)
+                block.mul_(inv_norm[lo:hi]).clamp_(-1.0, 1.0)
+                continue
+            block = torch.mm(unit, chunk.t()).mul_(inv_norm[lo:hi]).clamp_(-1.0, 1.0)
+            classes = slice(lo // per_class, hi // per_class)
+            block = block.view(unit.shape[0], -1, per_class)
+            block.masked_fill_(~best_of[classes], -2.0)  # below any cosine: a dropped sub-center never wins
+            best, which = block.max(dim=2)
+            cos[:, classes], winner[:, classes] = best, which
+        ctx.gradient, ctx.row_shape, ctx.best_of = gradient, torch.Size(row_shape), best_of is not None
+        if best_of is not None:
+            ctx.save_for_backward(unit, weight, index, cos, inv_norm, winner)
+            ctx.mark_non_differentiable(winner)
+            ctx.set_materialize_grads(False)  # no zero (N, C) gradient for the winners
+            return cos, winner
+        ctx.save_for_backward(unit, weight, index, cos, inv_norm, None)
         shape = rows_shape_without_e(ctx.row_shape)
         return cos if len(shape) == 1 else cos.view(unit.shape[0], *shape)  # not a view when it need not be one
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        unit, weight, index, cos, inv_norm = ctx.saved_tensors
-        num_rows, embedding = cos.shape[1], unit.shape[1]
+    def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        unit, weight, index, cos, inv_norm, winner = ctx.saved_tensors
+        num_rows, embedding = inv_norm.shape[0], unit.shape[1]
+        if grad_out is None:  # (best_of: grads are not materialized) nothing reached the cosines
+            grad_out = cos.new_zeros(cos.shape)
         grad_out = grad_out.reshape(cos.shape)
         grad_unit = unit.new_zeros(unit.shape) if ctx.needs_input_grad[0] else None
         grad_rows = unit.new_empty(num_rows, embedding)
@@ -81,10 +102,21 @@ class _CenterCosine(torch.autograd.Function):
         per_class = max(1, num_rows // max(1, ctx.row_shape[0]))  # sub-centers per class (1 for a plain head)
         # Every temporary is N x chunk or chunk x E; only the gradient is as large as the table.
         for lo, hi, chunk in _chunks(weight, flat_weight, index, num_rows, per_class, embedding, unit.dtype):
-            g = grad_out[:, lo:hi] * inv_norm[lo:hi]  # G / |w|
+            if ctx.best_of:
+                # Only each class's winning sub-center gets the gradient, with the winning cosine: the chunk's
+                # (N, c, K) gradient is made here, chunk by chunk.
+                classes = slice(lo // per_class, hi // per_class)
+                picked = winner[:, classes].long().unsqueeze(2)
+                shape = (grad_out.shape[0], picked.shape[1], per_class)
+                g = grad_out.new_zeros(shape).scatter_(2, picked, grad_out[:, classes].unsqueeze(2))
+                # The cosine of a winner is the class's: exact wherever g is not zero.
+                k = (g * cos[:, classes].unsqueeze(2)).sum(dim=0).view(-1).mul_(inv_norm[lo:hi]).mul_(inv_norm[lo:hi])
+                g = g.view(shape[0], -1).mul_(inv_norm[lo:hi])  # G / |w|
+            else:
+                g = grad_out[:, lo:hi] * inv_norm[lo:hi]  # G / |w|
+                k = (g * cos[:, lo:hi]).sum(dim=0).mul_(inv_norm[lo:hi])  # sum_b G_bc cos_bc / |w_c|
             if grad_unit is not None:
                 grad_unit.addmm_(g, chunk)
-            k = (g * cos[:, lo:hi]).sum(dim=0).mul_(inv_norm[lo:hi])  # sum_b G_bc cos_bc / |w_c|
             rows = grad_rows[lo:hi]
             torch.mm(g.t(), unit, out=rows)
             rows.addcmul_(chunk, k.unsqueeze(1), value=-1.0)  # grad w_c = sum_b G_bc x_b / |w_c| - k_c w_c
@@ -99,7 +131,12 @@ class _CenterCosine(torch.autograd.Function):
                 )
             else:
                 grad_weight = weight.new_zeros(weight.shape).index_copy_(0, index, grad_rows)
-        return grad_unit, grad_weight, None, None
+        return grad_unit, grad_weight, None, None, None
+
+
+def _winner_dtype(per_class: int) -> torch.dtype:
+    """The smallest integer type for a sub-center index: the winners are kept for backward, one per (row, class)."""
+    return torch.uint8 if per_class <= 256 else torch.int16 if per_class <= 2**15 else torch.int64
 
 
 def _chunks(
@@ -141,4 +178,21 @@ def center_cosine(
             f"need unit embeddings (N, E) and centers (C, ..., E), got {tuple(unit_embeddings.shape)} and "
             f"{tuple(weight.shape)}"
         )
-    return _CenterCosine.apply(unit_embeddings, weight, index, gradient)
+    return _CenterCosine.apply(unit_embeddings, weight, index, gradient, None)
+
+
+def best_center_cosine(
+    unit_embeddings: Tensor, weight: Tensor, index: Tensor | None, gradient: Gradient, active: Tensor
+) -> tuple[Tensor, Tensor]:
+    """For centers of K sub-centers each (``weight`` (C, K, E)): each row's cosine with each scored class's best
+    active sub-center (N, C), and which one it is (N, C, an integer type; no gradient). ``active`` (C_scored, K) bool:
+    the sub-centers that may win (at least one per class). The gradient goes to the winner only, as autograd's
+    ``center_cosine(...).masked_fill(~active, -2).max(dim=2)``, but neither direction makes an (N, C, K) tensor: the
+    cosines of a chunk of classes are reduced as they are computed, and backward rebuilds the chunk's gradient
+    from the winners."""
+    if unit_embeddings.dim() != 2 or weight.dim() != 3 or weight.shape[-1] != unit_embeddings.shape[1]:
+        raise ValueError(
+            f"need unit embeddings (N, E) and centers (C, K, E), got {tuple(unit_embeddings.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    return _CenterCosine.apply(unit_embeddings, weight, index, gradient, active)

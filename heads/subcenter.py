@@ -11,7 +11,7 @@ from torch import Tensor
 from heads.base import PartialFCOptions
 from heads.partial_fc import MarginSettings, PartialFC
 from heads.registry import register_head
-from heads.rows import center_cosine
+from heads.rows import best_center_cosine
 from models.recipe import key
 
 
@@ -94,13 +94,13 @@ class SubCenterPartialFC(PartialFC):
 
     def cosine(self, unit_embeddings: Tensor, index: Tensor | None, labels: Tensor) -> Tensor:
         active = self.subcenter_active if index is None else self.subcenter_active[index]
-        # (N, C, K): every row against every sub-center; K times the logits of a plain head, for the max only.
-        cos_k = center_cosine(unit_embeddings, self.weight, index, self.row_gradient)
-        cos_k = torch.where(active.unsqueeze(0), cos_k, -2.0)  # below any cosine: a dropped one never wins
-        cos_theta, winner = cos_k.max(dim=2)  # the gradient goes to the winning sub-center only
+        # (N, C): every row against each class's best active sub-center, the gradient to the winner only; computed
+        # chunk by chunk of classes, never as (N, C, K) (heads.rows.best_center_cosine).
+        cos_theta, winner = best_center_cosine(unit_embeddings, self.weight, index, self.row_gradient, active)
         with torch.no_grad():
             rows = labels >= 0
             columns = labels[rows]
             classes = columns if index is None else index[columns]
-            self.subcenter_hits.index_put_((classes, winner[rows, columns]), torch.ones_like(classes), accumulate=True)
+            won = winner[rows, columns].long()
+            self.subcenter_hits.index_put_((classes, won), torch.ones_like(classes), accumulate=True)
         return cos_theta

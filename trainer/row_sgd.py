@@ -26,11 +26,25 @@ checks it in float64 against torch's SGD to 1e-12 and in float32 over 200+ steps
 
 Per step the head's optimizer reads and writes the sampled rows (gradient, weight, momentum) plus, amortized, one
 pass over the table every `sync_every` steps; dense reads and writes all of it every step.
+
+**The row kernels.** On a CPU, for float32 and float64 tables with momentum, both row updates are one pass over
+each row they touch, in place in the table (`row_kernels()`: two C++ loops, compiled once per machine with
+torch's extension builder and registered as the operators ``arcface_rows::sgd_rows_`` and
+``arcface_rows::catch_up_rows_``): the step reads a sampled row's gradient, weight and momentum once and writes
+weight and momentum once (5 row-sized touches); the catch-up reads and writes weight and momentum (4), and skips
+a row already current. The same arithmetic as the tensor-op path below, in the same order (rounding may differ in
+the last bit where torch's kernels fuse a multiply-add). Elsewhere (CUDA, other dtypes, no C++ compiler: then a
+warning, once), and with ``row_kernels=False``, the rows are gathered, updated by tensor ops and written back:
+about 20 row-sized reads and writes per sampled row (`bench/head_scaling.py --count-bytes`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +52,159 @@ from torch import Tensor
 
 ROW_MODES = ("lazy", "sparse")
 CHUNK = 1 << 12  # rows per pass of the row updates: bounds their temporaries (a few x 4096 x E floats)
+
+logger = logging.getLogger(__name__)
+
+# One pass per row and tensor; rows are independent (the index is unique: one forward's sampled rows, or a coalesced
+# sparse gradient), so they are split among threads.
+KERNEL_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int64_t GRAIN = 32;  // rows per task
+
+int64_t row_width(const at::Tensor& table) {
+  return table.size(0) == 0 ? 0 : table.numel() / table.size(0);
+}
+
+void check_rows(const at::Tensor& table, const int64_t* index, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(index[i] >= 0 && index[i] < table.size(0), "row index ", index[i], " out of range");
+  }
+}
+
+// torch.optim.SGD (momentum, weight decay) on the rows `index` of param / buf, with their gradient rows `grad`:
+// g = grad + wd * w;  b = b * mu + g;  w = w + (-lr) * b.
+void sgd_rows(at::Tensor param, at::Tensor buf, const at::Tensor& index, const at::Tensor& grad, double lr,
+              double momentum, double weight_decay) {
+  TORCH_CHECK(param.device().is_cpu() && param.is_contiguous() && buf.is_contiguous() && grad.is_contiguous());
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 1);
+  TORCH_CHECK(buf.sizes() == param.sizes() && buf.scalar_type() == param.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type() && grad.numel() == index.numel() * row_width(param));
+  const int64_t width = row_width(param), count = index.numel();
+  const int64_t* rows = index.data_ptr<int64_t>();
+  check_rows(param, rows, count);
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_rows_", [&] {
+    scalar_t* w = param.data_ptr<scalar_t>();
+    scalar_t* b = buf.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t step = static_cast<scalar_t>(-lr), mu = static_cast<scalar_t>(momentum);
+    const scalar_t wd = static_cast<scalar_t>(weight_decay);
+    at::parallel_for(0, count, GRAIN, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* wr = w + rows[i] * width;
+        scalar_t* br = b + rows[i] * width;
+        const scalar_t* gr = g + i * width;
+        if (wd != 0) {
+          for (int64_t e = 0; e < width; ++e) {
+            const scalar_t nb = br[e] * mu + (gr[e] + wd * wr[e]);
+            br[e] = nb;
+            wr[e] = wr[e] + step * nb;
+          }
+        } else {
+          for (int64_t e = 0; e < width; ++e) {
+            const scalar_t nb = br[e] * mu + gr[e];
+            br[e] = nb;
+            wr[e] = wr[e] + step * nb;
+          }
+        }
+      }
+    });
+  });
+}
+
+// The lazy catch-up of the rows `index` (all rows when absent): a row current at step k (row_step) is mapped by
+// products[k] (2 x 2) to step `now`, w' = w * c00 + b * c01, b' = b * c11 + w * c10; a row already at `now` is
+// skipped; row_step becomes `now`.
+void catch_up_rows(at::Tensor param, at::Tensor buf, at::Tensor row_step, const std::optional<at::Tensor>& index,
+                   const at::Tensor& products, int64_t now) {
+  TORCH_CHECK(param.device().is_cpu() && param.is_contiguous() && buf.is_contiguous() && products.is_contiguous());
+  TORCH_CHECK(buf.sizes() == param.sizes() && buf.scalar_type() == param.scalar_type());
+  TORCH_CHECK(products.scalar_type() == param.scalar_type() && products.dim() == 3 && products.size(0) > now);
+  TORCH_CHECK(row_step.scalar_type() == at::kLong && row_step.is_contiguous() && row_step.numel() == param.size(0));
+  const int64_t width = row_width(param);
+  const bool all = !index.has_value();
+  if (!all) TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous() && index->dim() == 1);
+  const int64_t count = all ? param.size(0) : index->numel();
+  const int64_t* rows = all ? nullptr : index->data_ptr<int64_t>();
+  if (!all) check_rows(param, rows, count);
+  int64_t* at_step = row_step.data_ptr<int64_t>();
+  const int64_t steps = products.size(0);
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "catch_up_rows_", [&] {
+    scalar_t* w = param.data_ptr<scalar_t>();
+    scalar_t* b = buf.data_ptr<scalar_t>();
+    const scalar_t* c = products.data_ptr<scalar_t>();
+    at::parallel_for(0, count, GRAIN, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = all ? i : rows[i];
+        const int64_t k = at_step[row];
+        if (k == now) continue;
+        TORCH_CHECK(k >= 0 && k < steps, "row ", row, " at step ", k, " of ", steps);
+        const scalar_t c00 = c[k * 4], c01 = c[k * 4 + 1], c10 = c[k * 4 + 2], c11 = c[k * 4 + 3];
+        scalar_t* wr = w + row * width;
+        scalar_t* br = b + row * width;
+        for (int64_t e = 0; e < width; ++e) {
+          const scalar_t wv = wr[e], bv = br[e];
+          wr[e] = wv * c00 + bv * c01;
+          br[e] = bv * c11 + wv * c10;
+        }
+        at_step[row] = now;
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(arcface_rows, m) {
+  m.def("sgd_rows_(Tensor(a!) param, Tensor(b!) buf, Tensor index, Tensor grad, float lr, float momentum, "
+        "float weight_decay) -> ()");
+  m.def("catch_up_rows_(Tensor(a!) param, Tensor(b!) buf, Tensor(c!) row_step, Tensor? index, Tensor products, "
+        "int now) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(arcface_rows, CPU, m) {
+  m.impl("sgd_rows_", &sgd_rows);
+  m.impl("catch_up_rows_", &catch_up_rows);
+}
+"""
+
+_kernels_lock = threading.Lock()
+_kernels: list[Any] = []  # [the operators' namespace, or None when they could not be built]
+
+
+def row_kernels() -> Any | None:
+    """``torch.ops.arcface_rows`` (the row kernels of the module doc), built on first use: compiled once per
+    machine and source (torch's extension cache, ~/.cache/torch_extensions, shared by every process and locked
+    while one builds), loaded once per process. None, with a warning, where they cannot be built."""
+    with _kernels_lock:
+        if not _kernels:
+            _kernels.append(_build_row_kernels())
+        return _kernels[0]
+
+
+def _build_row_kernels() -> Any | None:
+    if hasattr(torch.ops, "arcface_rows") and hasattr(torch.ops.arcface_rows, "sgd_rows_"):
+        return torch.ops.arcface_rows  # loaded already (another copy of this module)
+    name = "arcface_rows_" + hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:12]
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+        # Built before (the name carries the source's hash) and no build under way: load it without asking ninja.
+        folder = Path(_get_build_directory(name, verbose=False))
+        if (folder / f"{name}.so").is_file() and not (folder / "lock").exists():
+            torch.ops.load_library(str(folder / f"{name}.so"))
+        else:
+            logger.info("building the row kernels (%s, once per machine: about a minute)", folder)
+            load_inline(name, [KERNEL_SOURCE], extra_cflags=["-O3"], is_python_module=False, no_implicit_headers=True)
+        return torch.ops.arcface_rows
+    except Exception as error:  # no compiler, no ninja, a read-only cache: the tensor-op path does the same math
+        logger.warning("row kernels unavailable (%s): lazy and sparse head updates use tensor ops", error)
+        return None
 
 
 class _LazyRows:
@@ -74,11 +241,13 @@ class RowSGD(torch.optim.SGD):
         weight_decay: float = 0.0,
         fused: bool | None = None,
         sync_every: int = 100,
+        row_kernels: bool = True,
     ) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.sync_every = sync_every
+        self.use_row_kernels = row_kernels  # False: the tensor-op path everywhere (tests, measurements)
         self._lazy: dict[Tensor, _LazyRows] = {}
         for group in self.param_groups:
             mode = group.setdefault("rows", None)
@@ -105,6 +274,14 @@ class RowSGD(torch.optim.SGD):
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
 
+    def _kernels_for(self, param: Tensor, buf: Tensor | None) -> Any | None:
+        """The row kernels, where they apply to this table: CPU, float32/float64, contiguous, with momentum."""
+        if not self.use_row_kernels or buf is None or param.device.type != "cpu":
+            return None
+        if param.dtype not in (torch.float32, torch.float64) or not param.is_contiguous():
+            return None
+        return row_kernels()
+
     @torch.no_grad()
     def catch_up(self, param: Tensor, index: Tensor | None) -> None:
         """Bring the rows `index` (None: all) of a lazy table to the current step (no-op for other tables)."""
@@ -114,6 +291,13 @@ class RowSGD(torch.optim.SGD):
         group = next(g for g in self.param_groups if g["params"][0] is param and g["rows"] == "lazy")
         buf = self._buffer(param, group["momentum"])
         products = lazy.products.to(lazy.device, param.dtype)
+        kernels = self._kernels_for(param, buf)
+        if kernels is not None:
+            rows = None if index is None else index.contiguous()
+            kernels.catch_up_rows_(param, buf, lazy.row_step, rows, products.contiguous(), lazy.pending)
+            if index is None:
+                lazy.reset()
+            return
         shape = (-1,) + (1,) * (param.dim() - 1)
         total = param.shape[0] if index is None else index.numel()
         for lo in range(0, total, CHUNK):
@@ -187,20 +371,31 @@ class RowSGD(torch.optim.SGD):
             grad = grad.coalesce()
             index, values = grad.indices()[0], grad.values()
         buf = self._buffer(param, momentum)
-        # torch's SGD on the scored rows, in its order of operations (the same rounding as its unfused step).
-        for lo in range(0, index.numel(), CHUNK):
-            idx, g = index[lo : lo + CHUNK], values[lo : lo + CHUNK]
-            w = param.index_select(0, idx)
-            if weight_decay != 0:
-                g = g.add(w, alpha=weight_decay)
-            if buf is not None:
-                b = buf.index_select(0, idx).mul_(momentum).add_(g)
-                buf.index_copy_(0, idx, b)
-                g = b
-            param.index_copy_(0, idx, w.add_(g, alpha=-lr))
+        kernels = self._kernels_for(param, buf)
+        if kernels is not None and values.is_contiguous():
+            kernels.sgd_rows_(param, buf, index.contiguous(), values, lr, momentum, weight_decay)
+        else:
+            _sgd_rows(param, buf, index, values, lr, momentum, weight_decay)
         lazy = self._lazy.get(param)
         if lazy is not None:
             lazy.advance(lr, momentum, weight_decay)  # what step t did to every row not scored
             lazy.row_step[index] = lazy.pending
             if lazy.pending >= self.sync_every:
                 self.catch_up(param, None)
+
+
+def _sgd_rows(
+    param: Tensor, buf: Tensor | None, index: Tensor, values: Tensor, lr: float, momentum: float, weight_decay: float
+) -> None:
+    """torch's SGD on the rows `index` with their gradient rows `values`, in its order of operations (the same
+    rounding as its unfused step): rows gathered, updated by tensor ops, written back."""
+    for lo in range(0, index.numel(), CHUNK):
+        idx, g = index[lo : lo + CHUNK], values[lo : lo + CHUNK]
+        w = param.index_select(0, idx)
+        if weight_decay != 0:
+            g = g.add(w, alpha=weight_decay)
+        if buf is not None:
+            b = buf.index_select(0, idx).mul_(momentum).add_(g)
+            buf.index_copy_(0, idx, b)
+            g = b
+        param.index_copy_(0, idx, w.add_(g, alpha=-lr))

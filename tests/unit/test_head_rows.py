@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.rows import center_cosine
+from heads.rows import CHUNK, best_center_cosine, center_cosine
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -64,3 +64,53 @@ def test_no_table_sized_tensor_at_sample_rate_one() -> None:
         e for e in large if not any(c.name.startswith("aten::") and c.cpu_memory_usage >= table for c in e.cpu_children)
     ]
     assert [e.name for e in own] == ["aten::empty"]  # the gradient (filled by chunks), nothing else
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["all", "sampled"])
+@pytest.mark.parametrize("gradient", ["dense", "sparse"])
+def test_best_subcenter_equals_the_masked_max_in_float64(sampled: bool, gradient: str) -> None:
+    """best_center_cosine: the cosines and winners of center_cosine's (N, C, K) masked with -2 where a sub-center is
+    dropped and maxed over K, with autograd's gradient (the winner's only), for embeddings and centers."""
+    torch.manual_seed(1)
+    weight = torch.randn(20, 3, 8, dtype=torch.float64)
+    weight[3, 1] *= 1e-3  # a short sub-center: the norm's gradient matters
+    active = torch.rand(20, 3) < 0.7
+    active[torch.arange(20), torch.randint(0, 3, (20,))] = True  # at least one per class
+    active[5] = torch.tensor([False, True, False])  # a class reduced to one sub-center (after a drop)
+    index = torch.tensor([0, 3, 5, 7, 19]) if sampled else None
+    scored = active if index is None else active[index]
+    x = torch.randn(6, 8, dtype=torch.float64)
+    grad_out = torch.randn(6, 20 if index is None else 5, dtype=torch.float64)
+
+    w1, x1 = weight.clone().requires_grad_(), x.clone().requires_grad_()
+    cos, winner = best_center_cosine(F.normalize(x1), w1, index, gradient, scored)  # type: ignore[arg-type]
+    (cos * grad_out).sum().backward()
+    w2, x2 = weight.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, expected_winner = _reference(F.normalize(x2), w2, index).masked_fill(~scored, -2.0).max(dim=2)
+    (expected * grad_out).sum().backward()
+
+    assert winner.dtype == torch.uint8 and torch.equal(winner.long(), expected_winner)
+    torch.testing.assert_close(cos, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    assert w1.grad is not None and w2.grad is not None
+    assert w1.grad.is_sparse == (sampled and gradient == "sparse")
+    torch.testing.assert_close(w1.grad.to_dense(), w2.grad, rtol=1e-10, atol=1e-12)
+    assert not w1.grad.to_dense()[~active].any()  # a dropped sub-center gets no gradient
+
+
+def test_best_subcenter_never_makes_the_batch_by_subcenter_tensor() -> None:
+    """Neither direction makes an (N, C, K) tensor, nor anything as large beyond the table's gradient: the
+    sub-center cosines exist chunk by chunk only (heads.rows.CHUNK rows at a time)."""
+    classes, k = CHUNK, 3  # 3 * CHUNK rows: three chunks or more
+    weight = torch.randn(classes, k, 16, requires_grad=True)
+    x = F.normalize(torch.randn(8, 16)).requires_grad_()
+    active = torch.ones(classes, k, dtype=torch.bool)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        cos, _ = best_center_cosine(x, weight, None, "dense", active)
+        cos.sum().backward()
+    large = 8 * classes * k * 4  # (N, C, K) in float32
+    made = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_memory_usage >= large]
+    assert made and set(made) <= {"aten::empty", "aten::new_empty"}  # the table's gradient (filled by chunks) only
+    assert weight.grad is not None and weight.grad.shape == weight.shape

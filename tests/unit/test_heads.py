@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from heads import HeadConfig, build_head, list_heads
 from heads.base import Head
@@ -224,3 +225,70 @@ def test_head_section_from_a_recipe(tmp_path: Any) -> None:
         load_config(None, ["--head.num_subcenters", "0"])
     with pytest.raises(ConfigError, match=r"head\.margin_grad must be one of"):
         load_config(None, ["--head.margin_grad", "none"])
+
+
+class _BatchByClassTensors(TorchDispatchMode):
+    """Counts, per phase, the new float tensors of at least `size` elements that aten ops return (views aside)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.phase, self.made = size, "forward", {"forward": 0, "backward": 0}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func._schema.returns and all(r.alias_info is not None for r in func._schema.returns):
+            return out  # views, and in-place ops returning their input
+        for tensor in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel() >= self.size:
+                self.made[self.phase] += 1
+        return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_head_steps_at_a_plain_fcs_cost(name: str) -> None:
+    """At sample rate 1, with more classes than a chunk of centers: every head makes the N x C tensors ArcFace makes
+    and no more: in forward the cosines and the logits (the cross-entropy's softmax lives in the logits' buffer),
+    in backward none besides the table's gradient (the margin scales the cross-entropy's buffer in place; sub-center
+    ArcFace reduces its K sub-centers chunk by chunk). What the float64 tests above check is the same arithmetic."""
+    from heads.rows import CHUNK
+
+    cfg, _ = CASES[name]
+    classes, batch_size, embedding = CHUNK + 1000, 8, 4
+    head: Any = build_head(cfg, embedding_size=embedding, num_classes=classes, rank=0, world_size=1)
+    head.reset_parameters(seed=SEED)
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(batch_size, embedding, generator=generator) * 20).requires_grad_()
+    labels = torch.randint(0, classes, (batch_size,), generator=generator)
+    counter = _BatchByClassTensors(batch_size * classes)
+    with counter:
+        loss = head(x, labels)
+        counter.phase = "backward"
+        loss.backward()
+    table_gradient = 1 if head.weight.numel() >= batch_size * classes else 0  # sub-center's (C, K, E) table
+    assert counter.made == {"forward": 2, "backward": table_gradient}
+
+
+def test_adaface_clamps_non_target_cosines_as_its_formula() -> None:
+    """Embeddings at a cosine of +-0.9995 with another class's center (past AdaFace's clamp at +-(1 - 1e-3), where
+    the clamped logit's gradient is zero, and a cosine of +-1 would have none anyway): value and gradients as the
+    reference's clamp, through the block-wise non-target map (`heads.adaface.ClampCosine`)."""
+    head = build("adaface")
+    table = centers(head)
+    with torch.no_grad():
+        head.weight.copy_(table)
+    x, labels = batch(0)
+    labels[0], labels[1] = 0, 1
+    for row, (center, cos) in enumerate(((5, 0.9995), (7, -0.9995))):
+        unit = torch.nn.functional.normalize(table[center], dim=0)
+        other = torch.randn(EMBEDDING, dtype=DTYPE, generator=torch.Generator().manual_seed(row))
+        other = torch.nn.functional.normalize(other - (other @ unit) * unit, dim=0)
+        x[row] = (cos * unit + math.sqrt(1 - cos * cos) * other) * 30.0
+    x = x.requires_grad_()
+    head.weight.grad = None
+    loss = head(x, labels)
+    loss.backward()
+    ref_loss, ref_x_grad, ref_w_grad = reference_step("adaface", x, table, labels, CASES["adaface"][1], {})
+    assert_tight(loss.detach(), ref_loss)
+    assert x.grad is not None and head.weight.grad is not None
+    assert_tight(x.grad, ref_x_grad)
+    assert_tight(head.weight.grad, ref_w_grad)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from heads import MarginSoftmax
+from heads import MarginSoftmax, margins
 
 DTYPE = torch.float64
 
@@ -227,3 +227,51 @@ def test_bad_shapes() -> None:
         margin(torch.zeros(4), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
         margin(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long))
+
+
+class _Squash:
+    """A non-target map with a row dependence, for the test below: f(c) = c * (1 + r c) on row r's block (a stand-in
+    for CurricularFace's hard negatives), its gradient 1 + 2 r c."""
+
+    def apply_(self, out: torch.Tensor, cos: torch.Tensor, rows: slice, scratch: torch.Tensor) -> None:
+        assert scratch.shape == (2, *cos.shape)
+        r = torch.arange(rows.start, rows.stop, dtype=cos.dtype).unsqueeze(1) / 10
+        torch.mul(cos, 1 + r * cos, out=out)
+
+    def scale_grad_(self, grad: torch.Tensor, cos: torch.Tensor, rows: slice, scratch: torch.Tensor) -> None:
+        assert scratch.shape == (2, *cos.shape)
+        r = torch.arange(rows.start, rows.stop, dtype=cos.dtype).unsqueeze(1) / 10
+        grad.mul_(1 + 2 * r * cos)
+
+
+@pytest.mark.parametrize("others", [None, _Squash()], ids=["scaled", "mapped"])
+@pytest.mark.parametrize("reuse_grad", [False, True], ids=["copy", "reuse"])
+def test_margin_logits_equals_autograds_formulation(others: _Squash | None, reuse_grad: bool, monkeypatch) -> None:
+    """margin_logits (every head's margin step) against gather / scatter / where through autograd in float64:
+    values, the cosines' gradient and an extra input's (a per-row margin, as MagFace's), rows without a target
+    keeping their mapped value; in blocks of rows (a small block size: several blocks)."""
+    monkeypatch.setattr(margins, "BLOCK_ELEMENTS", 14)  # two rows of 7 per block
+    torch.manual_seed(4)
+    cos = (torch.rand(5, 7, dtype=DTYPE) * 1.6 - 0.8).requires_grad_()
+    margin = (torch.rand(5, 1, dtype=DTYPE) * 0.5).requires_grad_()
+    labels = torch.tensor([3, -1, 0, 6, -1])
+    column = labels.clamp_min(0).unsqueeze(1)
+    grad = torch.randn(5, 7, dtype=DTYPE)
+
+    def targets(c: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.cos(torch.arccos(c) + m) - 0.1
+
+    s = 8.0
+    # The logits go through an op whose backward hands over a fresh buffer (as the cross-entropy's does).
+    out = margins.margin_logits(cos, column, s, targets, labels >= 0, others, (margin,), reuse_grad)
+    (out * 1.0).backward(grad)
+    c2, m2 = cos.detach().clone().requires_grad_(), margin.detach().clone().requires_grad_()
+    mapped = c2.clone() if others is None else c2 * (1 + torch.arange(5, dtype=DTYPE).unsqueeze(1) / 10 * c2)
+    new = torch.where((labels >= 0).unsqueeze(1), targets(c2.gather(1, column), m2), mapped.gather(1, column))
+    expected = (mapped * s).scatter(1, column, new * s)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-13)
+    assert cos.grad is not None and margin.grad is not None
+    torch.testing.assert_close(cos.grad, c2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(margin.grad, m2.grad, rtol=1e-12, atol=1e-12)
+    assert margin.grad[labels < 0].abs().sum() == 0 and margin.grad[labels >= 0].abs().min() > 0

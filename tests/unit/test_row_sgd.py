@@ -6,12 +6,14 @@ momentum 0.9, weight decay 5e-4, 20 % of 97 classes sampled per step.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from heads import list_heads
 from tests.head_steps import make_head, make_optimizer, run_steps, synced_state
-from trainer.row_sgd import RowSGD
+from trainer.row_sgd import RowSGD, row_kernels
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,3 +187,44 @@ def test_a_resumed_lazy_run_continues_exactly() -> None:
     after = synced_state(resumed_head, resumed)
     for key in ("weight", "momentum"):
         assert torch.equal(after[key], uninterrupted[key]), key
+
+
+def test_the_row_kernels_are_built_where_there_is_a_compiler() -> None:
+    """Every test above runs the row kernels (trainer.row_sgd.row_kernels) on a machine with a C++ compiler; without
+    one they fall back to the tensor-op path, which the test below also runs."""
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the tensor-op path only")
+    kernels = row_kernels()
+    assert kernels is not None and hasattr(kernels, "sgd_rows_") and hasattr(kernels, "catch_up_rows_")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("update", ["lazy", "sparse"])
+def test_the_row_kernels_take_the_tensor_op_paths_steps(update: str, dtype: torch.dtype) -> None:
+    """The one-pass row kernels and the gather / update / write-back path are the same arithmetic: 60 steps, a
+    catch-up every 7, agree to rounding (float32: a few ulps accumulated)."""
+    if row_kernels() is None:
+        pytest.skip("no row kernels on this machine")
+    runs = []
+    for kernels in (True, False):
+        head = make_head(update=update, dtype=dtype)
+        optimizer = make_optimizer(head, lazy_sync_every=7)
+        optimizer.use_row_kernels = kernels  # type: ignore[attr-defined]
+        run_steps(head, optimizer, 0, 60)
+        runs.append(synced_state(head, optimizer))
+    tolerance = 1e-13 if dtype == torch.float64 else 2e-6
+    for key in ("weight", "momentum"):
+        assert _relative(runs[0][key], runs[1][key]) < tolerance, key
+
+
+def test_the_row_kernels_refuse_a_row_outside_the_table() -> None:
+    kernels = row_kernels()
+    if kernels is None:
+        pytest.skip("no row kernels on this machine")
+    table, momentum = torch.zeros(4, 3), torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="row index 4 out of range"):
+        kernels.sgd_rows_(table, momentum, torch.tensor([1, 4]), torch.ones(2, 3), 0.1, 0.9, 0.0)
+    with pytest.raises(RuntimeError, match="row index -1 out of range"):
+        steps = torch.zeros(4, dtype=torch.int64)
+        kernels.catch_up_rows_(table, momentum, steps, torch.tensor([-1]), torch.eye(2).expand(2, 2, 2).clone(), 1)
+    assert not table.any() and not momentum.any()  # refused before any row moved
