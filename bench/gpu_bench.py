@@ -375,12 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per backbone configuration")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per backbone configuration")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
-    parser.add_argument("--compile-guess-s", type=float, default=60,
-                        help="time assumed for the first compilation, to decide whether it fits (default 60); later "
-                             "ones are guessed from the slowest so far, per residual block")
+    parser.add_argument(
+        "--compile-guess-s",
+        type=float,
+        default=60,
+        help="time assumed for the first compilation, to decide whether it fits (default 60); later "
+        "ones are guessed from the slowest so far, per residual block",
+    )
     parser.add_argument("--pfc-classes", type=int, nargs="+", default=[1_000_000, 10_000_000, 20_000_000])
-    parser.add_argument("--pfc-updates", nargs="+", default=["lazy", "dense", "sparse"],
-                        choices=["dense", "lazy", "sparse"], help="head.update modes (default: all three)")
+    parser.add_argument(
+        "--pfc-updates",
+        nargs="+",
+        default=["lazy", "dense", "sparse"],
+        choices=["dense", "lazy", "sparse"],
+        help="head.update modes (default: all three)",
+    )
     parser.add_argument("--pfc-lazy-sync-every", type=int, default=100, help="head.lazy_sync_every (default 100)")
     parser.add_argument("--pfc-sample-rate", type=float, default=0.1)
     parser.add_argument("--pfc-batch", type=int, default=128, help="embeddings per Partial FC step (default 128)")
@@ -388,10 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pfc-steps", type=int, default=5)
     parser.add_argument("--pfc-guess-s", type=float, default=20, help="time assumed for one Partial FC configuration")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16/fp16 peak (default: by name)")
-    parser.add_argument("--budget-s", type=float, default=310,
-                        help="no configuration starts that would end after this many seconds (default 310)")
-    parser.add_argument("--compile-budget-s", type=float, default=float("inf"),
-                        help="the same for the compiled backbones, from when they start (default: what is left)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=310,
+        help="no configuration starts that would end after this many seconds (default 310)",
+    )
+    parser.add_argument(
+        "--compile-budget-s",
+        type=float,
+        default=float("inf"),
+        help="the same for the compiled backbones, from when they start (default: what is left)",
+    )
     parser.add_argument("--device", help="default: cuda")
     parser.add_argument("--tiny", action="store_true", help="CPU, seconds: a tiny network and head, for the tests")
     parser.add_argument("--out", default="bench-gpu.json", help="the JSON, rewritten after every configuration")
@@ -442,8 +459,17 @@ def _gib(value: int | None) -> str:
 def _print(results: dict[str, Any]) -> None:
     peak = results["peak_tflops"]
     table = Table(title=f"backbone training step on {results['machine']['device']} (peak {peak or '?'} TFLOP/s)")
-    for column in ("network", "precision", "channels_last", "compile", "samples/s", "TFLOP/s", "MFU", "peak GiB",
-                   "warm-up s"):
+    for column in (
+        "network",
+        "precision",
+        "channels_last",
+        "compile",
+        "samples/s",
+        "TFLOP/s",
+        "MFU",
+        "peak GiB",
+        "warm-up s",
+    ):
         table.add_column(column, justify="left" if column in ("network", "precision") else "right")
     for row in results["backbones"]:
         on_off = ("on" if row["channels_last"] else "off", "on" if row["compile"] else "off")
@@ -452,8 +478,14 @@ def _print(results: dict[str, Any]) -> None:
             table.add_row(*flags, row["status"], "", "", "", "")
             continue
         mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
-        table.add_row(*flags, f"{row['samples_per_s']:.0f}", f"{row['achieved_tflops']:.1f}", mfu,
-                      _gib(row["peak_bytes"]), f"{row['warmup_s']:.1f}")
+        table.add_row(
+            *flags,
+            f"{row['samples_per_s']:.0f}",
+            f"{row['achieved_tflops']:.1f}",
+            mfu,
+            _gib(row["peak_bytes"]),
+            f"{row['warmup_s']:.1f}",
+        )
     console.print(table)
     table = Table(title="Partial FC alone (sample rate, batch as in settings)")
     for column in ("classes", "optimizer", "status", "step ms", "peak GiB", "x centers"):

@@ -34,11 +34,30 @@ def tiny_results() -> dict[str, Any]:
     rows = []
     for classes in (1000, 10_000):
         for head, rate, seconds, per_class in (("partial_fc", 0.1, 1e-3, 600.0), ("full_fc", 1.0, 2e-3, 500.0)):
-            rows.append({"head": head, "sample_rate": rate, "num_classes": classes, "batch_size": 16,
-                         "embedding_size": 32, "device": "cpu", "step_s_median": seconds * classes / 1000,
-                         "samples_per_s": 16 / (seconds * classes / 1000), "peak_bytes": int(per_class * classes)})
-    rows.append({"head": "partial_fc", "sample_rate": 1.0, "num_classes": 10_000, "batch_size": 16,
-                 "embedding_size": 32, "device": "cpu", "skipped": "made-up"})
+            rows.append(
+                {
+                    "head": head,
+                    "sample_rate": rate,
+                    "num_classes": classes,
+                    "batch_size": 16,
+                    "embedding_size": 32,
+                    "device": "cpu",
+                    "step_s_median": seconds * classes / 1000,
+                    "samples_per_s": 16 / (seconds * classes / 1000),
+                    "peak_bytes": int(per_class * classes),
+                }
+            )
+    rows.append(
+        {
+            "head": "partial_fc",
+            "sample_rate": 1.0,
+            "num_classes": 10_000,
+            "batch_size": 16,
+            "embedding_size": 32,
+            "device": "cpu",
+            "skipped": "made-up",
+        }
+    )
     return {"date": "tiny", "machine": {"cpu_model": "none (--tiny)"}, "minimum_bytes_per_class": 256, "results": rows}
 
 
@@ -102,8 +121,10 @@ def plot(runs: Sequence[dict[str, Any]], png: Path) -> dict[str, Any]:
     return {
         "png": str(png),
         "series": {
-            name: [{"num_classes": p["num_classes"], "samples_per_s": p["samples_per_s"], "peak_bytes": p["peak_bytes"]}
-                   for p in points]
+            name: [
+                {"num_classes": p["num_classes"], "samples_per_s": p["samples_per_s"], "peak_bytes": p["peak_bytes"]}
+                for p in points
+            ]
             for name, points in lines.items()
         },
         "left_out": [
@@ -133,8 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [json.loads(path.read_text()) for path in args.inputs or [DEFAULT_INPUT]]
         png = args.png or DEFAULT_PNG
     summary = plot(runs, png)
-    summary.update({"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-                    "inputs": [str(path) for path in args.inputs]})
+    summary.update(
+        {
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join(sys.argv),
+            "inputs": [str(path) for path in args.inputs],
+        }
+    )
     console.print(f"wrote {png}: {', '.join(summary['series'])}", markup=False)
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1) + "\n")

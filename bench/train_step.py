@@ -290,8 +290,14 @@ def profile(
     extra, same = [], []
     for op in set(full_ops) | set(bare_ops):
         (full_calls, full_s), (bare_calls, bare_s) = full_ops.get(op, (0.0, 0.0)), bare_ops.get(op, (0.0, 0.0))
-        row = {"op": op, "calls_trainer": full_calls, "calls_bare": bare_calls, "trainer_s": full_s,
-               "bare_s": bare_s, "diff_s": full_s - bare_s}
+        row = {
+            "op": op,
+            "calls_trainer": full_calls,
+            "calls_bare": bare_calls,
+            "trainer_s": full_s,
+            "bare_s": bare_s,
+            "diff_s": full_s - bare_s,
+        }
         (extra if full_calls != bare_calls else same).append(row)
     extra.sort(key=lambda row: -abs(row["diff_s"]))
     same.sort(key=lambda row: -abs(row["diff_s"]))
@@ -317,16 +323,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--networks", nargs="+", default=["r_lite", "r18"], choices=list_backbones(), metavar="NAME",
-                        help=f"backbones from the registry (default: r_lite r18; known: {', '.join(list_backbones())})")
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                        help="fp32 and/or bf16 (torch.autocast; Accelerate's mixed_precision for the trainer)")
+    parser.add_argument(
+        "--networks",
+        nargs="+",
+        default=["r_lite", "r18"],
+        choices=list_backbones(),
+        metavar="NAME",
+        help=f"backbones from the registry (default: r_lite r18; known: {', '.join(list_backbones())})",
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="fp32 and/or bf16 (torch.autocast; Accelerate's mixed_precision for the trainer)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="per step (default 16: a 2-core CPU)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
-    parser.add_argument("--clip-grad-norm", type=float, default=None,
-                        help="gradient clipping, trainer and bare step alike (default: the recipe's, 5.0; 0 = off)")
+    parser.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=None,
+        help="gradient clipping, trainer and bare step alike (default: the recipe's, 5.0; 0 = off)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="steps not counted (default 2)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (default 8)")
     parser.add_argument("--log-every", type=int, default=50, help="the trainer's train.log_every (default 50)")
@@ -395,6 +416,7 @@ def _print(results: dict[str, Any]) -> None:
         table = Table(title=title)
         for column in ("operator (calls differ)", "calls trainer / bare", "trainer ms", "bare ms", "difference ms"):
             table.add_column(column, justify="left" if column.startswith("operator") else "right")
+
         def ms(seconds: float, sign: str = "") -> str:
             return f"{seconds * 1e3:{sign}.2f}"
 

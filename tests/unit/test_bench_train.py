@@ -245,7 +245,10 @@ def test_gpu_bench_tiny_runs_eager_compiled_and_partial_fc(gpu_bench: dict[str, 
     # The compiled configurations by priority (bf16 and channels_last first); which of them fit --tiny's 1 s compile
     # budget depends on the machine, so each one either ran or says why not (the fake clock below checks the choice).
     assert [(row["precision"], row["channels_last"]) for row in compiled] == [
-        ("bf16", True), ("bf16", False), ("fp16", True), ("fp16", False)
+        ("bf16", True),
+        ("bf16", False),
+        ("fp16", True),
+        ("fp16", False),
     ]
     ran = [row for row in compiled if row["status"] == "ok"]
     skipped = [row for row in compiled if row["status"] != "ok"]
@@ -296,8 +299,25 @@ def test_gpu_bench_runs_what_fits_the_time_left_and_skips_the_rest(
     monkeypatch.setattr(gpu_bench, "run_backbone", run_backbone)
     monkeypatch.setattr(gpu_bench, "run_partial_fc", run_partial_fc)
     args = gpu_bench.build_parser().parse_args(
-        ["--networks", "r_lite", "--warmup", "1", "--steps", "1", "--pfc-classes", "1000", "--pfc-updates", "lazy",
-         "dense", "--budget-s", str(budget_s), "--compile-budget-s", "50", "--compile-guess-s", "30"]
+        [
+            "--networks",
+            "r_lite",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--pfc-classes",
+            "1000",
+            "--pfc-updates",
+            "lazy",
+            "dense",
+            "--budget-s",
+            str(budget_s),
+            "--compile-budget-s",
+            "50",
+            "--compile-guess-s",
+            "30",
+        ]
     )
     args.device_name = "cpu"
     results = gpu_bench.run(args, torch.device("cpu"), lambda _: None)
