@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from models.errors import InputError
+from models.run_folder import CheckpointFolder, RunFolder
 
 __all__ = [
     "MODEL_FILE",
@@ -38,7 +39,7 @@ __all__ = [
     "verify_checkpoint_model",
 ]
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = RunFolder.MODEL  # the one name of a run's (and a checkpoint's) model file
 
 
 class WeightsError(InputError):
@@ -68,8 +69,6 @@ def verify_checkpoint_model(path: Path) -> None:
     """If `path` is the model file of a checkpoint folder (through a link too), it must match the folder's manifest.
 
     A file of another name beside a manifest is left alone: the manifest only vouches for what the trainer wrote."""
-    from models.run_folder import CheckpointFolder
-
     real = path.resolve()
     folder = CheckpointFolder(real.parent)
     if real.name == MODEL_FILE and folder.manifest.is_file():
