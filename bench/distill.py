@@ -3,6 +3,8 @@
     python bench/distill.py --out docs/benchmarks/distill.json              # the whole study (an hour or more here)
     python bench/distill.py --teacher runs/default_teacher --seeds 1 2 3    # reuse a trained teacher
     python bench/distill.py --tiny                                          # seconds: what the tests run
+    python bench/distill.py --teacher runs/default_teacher --only distilled --distill-weight 10 --no-timing
+                                                                            # another weight, the same seeds
 
 1. **A teacher trained longer than the student**: `launch/recipes/default_teacher.yaml` (the default data and
    network, 8 epochs instead of 2, its own seed), unless `--teacher` names one.
@@ -144,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per training run")
     parser.add_argument("--tiny", action="store_true", help="seconds: tiny data, 1 seed, few steps")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--distill-weight", type=float, help="distill.weight of the distilled students (default: the recipe's)"
+    )
+    parser.add_argument("--only", choices=["plain", "distilled"], help="train only these students (with --teacher)")
+    parser.add_argument("--no-timing", action="store_true", help="skip the step-time comparison")
     args = parser.parse_args(argv)
     overrides: list[str] = []
     if args.tiny:
@@ -168,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         row: dict[str, Any] = {"seed": seed}
         for name, recipe in (("plain", "default.yaml"), ("distilled", "default_distill.yaml")):
-            out = scratch / f"{name}-{seed}"
-            extra = ["--train.seed", str(seed), "--distill.teacher", str(teacher)] if name == "distilled" else []
+            if args.only not in (None, name):
+                continue
+            weight = [] if args.distill_weight is None else ["--distill.weight", str(args.distill_weight)]
+            out = scratch / (f"{name}-{seed}" if not weight else f"{name}-w{args.distill_weight:g}-{seed}")
+            extra = ["--train.seed", str(seed), "--distill.teacher", str(teacher), *weight]
             if name == "plain":
                 extra = ["--train.seed", str(seed)]
             row[name] = train(RECIPES / recipe, out, overrides + extra, args.timeout)
@@ -179,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         students.append(row)
         print(json.dumps(row), flush=True)
     result["students"] = students
+    result["distill_weight"] = args.distill_weight
     for name in ("plain", "distilled"):
+        if args.only not in (None, name):
+            continue
         for metric in ("val_acc", "cos_to_teacher"):
             values = [row[name][metric] for row in students]
             result[f"{name}_{metric}"] = {
@@ -188,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 "min": min(values),
                 "max": max(values),
             }
-    result["step_time"] = step_times(teacher, scratch / "timing", args.steps, overrides)
+    if not args.no_timing:
+        result["step_time"] = step_times(teacher, scratch / "timing", args.steps, overrides)
     from trainer.reporting import machine_info
 
     result["machine"] = machine_info()
