@@ -5,6 +5,7 @@
     python bench/distill.py --tiny                                          # seconds: what the tests run
     python bench/distill.py --teacher runs/default_teacher --only distilled --distill-weight 10 --no-timing
                                                                             # another weight, the same seeds
+    python bench/distill.py --teacher runs/default_teacher --timing-only --steps 60   # the step times alone
 
 1. **A teacher trained longer than the student**: `launch/recipes/default_teacher.yaml` (the default data and
    network, 8 epochs instead of 2, its own seed), unless `--teacher` names one.
@@ -151,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", choices=["plain", "distilled"], help="train only these students (with --teacher)")
     parser.add_argument("--no-timing", action="store_true", help="skip the step-time comparison")
+    parser.add_argument("--timing-only", action="store_true", help="only the step-time comparison (with --teacher)")
     args = parser.parse_args(argv)
+    if args.timing_only and args.teacher is None:
+        parser.error("--timing-only needs --teacher")
     overrides: list[str] = []
     if args.tiny:
         overrides = [
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     bin_path = val_bin(teacher)
     result["teacher_path"] = str(teacher)
     students = []
-    for seed in args.seeds:
+    for seed in [] if args.timing_only else args.seeds:
         row: dict[str, Any] = {"seed": seed}
         for name, recipe in (("plain", "default.yaml"), ("distilled", "default_distill.yaml")):
             if args.only not in (None, name):
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     result["students"] = students
     result["distill_weight"] = args.distill_weight
     for name in ("plain", "distilled"):
-        if args.only not in (None, name):
+        if args.only not in (None, name) or not students:
             continue
         for metric in ("val_acc", "cos_to_teacher"):
             values = [row[name][metric] for row in students]
