@@ -29,6 +29,7 @@ from evaluation.verification import (
     VerificationCallback,
     check_bin,
     compute_accuracy,
+    contiguous_folds,
     evaluate_backbone,
     load_bin,
     main,
@@ -304,6 +305,18 @@ def test_compute_accuracy_matches_brute_force() -> None:
     assert 0.6 < acc < 0.99  # overlapping classes: a non-trivial case
     assert acc == pytest.approx(ref_acc) and std == pytest.approx(ref_std)
     np.testing.assert_allclose(thresholds, ref_thresholds)
+
+
+@pytest.mark.parametrize(("n", "folds"), [(10, 10), (123, 10), (6000, 10), (57, 7)])
+def test_folds_are_scikit_learns_kfold(n: int, folds: int) -> None:
+    from sklearn.model_selection import KFold  # insightface's split; scikit-learn is a dependency (IJB's ROC)
+
+    ours = contiguous_folds(n, folds)
+    theirs = list(KFold(n_splits=folds, shuffle=False).split(np.zeros(n)))
+    assert len(ours) == len(theirs) == folds
+    for (train, test), (want_train, want_test) in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(train, want_train)
+        np.testing.assert_array_equal(test, want_test)
 
 
 def test_compute_accuracy_rejects_bad_shapes() -> None:
