@@ -303,6 +303,30 @@ def has_lazy_sync(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> b
     return isinstance(optimizer, RowSGD) and config.get("update") == "lazy" and config["sample_rate"] < 1
 
 
+def head_step(
+    config: dict[str, Any],
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    embeddings: Any,
+    labels: Any,
+    counter: ByteCounter | None = None,
+) -> torch.Tensor:
+    """One training step of the head alone (forward, backward, optimizer, gradients dropped as configured); returns
+    the loss, detached. With a `counter` (entered by the caller), its phase is set around each part."""
+    if counter is not None:
+        counter.phase = "forward"
+    loss = head(embeddings, labels)
+    if counter is not None:
+        counter.phase = "backward"
+    loss.backward()
+    if counter is not None:
+        counter.phase = "optimizer"
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=config["grad_to_none"])
+    embeddings.grad = None
+    return loss.detach()
+
+
 def run_one(config: dict[str, Any]) -> dict[str, Any]:
     """Time ``config``'s head (warm-up + timed steps) and measure the memory it adds."""
     device = torch.device(config["device"])
@@ -329,11 +353,7 @@ def run_one(config: dict[str, Any]) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        loss = head(embeddings, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=config["grad_to_none"])
-        embeddings.grad = None
+        loss = head_step(config, head, optimizer, embeddings, labels)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= config["warmup"]:
@@ -373,10 +393,7 @@ def count_bytes(
     """One more step under `ByteCounter`: the head optimizer's bytes per step and the whole step's (module doc). The
     counted step follows an uncounted one, so that lazy has rows to catch up in forward, as at any step but the
     first after a full sync."""
-    head(embeddings, labels).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=config["grad_to_none"])
-    embeddings.grad = None
+    head_step(config, head, optimizer, embeddings, labels)
     counter = ByteCounter()
     sync = getattr(head, "_row_sync", None)
     if sync is not None:  # lazy's catch-up, called from forward: the optimizer's work
@@ -388,14 +405,7 @@ def count_bytes(
 
         head.set_row_sync(counted_sync)  # type: ignore[operator]
     with counter:
-        counter.phase = "forward"
-        loss = head(embeddings, labels)
-        counter.phase = "backward"
-        loss.backward()
-        counter.phase = "optimizer"
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=config["grad_to_none"])
-        embeddings.grad = None
+        head_step(config, head, optimizer, embeddings, labels, counter)
         sync_bytes = 0.0
         if has_lazy_sync(optimizer, config):
             before = counter.bytes.get("optimizer", 0)
@@ -546,10 +556,7 @@ def run_group(
                 torch.cuda.synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             # Every head of a group scores the same labels: a larger table (sub-center's plain FC) holds them too.
-            head(embeddings, labels).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=config["grad_to_none"])
-            embeddings.grad = None
+            head_step(config, head, optimizer, embeddings, labels)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
@@ -639,10 +646,7 @@ def profile_step(
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        head(embeddings, labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=config["grad_to_none"])
-        embeddings.grad = None
+        head_step(config, head, optimizer, embeddings, labels)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     top = [
@@ -651,14 +655,7 @@ def profile_step(
     ]
     counter = ByteCounter(large=config["batch_size"] * table_rows(config))
     with counter:
-        counter.phase = "forward"
-        loss = head(embeddings, labels)
-        counter.phase = "backward"
-        loss.backward()
-        counter.phase = "optimizer"
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=config["grad_to_none"])
-    embeddings.grad = None
+        head_step(config, head, optimizer, embeddings, labels, counter)
     return {"top_ops": top, "total_ms": total / 1e3, "bytes": counter.bytes, "large_tensors": counter.large_outputs}
 
 

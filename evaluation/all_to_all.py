@@ -51,6 +51,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation.benchmark_cli import (
+    add_model_arguments,
+    add_result_arguments,
+    check_result_paths,
+    write_results,
+)
 from evaluation.calibration import allowed_false_accepts
 from evaluation.embed import FaceImage
 from models.cli import atomic_output, report_input_error, setup_logging
@@ -411,7 +417,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m evaluation.all_to_all", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("input", nargs="?", type=Path, help="a folder of identity sub-folders, or a 'path label' list")
-    parser.add_argument("--model", type=Path, help="model.safetensors (or a run folder) or .onnx")
     parser.add_argument("--embeddings", type=Path, help="a .safetensors of embeddings instead of a model and images")
     parser.add_argument("--groups", type=Path, help="'name,group' CSV: also evaluate each group on its own pairs")
     parser.add_argument(
@@ -420,15 +425,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         help=f"target FAR (repeatable; default {', '.join(map(str, FAR_TARGETS))})",
     )
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="flip-sum embeddings")
-    parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--save-embeddings", type=Path, help="write the embeddings (and labels) as .safetensors")
-    parser.add_argument("--card", action="store_true", help="add the results to the model's card (evaluation.card)")
     parser.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows and columns of one score block")
     parser.add_argument("--threads", type=int, help="torch threads for the score blocks (default: torch's)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4, help="decoding threads")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    add_model_arguments(parser, model_required=False, flip=False)
+    add_result_arguments(parser)
     args = parser.parse_args(argv)
     if (args.embeddings is None) == (args.input is None):
         parser.error("give an input folder or list with --model, or --embeddings FILE")
@@ -447,11 +448,7 @@ def _run(args: argparse.Namespace) -> int:
         raise AllToAllError(f"--far must be in (0, 1), got {list(far_targets)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    for path in (args.out, args.save_embeddings):
-        if path is not None:
-            from evaluation.embed import check_writable_folder
-
-            check_writable_folder(path)  # before the work, not after it
+    check_result_paths(args.out, args.save_embeddings)
     model_path = None
     if args.embeddings is not None:
         embeddings, labelled = read_embeddings(args.embeddings)
@@ -477,9 +474,7 @@ def _run(args: argparse.Namespace) -> int:
     groups = read_groups(args.groups, labelled) if args.groups is not None else None
     results = evaluate_groups(embeddings, labels, groups, far_targets, args.block)
     if args.out is not None:
-        with atomic_output(args.out) as tmp:
-            tmp.write_text(json.dumps(results_json(results), indent=2) + "\n")
-        logger.info("results: %s", args.out)
+        write_results(args.out, results_json(results))
     if args.card and model_path is not None:
         from evaluation.card import update_card
 

@@ -27,7 +27,6 @@ error). Bad input (a missing file or image, a malformed line, an image without l
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -40,7 +39,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from models.cli import atomic_output, report_input_error, setup_logging
+from evaluation.benchmark_cli import (
+    add_model_arguments,
+    add_result_arguments,
+    check_result_paths,
+    print_table,
+    write_results,
+)
+from models.cli import report_input_error, setup_logging
 from models.errors import InputError
 
 if TYPE_CHECKING:
@@ -258,47 +264,32 @@ def _rows(result: RFWResult) -> list[list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """The `python -m evaluation.rfw` CLI; returns the exit status (2 for bad input)."""
     parser = argparse.ArgumentParser(prog="python -m evaluation.rfw", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="model.safetensors (or a run folder) or .onnx")
     parser.add_argument("--root", type=Path, required=True, help="RFW's test folder (txts/, data/) or the one above")
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS, help="default: all four")
     parser.add_argument("--no-align", action="store_true", help="ignore the landmarks: the images are aligned crops")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip-sum (default: on)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON")
-    parser.add_argument("--card", action="store_true", help="add the results to the model's card (evaluation.card)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4, help="decoding and alignment threads")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    add_model_arguments(parser, workers="decoding and alignment threads")
+    add_result_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    columns = ["group", "pairs", "accuracy +- std", "error"]
     try:
         from evaluation.card import print_input_line, result_section, update_card
-        from evaluation.embed import FaceEmbedder, check_writable_folder, resolve_device
+        from evaluation.embed import FaceEmbedder, resolve_device
 
-        if args.out is not None:
-            check_writable_folder(args.out)
+        check_result_paths(args.out)
         protocols = load_protocol(args.root, args.groups, align=not args.no_align)
         embedder = FaceEmbedder.from_file(args.model, device=resolve_device(args.device))
         print_input_line(embedder.metadata)
         result = evaluate(embedder, protocols, args.flip, args.batch_size, args.workers)
         if args.out is not None:
-            with atomic_output(args.out) as tmp:
-                tmp.write_text(json.dumps(results_json(result), indent=2) + "\n")
-        columns = ["group", "pairs", "accuracy +- std", "error"]
+            write_results(args.out, results_json(result))
         if args.card:
             note = "RFW: per group the .bin sets' 10-fold protocol; SER = worst error / best error"
             section = result_section("RFW", columns, _rows(result), results_json(result), note, "evaluation.rfw")
             update_card(embedder.path, "rfw", section)
     except InputError as err:
         return report_input_error(err)
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"RFW: {args.model.name}")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "group" else "right")
-    for row in _rows(result):
-        table.add_row(*row)
-    Console().print(table)
+    print_table(f"RFW: {args.model.name}", columns, _rows(result), left=1)
     return 0
 
 

@@ -27,7 +27,6 @@ release) are left out and counted. The score matrix is computed in chunks of pro
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -39,7 +38,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from models.cli import atomic_output, report_input_error, setup_logging
+from evaluation.benchmark_cli import (
+    add_model_arguments,
+    add_result_arguments,
+    check_result_paths,
+    print_table,
+    write_results,
+)
+from models.cli import report_input_error, setup_logging
 from models.errors import InputError
 
 if TYPE_CHECKING:
@@ -227,23 +233,17 @@ def results_json(result: IdentificationResult) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """The `python -m evaluation.tinyface` CLI; returns the exit status (2 for bad input)."""
     parser = argparse.ArgumentParser(prog="python -m evaluation.tinyface", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="model.safetensors (or a run folder) or .onnx")
     parser.add_argument("--root", type=Path, required=True, help="TinyFace's Testing_Set, or a folder holding it")
     parser.add_argument("--aligned", type=Path, help="read Probe/, Gallery_Match/, Gallery_Distractor/ from here")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip-sum (default: on)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON")
-    parser.add_argument("--card", action="store_true", help="add the results to the model's card (evaluation.card)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4, help="decoding threads")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    add_model_arguments(parser)
+    add_result_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
         from evaluation.card import print_input_line, result_section, update_card
-        from evaluation.embed import FaceEmbedder, check_writable_folder, resolve_device
+        from evaluation.embed import FaceEmbedder, resolve_device
 
-        if args.out is not None:
-            check_writable_folder(args.out)
+        check_result_paths(args.out)
         protocol = load_protocol(args.root, args.aligned)
         logger.info(
             "TinyFace: %d probes, %d gallery faces (%d distractors)",
@@ -255,10 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_input_line(embedder.metadata)
         result = evaluate(embedder, protocol, args.flip, args.batch_size, args.workers)
         if args.out is not None:
-            with atomic_output(args.out) as tmp:
-                tmp.write_text(json.dumps(results_json(result), indent=2) + "\n")
+            write_results(args.out, results_json(result))
         columns = ["probes", "gallery (distractors)", *[f"rank-{k}" for k in result.ranks]]
-        row = [result.probes - result.probes_without_mate, f"{result.gallery} ({result.distractors})"]
+        row = [str(result.probes - result.probes_without_mate), f"{result.gallery} ({result.distractors})"]
         row += [f"{v:.5f}" for v in result.ranks.values()]
         if args.card:
             note = "TinyFace closed-set identification, images resized to 112x112; ties count against the probe"
@@ -266,14 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             update_card(embedder.path, "tinyface", section)
     except InputError as err:
         return report_input_error(err)
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"TinyFace: {args.model.name}")
-    for column in columns:
-        table.add_column(column, justify="right")
-    table.add_row(*map(str, row))
-    Console().print(table)
+    print_table(f"TinyFace: {args.model.name}", columns, [row])
     return 0
 
 

@@ -186,6 +186,31 @@ def check_parity(
     return worst
 
 
+def check_opset(opset: int) -> None:
+    """An opset the TorchScript-based exporter writes, or ExportError naming the range."""
+    if opset not in OPSETS:
+        raise ExportError(
+            f"--opset {opset}: not an opset this exporter writes ({OPSETS.start} to {OPSETS.stop - 1} with torch "
+            f"{torch.__version__.split('+')[0]})"
+        )
+
+
+def onnx_metadata(weights: Path, network: str, embedding_size: int, opset: int) -> dict[str, str]:
+    """What every exported ONNX file (FP32 and INT8) carries: the network, how to feed it, where it came from."""
+    from trainer.checkpoint import MODEL_METADATA_INPUT
+
+    return {
+        "network": network,
+        "embedding_size": str(embedding_size),
+        "input": MODEL_METADATA_INPUT,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "opset": str(opset),
+        "source": weights.name,
+        "producer": "arcface-accelerate",
+    }
+
+
 def onnx_command(
     weights: Path,
     out: Path,
@@ -196,27 +221,12 @@ def onnx_command(
     tolerance: float,
 ) -> float:
     """Export, check parity at `batch_size` and `batch_size + 3`, and move the file into place; returns the max diff."""
-    from trainer.checkpoint import MODEL_METADATA_INPUT
-
     if batch_size < 1:
         raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
-    if opset not in OPSETS:
-        raise ExportError(
-            f"--opset {opset}: not an opset this exporter writes ({OPSETS.start} to {OPSETS.stop - 1} with torch "
-            f"{torch.__version__.split('+')[0]})"
-        )
+    check_opset(opset)
     backbone, loaded = load_backbone(weights, network, embedding_size)
     network, embedding_size = loaded["network"], int(loaded["embedding_size"])
-    metadata = {
-        "network": network,
-        "embedding_size": str(embedding_size),
-        "input": MODEL_METADATA_INPUT,
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-        "opset": str(opset),
-        "source": weights.name,
-        "producer": "arcface-accelerate",
-    }
+    metadata = onnx_metadata(weights, network, embedding_size, opset)
     with atomic_output(out) as tmp:  # a failed check or write leaves no file
         export_onnx(backbone, tmp, opset, batch_size, metadata)
         worst = check_parity(backbone, tmp, [batch_size, batch_size + 3], tolerance, name=out, source=weights)
@@ -433,10 +443,10 @@ def int8_command(
     import tempfile
 
     from evaluation.card import result_section
-    from trainer.checkpoint import MODEL_METADATA_INPUT
 
     if method not in CALIBRATION_METHODS:
         raise ExportError(f"--calibration-method {method!r}: one of {', '.join(CALIBRATION_METHODS)}")
+    check_opset(opset)
     if count < 1:
         raise ExportError(f"--calibration-count must be at least 1, got {count}")
     backbone, loaded = load_backbone(weights, network, embedding_size)
@@ -454,16 +464,7 @@ def int8_command(
         method,
         len(held_faces),
     )
-    metadata = {
-        "network": network,
-        "embedding_size": str(embedding_size),
-        "input": MODEL_METADATA_INPUT,
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-        "opset": str(opset),
-        "source": weights.name,
-        "producer": "arcface-accelerate",
-    }
+    metadata = onnx_metadata(weights, network, embedding_size, opset)
     with (
         tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as work,
         atomic_output(out) as tmp,

@@ -103,6 +103,9 @@ def test_below_min_cosine_writes_nothing(
     assert "below --min-cosine 1.01" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert export.main([*argv, "--exclude", "NoSuchNode"]) == 2
+    assert export.main([*argv, "--opset", "99"]) == 2  # refused before the calibration faces are read
+    assert "error: --opset 99: not an opset this exporter writes" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fp32_export_carries_the_card(inputs: tuple[Path, Path, Path, torch.nn.Module], tmp_path: Path) -> None:
