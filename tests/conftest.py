@@ -108,3 +108,17 @@ def pytest_runtest_makereport(
 def face_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One generated-faces cache for the whole session (the tiny recipe's dataset is written once)."""
     return tmp_path_factory.mktemp("faces-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, face_cache: Path) -> Path:
+    """The tiny recipe (`tests/e2e/tiny.yaml`) trained once through `accelerate launch` for every module that needs
+    a finished run: 12 steps, checkpoints at steps 3, 6, 9 and 12, the launcher's stdout in `stdout.txt`. Read it;
+    copy it before changing anything in it (`shutil.copytree`)."""
+    from tests.launching import TINY, launch
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    proc = launch(["--config", str(TINY), "--output", str(out)], face_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
