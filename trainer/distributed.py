@@ -79,6 +79,21 @@ def build_accelerator(
     )
 
 
+def release_process_group() -> None:
+    """End this process's part in the process group while the interpreter is whole: the last thing a trainer does.
+
+    A finished run has destroyed its group (`trainer.reporting.finish_run`), a refused or failed one has not; and
+    what the run built (the DDP-wrapped backbone, its hooks, the optimizer) holds the group in reference cycles. Left
+    to the interpreter's shutdown, gloo's threads would be torn down during its finalization while the other ranks
+    exit too (docs/testing.md, the SIGABRT); destroyed and collected here, they end now.
+    """
+    import gc
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    gc.collect()
+
+
 def check_launch_devices() -> None:
     """Refuse (`ConfigError`, one line naming the CPU configs) an Accelerate config that asks for GPUs on a machine
     where torch finds no CUDA device: Accelerate would silently train on the CPU instead.

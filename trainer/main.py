@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     exit_code = main()
+    from trainer.distributed import release_process_group  # imported by main() already
+
+    release_process_group()
     # The run is over: saved, logged, its folder released. A signal that arrives now must not turn its exit code
     # into "killed by SIGTERM": Python puts the default handlers back while it shuts down, and a launcher that takes
     # its time to die after a Ctrl-C (Accelerate's plain launcher) sends its parent-death SIGTERM just then.

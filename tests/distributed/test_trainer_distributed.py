@@ -49,14 +49,28 @@ def single(tmp_path_factory: pytest.TempPathFactory, face_cache: Path) -> list[f
     return losses(out)
 
 
-def test_ddp_two_processes_match_one(single: list[float], tmp_path: Path, face_cache: Path) -> None:
-    proc = launch([*EQUIV, "--output", str(tmp_path), "--train.batch_size", "8"], face_cache, config="cpu_ddp_2proc")
+def test_ddp_two_processes_match_one(
+    single: list[float], tmp_path: Path, face_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The trainer runs as `__main__` under a probe that records, at interpreter exit, the gloo threads each rank
+    # still has: none, so gloo is not torn down during the interpreter's finalization (docs/testing.md).
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    monkeypatch.setenv("GLOO_EXIT_PROBE", str(probe))
+    run = tmp_path / "run"
+    proc = launch(
+        [*EQUIV, "--output", str(run), "--train.batch_size", "8"],
+        face_cache,
+        config="cpu_ddp_2proc",
+        script=REPO / "tests" / "distributed" / "gloo_exit_probe.py",
+    )
     _ok(proc)
+    assert [(probe / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["\n", "\n"]
     assert "2 processes" in proc.stdout
     assert len(single) == STEPS and single[-1] < single[0]
-    assert losses(tmp_path) == pytest.approx(single, rel=1e-4)
+    assert losses(run) == pytest.approx(single, rel=1e-4)
     # Each rank wrote its own class-center shard: 12 classes as 6 + 6.
-    last = tmp_path / "checkpoints" / f"step-{STEPS:08d}"
+    last = run / "checkpoints" / f"step-{STEPS:08d}"
     shards = [load_file(str(last / f"head-rank{r:05d}-of-00002.safetensors"))["weight"] for r in (0, 1)]
     assert [s.shape[0] for s in shards] == [6, 6]
 
