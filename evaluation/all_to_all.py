@@ -55,6 +55,7 @@ from evaluation.benchmark_cli import (
     add_model_arguments,
     add_result_arguments,
     check_result_paths,
+    print_table,
     write_results,
 )
 from evaluation.calibration import allowed_false_accepts
@@ -383,27 +384,20 @@ def card_section(results: Sequence[AllToAllResult], source: str) -> dict:
 
 
 def print_results(results: Sequence[AllToAllResult], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("group", "images", "identities", "genuine pairs", "impostor pairs"):
-        table.add_column(column, justify="left" if column == "group" else "right")
-    for point in results[0].points:
-        table.add_column(f"TAR@FAR={point.far_target:g} (threshold)", justify="right")
-    for result in results:
-        cells = [
-            f"{p.tar:.5f} ({p.threshold:.4f})" if p.resolved else f"n/r ({p.threshold:.4f})" for p in result.points
-        ]
-        table.add_row(
+    columns = ["group", "images", "identities", "genuine pairs", "impostor pairs"]
+    columns += [f"TAR@FAR={point.far_target:g} (threshold)" for point in results[0].points]
+    rows = [
+        [
             result.group,
             str(result.num_images),
             str(result.num_identities),
             str(result.num_genuine),
             str(result.num_impostor),
-            *cells,
-        )
-    Console().print(table)
+            *[f"{p.tar:.5f} ({p.threshold:.4f})" if p.resolved else f"n/r ({p.threshold:.4f})" for p in result.points],
+        ]
+        for result in results
+    ]
+    print_table(title, columns, rows, left=1)
     if any(not p.resolved for r in results for p in r.points):
         logger.info("n/r: a FAR below 1 / impostor pairs is not resolved by this set (the threshold is its top score)")
 
