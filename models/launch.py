@@ -29,16 +29,7 @@ def process_group_kwargs() -> list[KwargsHandler]:
     """
     from accelerate.utils import InitProcessGroupKwargs
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return []
-    # Before the group exists: torch.optim imports torch._dynamo the first time it builds an optimizer, and with it
-    # torch.distributed.nn.functional, whose functions take `group=group.WORLD` as a default argument. Imported
-    # after init_process_group, those defaults hold the live group: destroy_process_group cannot free it, and gloo's
-    # threads are torn down during interpreter finalization, while the other ranks exit (docs/testing.md, the
-    # SIGABRT). Imported now, the defaults are None.
-    import torch._dynamo  # noqa: F401
-
-    if _cuda_available():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _cuda_available():
         return []
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")

@@ -69,6 +69,12 @@ def build_accelerator(
 
     log_with = check_trackers(trackers)
     speed = speed or SpeedConfig()
+    # Before the group forms (the trainer imports it anyway, with its first optimizer): torch._dynamo imports
+    # torch.distributed.nn.functional, whose functions take `group=group.WORLD` as a default argument. Imported after
+    # init_process_group, those defaults would hold the live group, which destroy_process_group then cannot free
+    # (release_process_group, docs/testing.md). Imported now, the defaults are None.
+    import torch._dynamo  # noqa: F401
+
     # Several processes on CPUs: gloo, and Accelerate told so (the rule evaluation.ijb shares, models.launch).
     kwargs_handlers: list[KwargsHandler] = [ddp_kwargs(speed), *process_group_kwargs()]
     return Accelerator(
